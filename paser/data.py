@@ -1,0 +1,230 @@
+"""Instruction pools, the Alpaca prompt template, calibration windows and evaluation corpora.
+
+Everything is read from a configured location (by default the offline copies in ``../shared/data``) or,
+when that file does not exist, from a dataset hub id. Rows are validated strictly: a malformed line stops
+the run with the file and line number, because a silently skipped row changes the pool.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from paser.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+FIELDS = ("instruction", "input", "output")
+
+
+def alpaca_prompt(sample: dict) -> str:
+    """The Stanford Alpaca prompt (everything before the response)."""
+    template = PROMPT_WITH_INPUT if sample.get("input") else PROMPT_NO_INPUT
+    return template.format(instruction=sample["instruction"], input=sample.get("input", ""))
+
+
+@dataclass(frozen=True)
+class Pool:
+    """The candidate instruction data D: rows of {instruction, input, output}."""
+
+    rows: list[dict]
+    source: str
+    fingerprint: str  # content hash: caches keyed on the pool survive renames and moves
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def subset(self, indices) -> list[dict]:
+        return [self.rows[i] for i in indices]
+
+
+def _fingerprint(rows: list[dict]) -> str:
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(json.dumps([r[f] for f in FIELDS], ensure_ascii=False).encode())
+    return h.hexdigest()[:16]
+
+
+def read_jsonl(path: Path, required: tuple[str, ...] = ()) -> list[dict]:
+    """Read a JSONL file; any undecodable line or missing field is an error naming file and line."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            missing = [k for k in required if k not in row]
+            if missing:
+                raise DataError(f"{path}:{lineno}: missing field(s) {missing}; every row needs {list(required)}")
+            bad = [k for k in required if not isinstance(row[k], str)]
+            if bad:
+                raise DataError(f"{path}:{lineno}: field(s) {bad} must be strings")
+            rows.append(row)
+    return rows
+
+
+def _rows_from_hub(hub_id: str, split: str) -> list[dict]:
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(hub_id, split=split)
+    except Exception as e:  # offline machines land here: say what to do instead
+        raise DataError(
+            f"could not load dataset '{hub_id}' from the hub ({type(e).__name__}: {e}). "
+            "Offline? Point data.path at a local JSONL file with instruction/input/output fields."
+        ) from None
+    return [{k: str(r.get(k) or "") for k in FIELDS} for r in ds]
+
+
+def load_pool(path: str | None, hub_id: str | None = None, split: str = "train",
+              subsample: int | None = None, seed: int = 0) -> Pool:
+    """Load the instruction pool from ``path`` (JSONL) if it exists, else from ``hub_id``.
+
+    ``subsample`` draws a seeded random subset of that many rows (kept in pool order), for quick runs.
+    """
+    if path and Path(path).is_file():
+        rows = read_jsonl(Path(path), required=FIELDS)
+        source = str(path)
+    elif hub_id:
+        log.info("pool file %s not found; loading hub dataset %s", path, hub_id)
+        rows = _rows_from_hub(hub_id, split)
+        source = hub_id
+    else:
+        raise DataError(f"instruction pool not found at '{path}' and no data.hub_id configured; "
+                        "set data.path to a JSONL file of {instruction, input, output} rows")
+    rows = [{k: r[k] for k in FIELDS} for r in rows]
+    if not rows:
+        raise DataError(f"instruction pool {source} is empty")
+    if subsample is not None:
+        if not 0 < subsample <= len(rows):
+            raise ConfigError(f"data.subsample={subsample} must be in 1..{len(rows)} (the pool size)")
+        keep = sorted(random.Random(seed).sample(range(len(rows)), subsample))
+        rows = [rows[i] for i in keep]
+        source += f" (seeded subsample {subsample}, seed {seed})"
+    return Pool(rows=rows, source=source, fingerprint=_fingerprint(rows))
+
+
+def resolve_budget(budget: float | int, pool_size: int) -> int:
+    """A budget is a count (int >= 1) or a fraction of the pool (0 < float <= 1)."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise ConfigError(f"budget must be a count or a fraction of the pool, got {budget!r}")
+    if budget <= 0:
+        raise ConfigError(f"budget={budget} must be > 0 (a count, or a fraction in (0, 1])")
+    if isinstance(budget, float) and budget <= 1.0:
+        return max(1, int(budget * pool_size))
+    if budget != int(budget):
+        raise ConfigError(f"budget={budget} is neither a fraction in (0, 1] nor a whole count")
+    if budget > pool_size:
+        raise ConfigError(f"budget={int(budget)} is larger than the pool ({pool_size} samples)")
+    return int(budget)
+
+
+@dataclass(frozen=True)
+class EncodedSample:
+    input_ids: list[int]
+    prompt_len: int  # tokens before the response; labels start here
+    truncated: bool
+
+
+def encode_sample(tokenizer, sample: dict, cutoff: int, add_eos: bool = True) -> EncodedSample:
+    """Tokenise prompt + response (Alpaca template), truncated to ``cutoff`` tokens.
+
+    The prompt is tokenised on its own to find where the response starts, so the label mask is exact even
+    when a BPE merge could cross the boundary (the boundary is a newline, so this is also what a tokeniser
+    of the joined text produces for Llama-style vocabularies).
+    """
+    prompt = alpaca_prompt(sample)
+    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    response_ids = tokenizer(sample["output"], add_special_tokens=False)["input_ids"]
+    if add_eos and tokenizer.eos_token_id is not None:
+        response_ids = response_ids + [tokenizer.eos_token_id]
+    ids = prompt_ids + response_ids
+    truncated = len(ids) > cutoff
+    ids = ids[:cutoff]
+    return EncodedSample(input_ids=ids, prompt_len=min(len(prompt_ids), len(ids)), truncated=truncated)
+
+
+def encode_pool(tokenizer, rows: list[dict], cutoff: int) -> list[EncodedSample]:
+    encoded = [encode_sample(tokenizer, r, cutoff) for r in rows]
+    n_trunc = sum(e.truncated for e in encoded)
+    if n_trunc:
+        log.info("%d of %d samples truncated to %d tokens", n_trunc, len(encoded), cutoff)
+    return encoded
+
+
+# ---------------------------------------------------------------- calibration and evaluation corpora
+
+
+def calibration_windows(tokenizer, path: str, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """Random ``seqlen``-token windows from random C4 documents (the Wanda/SparseGPT recipe).
+
+    Documents shorter than the window are skipped, as in the reference code; if too few documents are
+    long enough the error says so instead of silently changing the recipe.
+    """
+    if nsamples <= 0 or seqlen <= 1:
+        raise ConfigError(f"calibration needs nsamples >= 1 and seqlen >= 2 (got {nsamples}, {seqlen})")
+    if not Path(path).is_file():
+        raise DataError(f"calibration text not found at {path}; set pruner.calibration.path to a JSONL "
+                        "file with a 'text' field (e.g. a C4 shard)")
+    docs = [r["text"] for r in read_jsonl(Path(path), required=("text",))]
+    rng = random.Random(seed)
+    order = list(range(len(docs)))
+    rng.shuffle(order)
+    windows = []
+    for i in order:
+        ids = tokenizer(docs[i], return_tensors="pt")["input_ids"][0]
+        if ids.numel() <= seqlen:
+            continue
+        start = rng.randint(0, ids.numel() - seqlen - 1)
+        windows.append(ids[start:start + seqlen])
+        if len(windows) == nsamples:
+            return torch.stack(windows)
+    raise DataError(f"only {len(windows)} of {len(docs)} documents in {path} are longer than {seqlen} "
+                    f"tokens, but {nsamples} windows were asked for; lower pruner.calibration.seqlen "
+                    "or nsamples")
+
+
+def ppl_corpus_text(name: str, data_dir: str) -> str:
+    """The evaluation text joined as LLM-Pruner does: rows joined with blank lines.
+
+    wikitext2 = WikiText-2 raw *test*; ptb = Penn Treebank *validation* (LLM-Pruner's choice);
+    ptb_test = PTB test.
+    """
+    root = Path(data_dir)
+    if name == "wikitext2":
+        path = root / "wikitext2" / "test.rows.jsonl"
+        _require(path, name)
+        return "\n\n".join(r["text"] for r in read_jsonl(path, required=("text",)))
+    if name in ("ptb", "ptb_test"):
+        path = root / "ptb" / ("ptb.valid.txt" if name == "ptb" else "ptb.test.txt")
+        _require(path, name)
+        # the hub's ptb_text_only rows are the stripped lines of this file
+        return "\n\n".join(line.strip() for line in path.read_text().splitlines())
+    raise ConfigError(f"unknown perplexity corpus '{name}'; allowed: wikitext2, ptb, ptb_test")
+
+
+def _require(path: Path, name: str) -> None:
+    if not path.is_file():
+        raise DataError(f"{name}: expected {path}; set paths.data_dir to the folder holding the offline "
+                        "datasets (see the README)")

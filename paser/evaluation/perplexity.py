@@ -1,0 +1,60 @@
+"""Perplexity with the LLM-Pruner protocol: the corpus joined with blank lines, tokenised once,
+cut into non-overlapping windows of ``seq_len`` tokens (the tail shorter than a window is dropped), each
+window scored on its own; ppl = exp(mean NLL over all predicted tokens)."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from paser.data import ppl_corpus_text
+from paser.scoring import token_nll
+
+log = logging.getLogger(__name__)
+
+
+def corpus_windows(tokenizer, text: str, seq_len: int) -> torch.Tensor:
+    ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
+    n = ids.numel() // seq_len
+    return ids[: n * seq_len].view(n, seq_len)
+
+
+@torch.inference_mode()
+def perplexity(model, windows: torch.Tensor, batch_size: int = 8, desc: str | None = None) -> dict:
+    """exp(mean NLL) over every next-token prediction in ``windows`` [n, seq_len]."""
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    for start in tqdm(range(0, len(windows), batch_size), desc=desc, disable=desc is None, unit="batch"):
+        batch = windows[start:start + batch_size].to(device)
+        nll = token_nll(model(batch, use_cache=False).logits, batch)
+        total += nll.double().sum().item()
+        count += nll.numel()
+    mean = total / count
+    return {"ppl": math.exp(mean), "nll": mean, "tokens": count, "windows": len(windows)}
+
+
+class PerplexityEvaluator:
+    """Perplexity on each configured corpus (wikitext2 = WikiText-2 test, ptb = PTB validation)."""
+
+    def __init__(self, corpora=("wikitext2", "ptb"), seq_len: int = 128, batch_size: int = 8,
+                 max_windows: int | None = None, data_dir: str = "../shared/data"):
+        self.corpora = list(corpora)
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.max_windows = max_windows
+        self.data_dir = data_dir
+
+    def evaluate(self, model, tokenizer) -> dict:
+        out = {}
+        for name in self.corpora:
+            windows = corpus_windows(tokenizer, ppl_corpus_text(name, self.data_dir), self.seq_len)
+            if self.max_windows is not None and len(windows) > self.max_windows:
+                windows = windows[: self.max_windows]  # first windows: a fixed, reproducible subset
+            result = perplexity(model, windows, self.batch_size, desc=f"ppl {name}")
+            log.info("%s perplexity %.3f over %d windows of %d tokens", name, result["ppl"],
+                     result["windows"], self.seq_len)
+            out[name] = {**result, "subset": self.max_windows is not None}
+        return out

