@@ -84,7 +84,7 @@ def read_jsonl(path: Path, required: tuple[str, ...] = ()) -> list[dict]:
     return rows
 
 
-def _rows_from_hub(hub_id: str, split: str) -> list[dict]:
+def _rows_from_hub(hub_id: str, split: str, fields: tuple[str, ...]) -> list[dict]:
     try:
         import datasets
 
@@ -94,26 +94,30 @@ def _rows_from_hub(hub_id: str, split: str) -> list[dict]:
             f"could not load dataset '{hub_id}' from the hub ({type(e).__name__}: {e}). "
             "Offline? Point data.path at a local JSONL file with instruction/input/output fields."
         ) from None
-    return [{k: str(r.get(k) or "") for k in FIELDS} for r in ds]
+    return [{k: str(r.get(k) or "") for k in fields} for r in ds]
 
 
 def load_pool(path: str | None, hub_id: str | None = None, split: str = "train",
-              subsample: int | None = None, seed: int = 0) -> Pool:
+              subsample: int | None = None, seed: int = 0, field_map: dict | None = None) -> Pool:
     """Load the instruction pool from ``path`` (JSONL) if it exists, else from ``hub_id``.
 
-    ``subsample`` draws a seeded random subset of that many rows (kept in pool order), for quick runs.
+    ``field_map`` maps our fields to the source's, e.g. {output: response, input: null} for LaMini
+    (null: the source has no such field, so it is empty); every other field must be on every row. ``subsample`` draws a seeded random subset of that many rows
+    (kept in pool order), for quick runs.
     """
+    field_map = dict(field_map or {})
+    source_fields = tuple(field_map.get(f, f) for f in FIELDS)
     if path and Path(path).is_file():
-        rows = read_jsonl(Path(path), required=FIELDS)
+        rows = read_jsonl(Path(path), required=tuple(f for f in source_fields if f))
         source = str(path)
     elif hub_id:
         log.info("pool file %s not found; loading hub dataset %s", path, hub_id)
-        rows = _rows_from_hub(hub_id, split)
+        rows = _rows_from_hub(hub_id, split, tuple(f for f in source_fields if f))
         source = hub_id
     else:
         raise DataError(f"instruction pool not found at '{path}' and no data.hub_id configured; "
                         "set data.path to a JSONL file of {instruction, input, output} rows")
-    rows = [{k: r[k] for k in FIELDS} for r in rows]
+    rows = [{ours: r[theirs] if theirs else "" for ours, theirs in zip(FIELDS, source_fields)} for r in rows]
     if not rows:
         raise DataError(f"instruction pool {source} is empty")
     if subsample is not None:

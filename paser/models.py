@@ -29,40 +29,63 @@ def torch_dtype(name: str) -> torch.dtype:
 
 def load_model(cfg: DictConfig, cache=None):
     """(model, tokenizer) for a ``model`` config; the model is in eval mode in ``cfg.dtype``."""
-    kind = cfg.kind
-    if kind == "tiny":
+    from transformers import AutoModelForCausalLM
+
+    if cfg.kind == "tiny":
         model, tok = tiny_llama(**OmegaConf.to_container(cfg.get("tiny", {}), resolve=True))
-    elif kind == "gguf_package":
-        folder = _converted_gguf(cfg, cache)
-        model, tok = _from_pretrained(str(folder), cfg, trust_remote_code=False)
-    elif kind == "hub":
-        model, tok = _from_pretrained(cfg.id, cfg, trust_remote_code=bool(cfg.get("trust_remote_code")))
-    elif kind == "local":
-        if not Path(cfg.path).is_dir():
-            raise ConfigError(f"model.path='{cfg.path}' is not a folder with a saved model")
-        model, tok = load_saved(cfg.path, dtype=cfg.dtype,
-                                trust_remote_code=bool(cfg.get("trust_remote_code")))
+    elif cfg.kind == "local":
+        model, tok = load_saved(_source(cfg, cache), dtype=cfg.dtype, trust_remote_code=_remote_code(cfg))
     else:
-        raise ConfigError(f"model.kind='{kind}' is unknown; allowed: {list(KINDS)}")
+        source = _source(cfg, cache)
+        tok = load_tokenizer(cfg, cache)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype(cfg.dtype),
+                                                         trust_remote_code=_remote_code(cfg))
+        except OSError as e:
+            raise ConfigError(_unreachable(source, e)) from None
     model.to(torch_dtype(cfg.dtype)).eval()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok
 
 
-def _from_pretrained(name_or_path: str, cfg, trust_remote_code: bool):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(cfg: DictConfig, cache=None):
+    """The model's tokenizer alone (cheap: no weights are read); pad defaults to eos."""
+    from transformers import AutoTokenizer
 
+    if cfg.kind == "tiny":
+        return tiny_tokenizer()
+    source = _source(cfg, cache)
     try:
-        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, dtype=torch_dtype(cfg.dtype), trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=_remote_code(cfg))
     except OSError as e:
-        raise ConfigError(
-            f"could not load model '{name_or_path}' ({e}). If this is a hub id, this machine may be "
-            "offline or the model gated: download it elsewhere and use model=local model.path=<folder>."
-        ) from None
-    return model, tok
+        raise ConfigError(_unreachable(source, e)) from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _remote_code(cfg) -> bool:
+    """Model code from the hub runs only when the model config asks for it explicitly."""
+    return bool(cfg.get("trust_remote_code", False))
+
+
+def _source(cfg, cache) -> str:
+    """Where from_pretrained reads the model: a hub id, a local folder, or the converted GGUF folder."""
+    if cfg.kind == "hub":
+        return cfg.id
+    if cfg.kind == "local":
+        if not Path(cfg.path).is_dir():
+            raise ConfigError(f"model.path='{cfg.path}' is not a folder with a saved model")
+        return str(cfg.path)
+    if cfg.kind == "gguf_package":
+        return str(_converted_gguf(cfg, cache))
+    raise ConfigError(f"model.kind='{cfg.kind}' is unknown; allowed: {list(KINDS)}")
+
+
+def _unreachable(source: str, error: Exception) -> str:
+    return (f"could not load model '{source}' ({error}). If this is a hub id, this machine may be offline "
+            "or the model gated: download it elsewhere and use model=local model.path=<folder>.")
 
 
 def _converted_gguf(cfg, cache) -> Path:

@@ -1,0 +1,315 @@
+"""One run: prune -> select -> recover -> evaluate.
+
+Every stage's output is cached under a hash of the config slice that produced it (paser.cache), so a
+sweep over selectors prunes once and a rerun of a finished config loads results instead of recomputing.
+Models are loaded lazily: a stage whose result is cached never touches a model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from paser.cache import StageCache, config_hash, library_versions, to_plain
+from paser.components import Selection, SelectionContext
+from paser.data import calibration_windows, load_pool, resolve_budget
+from paser.embedding import load_embedder
+from paser.models import load_model, load_saved, load_tokenizer, save_model
+from paser.pruners.common import parameter_count
+from paser.tracking import git_commit, write_results
+
+log = logging.getLogger(__name__)
+
+
+class Models:
+    """Lazy holder of the dense and pruned models. Pruning consumes the dense instance (it prunes in
+    place); whoever needs the original model afterwards gets a fresh copy from disk."""
+
+    def __init__(self, cfg: DictConfig, cache: StageCache):
+        self.cfg, self.cache = cfg, cache
+        self._dense = None
+        self._pruned = None
+        self.tokenizer = None
+
+    def dense(self):
+        if self._dense is None:
+            self._dense = self.fresh_dense()
+        return self._dense
+
+    def take_dense(self):
+        model = self.dense()
+        self._dense = None
+        return model
+
+    def fresh_dense(self):
+        return load_model(self.cfg.model, self.cache)[0]
+
+    def tok(self):
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self.cfg.model, self.cache)
+        return self.tokenizer
+
+
+class Timer:
+    def __init__(self):
+        self.stages: dict[str, dict] = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.time()
+        entry = {"reused": False}
+        try:
+            yield entry
+        finally:
+            entry["seconds"] = round(time.time() - start, 3)
+            self.stages[name] = entry
+            log.info("stage %-10s %7.1f s%s", name, entry["seconds"], " (reused from cache)" if entry["reused"]
+                     else "")
+
+
+def _json(path: Path):
+    return json.loads(path.read_text())
+
+
+def _instantiate(node: DictConfig, drop: tuple[str, ...] = ()):
+    plain = {k: v for k, v in to_plain(node).items() if k not in drop}
+    return hydra.utils.instantiate(plain, _convert_="all")
+
+
+# ---------------------------------------------------------------------------------------- stages
+
+
+def evaluate_stage(name, key, get_model, models: Models, cfg, cache, timer) -> dict:
+    """Metrics of one model state under every configured evaluator (cached per state and evaluator)."""
+    slice_ = {"state": key, "evaluator": cfg.evaluator}
+    with timer.stage(f"eval_{name}") as t:
+        hit = cache.lookup("metrics", slice_)
+        if hit is not None:
+            t["reused"] = True
+            return _json(hit / "metrics.json")
+        model, tokenizer = get_model(), models.tok()
+        metrics = {}
+        for kind, node in cfg.evaluator.items():
+            if node is not None:
+                metrics[kind] = _instantiate(node).evaluate(model, tokenizer)
+        cache.store("metrics", slice_, lambda d: (d / "metrics.json").write_text(json.dumps(metrics, indent=1)))
+        return metrics
+
+
+def prune_stage(cfg, cache, models: Models, timer) -> tuple[Path, dict]:
+    slice_ = {"model": cfg.model, "pruner": cfg.pruner}
+    with timer.stage("prune") as t:
+        hit = cache.lookup("pruned", slice_)
+        if hit is not None:
+            t["reused"] = True
+            return hit, _json(hit / "report.json")
+        model = models.take_dense()
+        tokenizer = models.tok()
+        pruner = _instantiate(cfg.pruner, drop=("calibration",))
+        calib = None
+        if getattr(pruner, "needs_calibration", False):
+            c = cfg.pruner.calibration
+            calib = calibration_windows(tokenizer, c.path, c.nsamples, c.seqlen, c.seed)
+        params_before = parameter_count(model)
+        start = time.time()
+        report = pruner.prune(model, calib)
+        report.update(params_before=params_before, params_after=parameter_count(model),
+                      prune_time_s=round(time.time() - start, 3))
+
+        def write(d: Path):
+            save_model(model, tokenizer, d / "model")
+            (d / "report.json").write_text(json.dumps(report, indent=1))
+
+        entry = cache.store("pruned", slice_, write)
+        models._pruned = model
+        return entry, report
+
+
+def select_stage(cfg, cache, models: Models, pruned_fn, run_dir: Path, timer) -> tuple[dict, list[dict]]:
+    pool = load_pool(cfg.data.path, cfg.data.get("hub_id"), cfg.data.get("split", "train"),
+                     cfg.data.get("subsample"), cfg.data.get("subsample_seed", 0),
+                     field_map=cfg.data.get("field_map"))
+    budget = resolve_budget(cfg.budget, len(pool))
+    selector = _instantiate(cfg.selector)
+    slice_ = {"model": cfg.model, "pruner": cfg.pruner, "pool": pool.fingerprint, "selector": cfg.selector,
+              "budget": budget, "seed": cfg.seed, "scoring": cfg.scoring}
+    with timer.stage("select") as t:
+        hit = cache.lookup("selection", slice_)
+        if hit is not None:
+            t["reused"] = True
+            record = _json(hit / "selection.json")
+        else:
+            ctx = SelectionContext(
+                tokenizer=models.tok(), original_model=models.fresh_dense, pruned_model=pruned_fn,
+                embedder=lambda: load_embedder(cfg.scoring.embedder), embedder_name=cfg.scoring.embedder,
+                cache=cache, seed=cfg.seed, run_dir=run_dir, cutoff=cfg.scoring.cutoff,
+                batch_size=cfg.scoring.batch_size,
+                cache_key={"model": config_hash(cfg.model), "pruner": config_hash(cfg.pruner),
+                           "pool": pool.fingerprint})
+            with torch.inference_mode(False):
+                selection: Selection = selector.select(pool, budget, ctx)
+            record = {"indices": [int(i) for i in selection.indices], "budget": budget,
+                      "pool_size": len(pool), "pool_source": pool.source, "pool_fingerprint": pool.fingerprint,
+                      "diagnostics": selection.diagnostics,
+                      "stats": selection_stats(pool.rows, selection.indices)}
+
+            def write(d: Path):
+                (d / "selection.json").write_text(json.dumps(record, indent=1, default=_np_default))
+                if selection.scores is not None:
+                    np.save(d / "scores.npy", np.asarray(selection.scores))
+
+            cache.store("selection", slice_, write)
+    if getattr(selector, "uses_budget", True) and len(record["indices"]) > budget:
+        raise RuntimeError(f"selector returned {len(record['indices'])} samples for a budget of {budget}")
+    return {"slice": slice_, **record}, pool.subset(record["indices"])
+
+
+def recover_stage(cfg, cache, selection: dict, samples, pruned_fn, models: Models, timer):
+    """Returns (model factory of the recovered model or None, recovery report)."""
+    if cfg.recovery.get("_target_") is None:
+        return None, None
+    slice_ = {"selection": selection["slice"], "recovery": cfg.recovery, "seed": cfg.seed}
+    entry_dir = cache.entry_dir("adapter", slice_)
+    with timer.stage("recover") as t:
+        hit = cache.lookup("adapter", slice_)
+        if hit is not None:
+            t["reused"] = True
+
+            def load_recovered():
+                from peft import PeftModel
+
+                return PeftModel.from_pretrained(pruned_fn(), hit / "adapter").eval()
+
+            return load_recovered, _json(hit / "report.json")
+        recovery = _instantiate(cfg.recovery)
+        workdir = entry_dir.with_suffix(".work")  # checkpoints live beside the entry until it is stored
+        model, report = recovery.recover(pruned_fn(), models.tok(), samples, workdir)
+
+        def write(d: Path):
+            model.save_pretrained(d / "adapter")
+            (d / "report.json").write_text(json.dumps(report, indent=1))
+
+        cache.store("adapter", slice_, write)
+        shutil.rmtree(workdir, ignore_errors=True)
+        return (lambda: model), report
+
+
+def selection_stats(rows: list[dict], indices) -> dict:
+    def mean_len(items, field):
+        return float(np.mean([len(r[field]) for r in items])) if items else 0.0
+
+    chosen = [rows[i] for i in indices]
+    return {"selected": len(chosen),
+            **{f"mean_chars_{f}_selected": mean_len(chosen, f) for f in ("instruction", "input", "output")},
+            **{f"mean_chars_{f}_pool": mean_len(rows, f) for f in ("instruction", "input", "output")},
+            "with_input_fraction_selected": float(np.mean([bool(r["input"]) for r in chosen])) if chosen else 0.0}
+
+
+def _np_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+# ---------------------------------------------------------------------------------------- the run
+
+
+def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
+    """Run the four stages for a composed config; writes ``results.json`` into ``run_dir``."""
+    started = time.time()
+    run_dir = Path(run_dir or Path(cfg.paths.output_dir) / "runs" / cfg.name / time.strftime("%Y%m%d-%H%M%S"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    cache = StageCache(cfg.paths.cache_dir)
+    timer = Timer()
+    models = Models(cfg, cache)
+    logger = _instantiate(cfg.logger)
+    tags = [f"model:{cfg.model.name}", f"pruner:{_component_name(cfg.pruner)}",
+            f"selector:{_component_name(cfg.selector)}", f"recovery:{_component_name(cfg.recovery)}"]
+    logger.start(to_plain(cfg), run_dir, name=run_dir.name, tags=tags)
+
+    dense_key = {"model": cfg.model}
+    metrics = {"dense": evaluate_stage("dense", dense_key, models.dense, models, cfg, cache, timer)}
+
+    pruned_entry, prune_report = prune_stage(cfg, cache, models, timer)
+
+    def pruned():
+        if models._pruned is None:
+            models._pruned, _ = load_saved(pruned_entry / "model", dtype=cfg.model.dtype)
+        return models._pruned
+
+    pruned_key = {"model": cfg.model, "pruner": cfg.pruner}
+    metrics["pruned"] = evaluate_stage("pruned", pruned_key, pruned, models, cfg, cache, timer)
+
+    selection, samples = select_stage(cfg, cache, models, pruned, run_dir, timer)
+    recovered_fn, recovery_report = recover_stage(cfg, cache, selection, samples, pruned, models, timer)
+    if recovered_fn is not None:
+        recovered_key = {"selection": selection["slice"], "recovery": cfg.recovery, "seed": cfg.seed}
+        metrics["recovered"] = evaluate_stage("recovered", recovered_key, recovered_fn, models,
+                                              cfg, cache, timer)
+
+    selection_summary = {k: v for k, v in selection.items() if k not in ("slice", "indices")}
+    results = {
+        "name": cfg.name, "seed": cfg.seed, "run_dir": str(run_dir),
+        "config": to_plain(cfg),
+        "metrics": metrics,
+        "prune": prune_report,
+        "selection": selection_summary,
+        "recovery": recovery_report,
+        "timings": {**timer.stages, "total_s": round(time.time() - started, 3)},
+        "versions": library_versions(), "git_commit": git_commit(),
+    }
+    (run_dir / "selected_indices.json").write_text(json.dumps(selection["indices"]))
+    write_results(run_dir, results)
+    _log_results(logger, results)
+    print(summary_table(results))
+    return results
+
+
+def _component_name(node: DictConfig) -> str:
+    target = node.get("_target_") if node is not None else None
+    return target.rsplit(".", 1)[-1] if target else "none"
+
+
+def _log_results(logger, results: dict) -> None:
+    if results["recovery"]:
+        for point in results["recovery"]["loss_curve"]:
+            logger.log({"recovery/loss": point["loss"], "recovery/lr": point["lr"]}, step=point["step"])
+    rows = [[state, *headline(m)] for state, m in results["metrics"].items()]
+    logger.log_table("metrics_table", ["state", "wikitext2_ppl", "ptb_ppl", "zeroshot_mean"], rows)
+    logger.finish({"metrics": results["metrics"], "prune": {k: v for k, v in results["prune"].items()
+                                                            if k != "sparsity_per_layer"},
+                   "selection": results["selection"]["stats"], "timings": results["timings"]})
+
+
+def headline(m: dict) -> list:
+    ppl = m.get("ppl") or {}
+    zs = m.get("zeroshot") or {}
+    return [ppl.get("wikitext2", {}).get("ppl"), ppl.get("ptb", {}).get("ppl"), zs.get("mean")]
+
+
+def summary_table(results: dict) -> str:
+    def fmt(v):
+        return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    lines = [f"\n{'model state':<12} {'WikiText-2':>12} {'PTB':>12} {'0-shot mean':>12}"]
+    for state, m in results["metrics"].items():
+        lines.append(f"{state:<12} " + " ".join(f"{fmt(v):>12}" for v in headline(m)))
+    t = results["timings"]
+    lines.append("stages: " + ", ".join(f"{k} {v['seconds']:.1f}s{' (cached)' if v['reused'] else ''}"
+                                        for k, v in t.items() if isinstance(v, dict)))
+    lines.append(f"selected {results['selection']['stats']['selected']} of "
+                 f"{results['selection']['pool_size']} samples; results in {results['run_dir']}")
+    return "\n".join(lines)

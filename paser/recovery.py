@@ -1,0 +1,188 @@
+"""LoRA recovery of a pruned model (peft), with LLM-Pruner's recipe as the default.
+
+The loop is deliberately plain: Alpaca-templated samples, loss on the response tokens only, gradient
+accumulation up to the effective batch, AdamW with linear warm-up and decay (the HF Trainer default
+schedule the reference recipe uses). Every ``checkpoint_every`` optimizer steps the adapter, optimizer,
+scheduler and RNG state are saved atomically, so a killed run resumes from the last checkpoint and ends
+with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from paser.data import encode_pool
+from paser.errors import ConfigError, TrainingError
+from paser.models import torch_dtype
+from paser.scoring import pad_right
+
+log = logging.getLogger(__name__)
+CHECKPOINT = "checkpoint"
+
+
+class LoraRecovery:
+    def __init__(self, r: int = 8, alpha: int = 16, dropout: float = 0.05,
+                 target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                 lr: float = 1e-4, epochs: int = 2, batch_size: int = 64, micro_batch_size: int = 4,
+                 cutoff: int = 256, warmup_steps: int = 0, weight_decay: float = 0.0,
+                 dtype: str = "bfloat16", checkpoint_every: int = 10, seed: int = 0):
+        if dtype == "float16":
+            raise ConfigError("recovery.dtype=float16 is refused: LLaMA-family models overflow to NaN in "
+                              "fp16 training; use bfloat16 (or float32)")
+        if batch_size % micro_batch_size:
+            raise ConfigError(f"recovery.batch_size={batch_size} must be a multiple of "
+                              f"recovery.micro_batch_size={micro_batch_size}")
+        if epochs <= 0 or lr <= 0:
+            raise ConfigError(f"recovery.epochs ({epochs}) and recovery.lr ({lr}) must be > 0")
+        self.r, self.alpha, self.dropout = r, alpha, dropout
+        self.target_modules = list(target_modules)
+        self.lr, self.epochs, self.weight_decay = lr, epochs, weight_decay
+        self.batch_size, self.micro_batch_size = batch_size, micro_batch_size
+        self.cutoff, self.warmup_steps = cutoff, warmup_steps
+        self.dtype = torch_dtype(dtype)
+        self.checkpoint_every = checkpoint_every
+        self.seed = seed
+
+    # -------------------------------------------------------------------------------- setup
+
+    def wrap(self, model):
+        from peft import LoraConfig, get_peft_model
+
+        model.to(self.dtype)
+        config = LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                            target_modules=self.target_modules, bias="none", task_type="CAUSAL_LM")
+        return get_peft_model(model, config)
+
+    def _schedule(self, total_steps: int):
+        def factor(step: int) -> float:
+            if step < self.warmup_steps:
+                return (step + 1) / (self.warmup_steps + 1)
+            return max(0.0, (total_steps - step) / max(1, total_steps - self.warmup_steps))
+        return factor
+
+    def _epoch_order(self, n: int, epoch: int) -> list[int]:
+        order = list(range(n))
+        random.Random(self.seed * 1000 + epoch).shuffle(order)
+        return order
+
+    # -------------------------------------------------------------------------------- training
+
+    def recover(self, model, tokenizer, samples: list[dict], workdir) -> tuple[torch.nn.Module, dict]:
+        """Train LoRA adapters on ``samples``; returns (peft model, report with the loss curve)."""
+        workdir = Path(workdir)
+        if not samples:
+            raise ConfigError("recovery got an empty selection: nothing to train on")
+        torch.manual_seed(self.seed)
+        peft_model = self.wrap(model)
+        encoded = encode_pool(tokenizer, samples, self.cutoff)
+        accum = self.batch_size // self.micro_batch_size
+        steps_per_epoch = math.ceil(len(encoded) / self.batch_size)
+        total_steps = steps_per_epoch * self.epochs
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._schedule(total_steps))
+        state = {"step": 0, "losses": []}
+        ckpt = workdir / CHECKPOINT
+        if ckpt.is_dir():
+            state = self._load_checkpoint(ckpt, peft_model, optimizer, scheduler)
+            log.info("recovery: resuming from checkpoint at step %d/%d", state["step"], total_steps)
+
+        peft_model.train()
+        pad = tokenizer.pad_token_id
+        start = time.time()
+        bar = tqdm(total=total_steps, initial=state["step"], desc="LoRA recovery", unit="step")
+        for step in range(state["step"], total_steps):
+            epoch, in_epoch = divmod(step, steps_per_epoch)
+            order = self._epoch_order(len(encoded), epoch)
+            batch = order[in_epoch * self.batch_size:(in_epoch + 1) * self.batch_size]
+            loss = self._optimizer_step(peft_model, optimizer, [encoded[i] for i in batch], pad, accum)
+            scheduler.step()
+            if not math.isfinite(loss):
+                raise TrainingError(
+                    f"recovery loss became {loss} at step {step + 1}; training stopped. The last good "
+                    f"checkpoint (step {state['step']}) is kept in {ckpt}. Lower recovery.lr or use "
+                    "float32/bfloat16.")
+            state["losses"].append({"step": step + 1, "epoch": epoch, "loss": loss,
+                                    "lr": scheduler.get_last_lr()[0]})
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+            if (step + 1) % self.checkpoint_every == 0 and step + 1 < total_steps:
+                state["step"] = step + 1
+                self._save_checkpoint(ckpt, peft_model, optimizer, scheduler, state)
+        bar.close()
+        peft_model.eval()
+        report = {"steps": total_steps, "samples": len(encoded), "epochs": self.epochs,
+                  "effective_batch": self.batch_size, "truncated": sum(e.truncated for e in encoded),
+                  "loss_curve": state["losses"], "final_loss": state["losses"][-1]["loss"],
+                  "train_time_s": time.time() - start}
+        return peft_model, report
+
+    def _optimizer_step(self, model, optimizer, batch, pad_id: int, accum: int) -> float:
+        """One optimizer step over an effective batch; the loss is the mean over its response tokens."""
+        n_targets = sum(len(e.input_ids) - max(e.prompt_len, 1) for e in batch)
+        if n_targets == 0:  # every response truncated away: nothing to learn from this batch
+            optimizer.zero_grad(set_to_none=True)
+            return 0.0
+        total = 0.0
+        for k in range(0, len(batch), self.micro_batch_size):
+            micro = batch[k:k + self.micro_batch_size]
+            ids, mask = pad_right([e.input_ids for e in micro], pad_id)
+            labels = ids.clone()
+            labels[mask == 0] = -100
+            for row, e in enumerate(micro):
+                labels[row, :e.prompt_len] = -100
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                    labels[:, 1:].reshape(-1), ignore_index=-100,
+                                                    reduction="sum")
+            (nll / n_targets).backward()
+            total += nll.item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return total / n_targets
+
+    # ---------------------------------------------------------------------- checkpoints
+
+    @staticmethod
+    def _save_checkpoint(path: Path, model, optimizer, scheduler, state: dict) -> None:
+        from safetensors.torch import save_file
+
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(trainable, tmp / "adapter.safetensors")
+        # batch order is a function of (seed, epoch); only dropout draws from the torch RNG
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "torch_rng": torch.get_rng_state()}, tmp / "trainer_state.pt")
+        (tmp / "state.json").write_text(json.dumps(state))
+        old = path.with_name(path.name + ".old")
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+
+    @staticmethod
+    def _load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+        from safetensors.torch import load_file
+
+        weights = load_file(path / "adapter.safetensors")
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in weights.items():
+                params[name].copy_(value)
+        trainer = torch.load(path / "trainer_state.pt", weights_only=True)
+        optimizer.load_state_dict(trainer["optimizer"])
+        scheduler.load_state_dict(trainer["scheduler"])
+        torch.set_rng_state(trainer["torch_rng"])
+        return json.loads((path / "state.json").read_text())

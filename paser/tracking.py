@@ -1,0 +1,98 @@
+"""Experiment tracking: the local results record (always) and W&B (``logger=wandb``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+from pathlib import Path
+
+from paser.cache import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        if out.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=5, cwd=Path(__file__).resolve().parent).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def write_results(run_dir: Path, results: dict) -> Path:
+    path = Path(run_dir) / "results.json"
+    atomic_write_text(path, json.dumps(results, indent=1, default=str))
+    return path
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a/b': 1}, numbers only (what W&B charts)."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[key] = v
+    return out
+
+
+class NullLogger:
+    """logger=none: nothing beyond results.json."""
+
+    def start(self, config: dict, run_dir: Path, name: str, tags: list[str]) -> None:
+        pass
+
+    def log(self, metrics: dict, step: int | None = None) -> None:
+        pass
+
+    def log_table(self, key: str, columns: list[str], rows: list[list]) -> None:
+        pass
+
+    def log_image(self, key: str, path: Path) -> None:
+        pass
+
+    def finish(self, summary: dict) -> None:
+        pass
+
+
+class WandbLogger(NullLogger):
+    """Weights & Biases; ``mode=auto`` is online when WANDB_API_KEY is set and offline otherwise, so a
+    machine without network never blocks (sync later with ``wandb sync``)."""
+
+    def __init__(self, project: str = "paser", entity: str | None = None, mode: str = "auto",
+                 group: str | None = None):
+        self.project, self.entity, self.group = project, entity, group
+        self.mode = ("online" if os.environ.get("WANDB_API_KEY") else "offline") if mode == "auto" else mode
+        self.run = None
+
+    def start(self, config, run_dir, name, tags) -> None:
+        import wandb
+
+        self.run = wandb.init(project=self.project, entity=self.entity, group=self.group, name=name,
+                              tags=tags, config=config, dir=str(run_dir), mode=self.mode, reinit="finish_previous")
+        log.info("W&B run %s (%s mode)", self.run.id, self.mode)
+
+    def log(self, metrics, step=None) -> None:
+        self.run.log(flatten(metrics), step=step)
+
+    def log_table(self, key, columns, rows) -> None:
+        import wandb
+
+        self.run.log({key: wandb.Table(columns=columns, data=rows)})
+
+    def log_image(self, key, path) -> None:
+        import wandb
+
+        self.run.log({key: wandb.Image(str(path))})
+
+    def finish(self, summary) -> None:
+        self.run.summary.update(flatten(summary))
+        self.run.finish()
