@@ -1,0 +1,234 @@
+"""S²RIC: semantic-structural clustering of instruction embeddings.
+
+Pipeline: exact kNN graph on the (L2-normalised) embeddings, built in row chunks so memory is O(N·k) plus
+one chunk × N block → a dimension reducer (default: diffusion map on that sparse graph) → NMF clustering
+of the reduced coordinates, with K fixed or chosen by the elbow of the NMF error curve.
+
+Diffusion map: Gaussian affinity W_ij = exp(-‖x_i − x_j‖² / ε) on the symmetrised kNN graph, ε = median of
+the squared kNN distances; symmetric normalisation A = D^-1/2 W D^-1/2; the top d non-trivial eigenvectors
+v_i of A (LOBPCG orthogonal to the trivial one, ∝ D^1/2·1), mapped to right eigenvectors ψ_i = D^-1/2 v_i of the
+random walk and scaled by λ_i^t. The diffusion time t comes from the spectral gap: with j* = argmax_j
+(λ_j − λ_j+1) over λ_1..λ_d+1, t is the smallest integer with (λ_j*+1 / λ_j*)^t ≤ 0.1, i.e. the directions
+past the gap are damped at least ten times more than those before it (clipped to 1..100).
+
+NMF clustering: the reduced coordinates Y (N×d, signed) are made non-negative as X = [max(Y,0), max(−Y,0)]
+(N×2d); X Xᵀ is then a non-negative affinity, and factoring X ≈ W H gives X Xᵀ ≈ W (H Hᵀ) Wᵀ without ever
+forming the N×N matrix (the official code factors a dense |Y Yᵀ|). A sample goes to argmax_k W_ik·‖H_k‖,
+which does not depend on NMF's arbitrary per-component scaling.
+
+Adaptive K ("auto"): fit NMF for every K in k_range, take the relative error e(K) = ‖X − WH‖_F / ‖X‖_F,
+normalise K and e to [0, 1] and pick the knee: argmax_K (1 − K̂ − ê), the point furthest below the chord
+from the first to the last point of the (decreasing) curve. Raw error always falls with K, so it cannot be
+minimised directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from scipy.sparse.linalg import lobpcg
+
+from paser.errors import ConfigError
+
+log = logging.getLogger(__name__)
+REDUCERS = ("diffusion", "umap", "pca", "tsne")
+DEFAULT_K_RANGE = (2, 32)
+
+
+def knn_graph(x: np.ndarray, n_neighbors: int, block_elems: int = 1 << 25) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest neighbours (Euclidean, self excluded): (indices [N,k] int64, distances [N,k] float32).
+
+    Uses ‖a−b‖² = ‖a‖² + ‖b‖² − 2a·b in row chunks of about ``block_elems`` entries of the N×N matrix.
+    """
+    n = len(x)
+    if not 1 <= n_neighbors < n:
+        raise ConfigError(f"selector.n_neighbors={n_neighbors} must be in 1..{n - 1} (pool of {n} samples)")
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    sq = (xt * xt).sum(1)
+    chunk = max(1, block_elems // n)
+    idx = np.empty((n, n_neighbors), dtype=np.int64)
+    dist = np.empty((n, n_neighbors), dtype=np.float32)
+    with torch.no_grad():
+        for s in range(0, n, chunk):
+            e = min(s + chunk, n)
+            d2 = sq[s:e, None] + sq[None, :] - 2.0 * (xt[s:e] @ xt.T)
+            d2[torch.arange(e - s), torch.arange(s, e)] = float("inf")  # never your own neighbour
+            vals, nb = torch.topk(d2, n_neighbors, dim=1, largest=False)
+            idx[s:e] = nb.numpy()
+            dist[s:e] = vals.clamp_min(0).sqrt().numpy()
+    return idx, dist
+
+
+def gaussian_affinity(idx: np.ndarray, dist: np.ndarray) -> tuple[sp.csr_matrix, float]:
+    """Symmetric sparse W (max of the two directions) with W_ij = exp(−d_ij²/ε), ε = median d²."""
+    n, k = idx.shape
+    d2 = dist.astype(np.float64) ** 2
+    eps = float(np.median(d2))
+    if eps <= 0:  # (almost) all neighbours are duplicates: any scale works
+        eps = 1.0
+    w = sp.csr_matrix((np.exp(-d2 / eps).ravel(), (np.repeat(np.arange(n), k), idx.ravel())), shape=(n, n))
+    return w.maximum(w.T).tocsr(), eps
+
+
+def diffusion_map(w: sp.csr_matrix, n_components: int, diffusion_time: int | str = "auto",
+                  seed: int = 0) -> tuple[np.ndarray, dict]:
+    """Diffusion coordinates [N, d] of the graph ``w`` and a diagnostics dict (see the module docstring)."""
+    n = w.shape[0]
+    if not 1 <= n_components <= n - 3:
+        raise ConfigError(f"selector.n_components={n_components} must be in 1..{n - 3} for a pool of {n}")
+    deg = np.asarray(w.sum(1)).ravel()
+    inv_sqrt = 1.0 / np.sqrt(deg)
+    a = sp.diags(inv_sqrt) @ w @ sp.diags(inv_sqrt)
+    u0 = np.sqrt(deg) / np.linalg.norm(np.sqrt(deg))
+    # a block solver, iterating orthogonally to the trivial eigenvector: Lanczos (eigsh) misses copies of a
+    # repeated eigenvalue, which a graph with several (nearly) disconnected parts has
+    x0 = np.random.default_rng(seed).standard_normal((n, n_components + 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "not reaching the requested tolerance": coordinates are still fine
+        vals, vecs = lobpcg(a, x0, Y=u0[:, None], largest=True, tol=1e-5, maxiter=500)
+    order = np.argsort(-vals)
+    vals, vecs = vals[order], vecs[:, order]
+    gaps = vals[:-1] - vals[1:]
+    j = int(np.argmax(gaps))  # gap between vals[j] and vals[j+1] (0-based)
+    if diffusion_time == "auto":
+        lo, hi = vals[j + 1], vals[j]
+        if lo <= 0 or hi <= lo:
+            t = 1
+        else:
+            t = int(min(100, max(1, math.ceil(math.log(10.0) / math.log(hi / lo)))))
+    elif isinstance(diffusion_time, int) and diffusion_time >= 0:
+        t = diffusion_time
+    else:
+        raise ConfigError(f"selector.diffusion_time={diffusion_time!r} must be 'auto' or an integer >= 0")
+    lam = np.clip(vals[:n_components], 0.0, None)
+    psi = vecs[:, :n_components] * inv_sqrt[:, None]
+    psi /= np.linalg.norm(psi, axis=0, keepdims=True)  # unit columns, so scale comes from λ^t only
+    coords = psi * (lam ** t)[None, :]
+    diag = {"eigenvalues": [round(float(v), 6) for v in vals], "spectral_gap_index": j + 1,
+            "diffusion_time": t}
+    return coords.astype(np.float32), diag
+
+
+def reduce_embeddings(embeddings: np.ndarray, reducer: str = "diffusion", n_components: int = 16,
+                      n_neighbors: int = 10, seed: int = 0, diffusion_time: int | str = "auto") -> tuple[np.ndarray, dict]:
+    """Reduced coordinates [N, d'] and diagnostics (with per-step timings in seconds)."""
+    if reducer not in REDUCERS:
+        raise ConfigError(f"selector.reducer='{reducer}' is unknown; allowed: {list(REDUCERS)}")
+    x = np.asarray(embeddings, dtype=np.float32)
+    diag: dict = {"reducer": reducer, "n_components": n_components}
+    t0 = time.perf_counter()
+    if reducer == "diffusion":
+        idx, dist = knn_graph(x, n_neighbors)
+        w, eps = gaussian_affinity(idx, dist)
+        diag.update(n_neighbors=n_neighbors, bandwidth=eps, graph_edges=int(w.nnz // 2),
+                    time_knn_s=round(time.perf_counter() - t0, 3))
+        t1 = time.perf_counter()
+        coords, ddiag = diffusion_map(w, n_components, diffusion_time, seed)
+        diag.update(ddiag, time_eigen_s=round(time.perf_counter() - t1, 3))
+    elif reducer == "pca":
+        from sklearn.decomposition import PCA
+
+        coords = PCA(n_components=n_components, random_state=seed).fit_transform(x)
+    elif reducer == "tsne":
+        from sklearn.manifold import TSNE
+
+        dims = min(n_components, 3)  # Barnes-Hut t-SNE supports at most 3 dimensions
+        if dims != n_components:
+            log.warning("t-SNE: using %d dimensions instead of %d (Barnes-Hut limit)", dims, n_components)
+        coords = TSNE(n_components=dims, init="pca", random_state=seed,
+                      perplexity=min(30.0, max(2.0, (len(x) - 1) / 3))).fit_transform(x)
+        diag["n_components_used"] = dims
+    else:  # umap
+        try:
+            import umap
+        except ImportError:
+            raise ConfigError("selector.reducer=umap needs the optional package umap-learn "
+                              "(pip install umap-learn); allowed without it: diffusion, pca, tsne") from None
+        coords = umap.UMAP(n_components=n_components, n_neighbors=n_neighbors,
+                           random_state=seed).fit_transform(x)
+    diag["time_reduce_s"] = round(time.perf_counter() - t0, 3)
+    return np.asarray(coords, dtype=np.float32), diag
+
+
+def _nonnegative(coords: np.ndarray) -> np.ndarray:
+    y = coords / max(float(np.abs(coords).max()), 1e-12)  # a global scale: geometry unchanged
+    return np.hstack([np.clip(y, 0, None), np.clip(-y, 0, None)]).astype(np.float64)
+
+
+def _nmf(x: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, float]:
+    """(labels before compaction, relative reconstruction error)."""
+    from sklearn.decomposition import NMF
+
+    init = "nndsvda" if k <= min(x.shape) else "random"  # NNDSVD needs k <= min(N, features)
+    model = NMF(n_components=k, init=init, random_state=seed, max_iter=500, tol=1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ConvergenceWarning: the argmax is stable long before tol
+        w = model.fit_transform(x)
+    strength = w * np.linalg.norm(model.components_, axis=1)[None, :]
+    return strength.argmax(1), float(model.reconstruction_err_ / max(np.linalg.norm(x), 1e-12))
+
+
+def _compact(labels: np.ndarray) -> np.ndarray:
+    """Relabel to 0..K'-1 by decreasing size (ties: lower old label first); empty components vanish."""
+    ids, counts = np.unique(labels, return_counts=True)
+    order = ids[np.lexsort((ids, -counts))]
+    remap = np.empty(labels.max() + 1, dtype=np.int64)
+    remap[order] = np.arange(len(order))
+    return remap[labels]
+
+
+def knee(ks: list[int], errors: list[float]) -> int:
+    """The elbow of a decreasing error curve: the K furthest below the first-to-last chord (normalised)."""
+    if len(ks) < 3:
+        return ks[int(np.argmin(errors))]
+    k = np.asarray(ks, dtype=float)
+    e = np.asarray(errors, dtype=float)
+    kn = (k - k[0]) / (k[-1] - k[0])
+    span = e.max() - e.min()
+    en = (e - e.min()) / span if span > 0 else np.zeros_like(e)
+    return ks[int(np.argmax(1.0 - kn - en))]
+
+
+def nmf_clusters(coords: np.ndarray, n_clusters: int | str = "auto", seed: int = 0,
+                 k_range: tuple[int, int] = DEFAULT_K_RANGE) -> tuple[np.ndarray, dict]:
+    """Labels 0..K-1 (largest cluster first) from NMF of the non-negative coordinates, and diagnostics."""
+    t0 = time.perf_counter()
+    x = _nonnegative(coords)
+    n = len(x)
+    diag: dict = {}
+    if n_clusters == "auto":
+        lo, hi = int(k_range[0]), min(int(k_range[1]), n - 1)
+        if not 2 <= lo < hi:
+            raise ConfigError(f"selector.k_range={list(k_range)} must be [min, max] with 2 <= min < max < N={n}")
+        ks = list(range(lo, hi + 1))
+        fits = {k: _nmf(x, k, seed) for k in ks}
+        k = knee(ks, [fits[k][1] for k in ks])
+        labels = fits[k][0]
+        diag.update(k_rule="nmf_error_elbow", k_search={str(kk): round(fits[kk][1], 5) for kk in ks})
+    elif isinstance(n_clusters, int) and not isinstance(n_clusters, bool) and 1 <= n_clusters <= n:
+        k = n_clusters
+        labels = np.zeros(n, dtype=np.int64) if k == 1 else _nmf(x, k, seed)[0]
+        diag["k_rule"] = "fixed"
+    else:
+        raise ConfigError(f"selector.n_clusters={n_clusters!r} must be 'auto' or an integer in 1..{n}")
+    labels = _compact(labels)
+    diag.update(n_clusters_requested=k, n_clusters=int(labels.max()) + 1,
+                cluster_sizes=np.bincount(labels).tolist(), time_nmf_s=round(time.perf_counter() - t0, 3))
+    return labels, diag
+
+
+def cluster_embeddings(embeddings: np.ndarray, reducer: str = "diffusion", n_components: int = 16,
+                       n_neighbors: int = 10, n_clusters: int | str = "auto", seed: int = 0,
+                       diffusion_time: int | str = "auto",
+                       k_range: tuple[int, int] = DEFAULT_K_RANGE) -> tuple[np.ndarray, dict]:
+    """S²RIC: (labels 0..K-1 with cluster 0 the largest, diagnostics). See the module docstring."""
+    coords, diag = reduce_embeddings(embeddings, reducer, n_components, n_neighbors, seed, diffusion_time)
+    labels, cdiag = nmf_clusters(coords, n_clusters, seed, k_range)
+    diag.update(cdiag)
+    return labels, diag
