@@ -1,26 +1,22 @@
-"""Magnitude pruning: zero the smallest |W| in each output row of every decoder Linear layer."""
+"""Magnitude pruning: zero the smallest |W| in each output row (or each N:M block) of every decoder
+weight matrix. Needs no calibration data."""
 
 from __future__ import annotations
 
 import torch
 
-from paser.pruners.common import check_sparsity, prunable_linears, sparsity_report
+from paser.pruners.common import parameter_count, prunable_weights, prune_mask, resolve_sparsity, sparsity_report
 
 
 class MagnitudePruner:
     needs_calibration = False
 
-    def __init__(self, sparsity: float = 0.5):
-        self.sparsity = check_sparsity(sparsity)
+    def __init__(self, sparsity: float | None = 0.5, pattern: str | None = "unstructured"):
+        self.sparsity, self.nm = resolve_sparsity(sparsity, pattern)
 
     @torch.no_grad()
     def prune(self, model, calib=None) -> dict:
-        for _, linear in prunable_linears(model):
-            w = linear.weight
-            k = int(w.shape[1] * self.sparsity)
-            if k == 0:
-                continue
-            # per output row: the k smallest magnitudes go
-            drop = torch.topk(w.abs().float(), k, dim=1, largest=False).indices
-            w.scatter_(1, drop, 0)
-        return sparsity_report(model)
+        before = parameter_count(model)
+        for _, w in prunable_weights(model):
+            w[prune_mask(w.abs().float(), self.sparsity, self.nm)] = 0
+        return sparsity_report(model, before)

@@ -1,0 +1,240 @@
+"""LLM-Pruner (Ma et al. 2023), block-wise: remove whole attention heads and MLP channels of the decoder
+layers in a range, ranked by the importance of their coupled group of weights.
+
+Coupled groups (Llama layout), pruned together so that the layer stays consistent:
+  attention unit: the rows of q_proj (and k_proj / v_proj, see GQA) for a head + the matching columns
+                  of o_proj;
+  MLP channel:    one row of gate_proj and of up_proj + the matching column of down_proj.
+The hidden size, embeddings, norms and lm_head are never changed.
+
+Importance of a unit = sum over the weights of its group (``group_reduction='sum'`` in the reference):
+  param_first   |w * g|                      (g: gradient of the LM loss on the calibration windows)
+  param_second  |1/2 w^2 * F|               (F: mean over windows of the squared per-window gradient,
+                                              the Fisher approximation of the Hessian diagonal)
+  param_mix     |w * g - 1/2 w^2 * F|
+  vectorize     |sum over each channel of w * g|, then summed over the channels of the unit
+  l1 / l2       sum |w| / sum w^2;   random: a seeded random score
+Per layer (not global), the ``ratio`` of units with the lowest importance is removed, rounding to the
+nearest whole unit (the reference floors, which for SmolLM2's 3 KV heads would prune no attention at all).
+Gradients are computed in fp32 (a bf16 model is upcast for the backward pass and cast back).
+
+GQA (``gqa``): with fewer KV heads than query heads a head cannot be removed alone without breaking the
+query-to-KV mapping. ``kv_groups`` (default, as the reference's llama3.py which roots groups at k_proj)
+removes whole KV groups: a KV head (k/v rows) together with its query heads (q rows, o columns).
+``query_heads`` keeps every KV head and removes the same number of query heads from every group, so that
+each KV head keeps an equal share (9q/3kv at ratio 0.25 -> 6q/3kv). For multi-head attention (one
+query head per KV head) both are LLM-Pruner's head pruning.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from paser.errors import ConfigError
+from paser.models import decoder_layers, layer_shapes
+from paser.pruners.common import parameter_count, sparsity_report
+
+log = logging.getLogger(__name__)
+
+TAYLOR = ("param_first", "param_second", "param_mix", "vectorize")
+IMPORTANCES = TAYLOR + ("l1", "l2", "random")
+GQA_MODES = ("kv_groups", "query_heads")
+
+
+def default_layer_range(depth: int) -> tuple[int, int]:
+    """The reference's 4..30 of 32 layers (first 4 and last 2 dense), scaled to ``depth``."""
+    return int(depth * 4 / 32 + 0.5), int(depth * 30 / 32 + 0.5)
+
+
+def _layer_range(value, depth: int, key: str) -> tuple[int, int]:
+    if value is None:
+        return default_layer_range(depth)
+    try:
+        start, end = (int(v) for v in value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}={value!r} must be [start, end] (end exclusive) or null") from None
+    if not 0 <= start <= end <= depth:
+        raise ConfigError(f"{key}=[{start}, {end}] must satisfy 0 <= start <= end <= {depth} (the model's depth)")
+    return start, end
+
+
+def n_pruned(ratio: float, units: int) -> int:
+    """Units to remove: ratio x units rounded to nearest, always keeping at least one."""
+    return min(int(ratio * units + 0.5), units - 1)
+
+
+class _Scorer:
+    """Per-channel importance of a weight matrix along its output rows (dim=1) or input columns (dim=0)."""
+
+    def __init__(self, kind: str, grads: dict, fisher: dict):
+        self.kind, self.grads, self.fisher = kind, grads, fisher
+
+    def __call__(self, weight: torch.Tensor, dim: int) -> torch.Tensor:
+        w = weight.detach().float()
+        if self.kind == "l1":
+            return w.abs().sum(dim)
+        if self.kind == "l2":
+            return w.pow(2).sum(dim)
+        first = w * self.grads[weight]
+        if self.kind == "vectorize":
+            return first.sum(dim).abs()
+        if self.kind == "param_first":
+            return first.abs().sum(dim)
+        second = 0.5 * w.pow(2) * self.fisher[weight]
+        if self.kind == "param_second":
+            return second.abs().sum(dim)
+        return (first - second).abs().sum(dim)  # param_mix
+
+
+def _keep_rows(linear: torch.nn.Linear, idx: torch.Tensor) -> torch.nn.Linear:
+    new = torch.nn.Linear(linear.in_features, len(idx), bias=linear.bias is not None,
+                          dtype=linear.weight.dtype, device=linear.weight.device)
+    new.weight.data.copy_(linear.weight.data[idx])
+    if linear.bias is not None:
+        new.bias.data.copy_(linear.bias.data[idx])
+    return new
+
+
+def _keep_cols(linear: torch.nn.Linear, idx: torch.Tensor) -> torch.nn.Linear:
+    new = torch.nn.Linear(len(idx), linear.out_features, bias=linear.bias is not None,
+                          dtype=linear.weight.dtype, device=linear.weight.device)
+    new.weight.data.copy_(linear.weight.data[:, idx])
+    if linear.bias is not None:
+        new.bias.data.copy_(linear.bias.data)
+    return new
+
+
+def _channels(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    return (heads.unsqueeze(1) * head_dim + torch.arange(head_dim)).flatten()
+
+
+def _has_mlp(layer) -> bool:
+    mlp = getattr(layer, "mlp", None)
+    return all(isinstance(getattr(mlp, n, None), torch.nn.Linear) for n in ("gate_proj", "up_proj", "down_proj"))
+
+
+class LLMPruner:
+    needs_calibration = True
+
+    def __init__(self, ratio: float = 0.25, importance: str = "param_first", gqa: str = "kv_groups",
+                 attention_layers=None, mlp_layers=None, seed: int = 0):
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
+            raise ConfigError(f"pruner.ratio={ratio!r} must be a fraction strictly between 0 and 1")
+        if importance not in IMPORTANCES:
+            raise ConfigError(f"pruner.importance='{importance}' is unknown; allowed: {list(IMPORTANCES)}")
+        if gqa not in GQA_MODES:
+            raise ConfigError(f"pruner.gqa='{gqa}' is unknown; allowed: {list(GQA_MODES)}")
+        self.ratio, self.importance, self.gqa, self.seed = float(ratio), importance, gqa, seed
+        self.attention_layers, self.mlp_layers = attention_layers, mlp_layers
+        self.needs_calibration = importance in TAYLOR  # l1/l2/random use no data
+
+    # ------------------------------------------------------------------ gradients
+    def _gradients(self, model, calib: torch.Tensor, weights: list[torch.Tensor]) -> tuple[dict, dict]:
+        """Gradient of the mean LM loss over all windows, and (param_second/mix) the mean over windows
+        of the squared per-window gradient, for each of ``weights`` (fp32)."""
+        flags = {p: p.requires_grad for p in model.parameters()}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for w in weights:
+            w.requires_grad_(True)
+        device = next(model.parameters()).device
+        calib = calib.to(device)
+        fisher = {}
+        try:
+            if self.importance in ("param_second", "param_mix"):
+                for window in calib:
+                    window = window.unsqueeze(0)
+                    model(window, labels=window, use_cache=False).loss.backward()
+                    for w in weights:
+                        sq = w.grad.float().pow(2) / len(calib)
+                        fisher[w] = fisher[w] + sq if w in fisher else sq
+                        w.grad = None
+            loss = model(calib, labels=calib, use_cache=False).loss
+            loss.backward()
+            log.info("llm_pruner: calibration loss %.4f over %d windows", loss.item(), len(calib))
+            grads = {w: w.grad.float() for w in weights}
+        finally:
+            for p, flag in flags.items():
+                p.grad = None
+                p.requires_grad_(flag)
+        return grads, fisher
+
+    # ------------------------------------------------------------------ pruning
+    @torch.no_grad()
+    def _prune_attention(self, attn, score, rng) -> None:
+        hd = attn.head_dim
+        nq, nkv = attn.q_proj.out_features // hd, attn.k_proj.out_features // hd
+        group = nq // nkv
+        if self.importance == "random":
+            q_imp, kv_imp = torch.rand(nq, generator=rng), torch.rand(nkv, generator=rng)
+        else:
+            q_imp = (score(attn.q_proj.weight, 1) + score(attn.o_proj.weight, 0)).view(nq, hd).sum(1)
+            kv_imp = (score(attn.k_proj.weight, 1) + score(attn.v_proj.weight, 1)).view(nkv, hd).sum(1)
+        if self.gqa == "kv_groups" or group == 1:
+            drop = n_pruned(self.ratio, nkv)
+            keep_kv = torch.sort(torch.topk(q_imp.view(nkv, group).sum(1) + kv_imp, nkv - drop).indices).values
+            keep_q = _channels(keep_kv, group)  # the query heads of the kept KV heads, in order
+        else:
+            drop = n_pruned(self.ratio, group)
+            keep_kv = torch.arange(nkv)
+            within = torch.sort(torch.topk(q_imp.view(nkv, group), group - drop, dim=1).indices, dim=1).values
+            keep_q = (within + torch.arange(nkv).unsqueeze(1) * group).flatten()
+        q_ch, kv_ch = _channels(keep_q, hd), _channels(keep_kv, hd)
+        attn.q_proj = _keep_rows(attn.q_proj, q_ch)
+        attn.k_proj = _keep_rows(attn.k_proj, kv_ch)
+        attn.v_proj = _keep_rows(attn.v_proj, kv_ch)
+        attn.o_proj = _keep_cols(attn.o_proj, q_ch)
+        attn.num_key_value_groups = len(keep_q) // len(keep_kv)
+
+    @torch.no_grad()
+    def _prune_mlp(self, mlp, score, rng) -> None:
+        width = mlp.gate_proj.out_features
+        if self.importance == "random":
+            imp = torch.rand(width, generator=rng)
+        else:
+            imp = score(mlp.gate_proj.weight, 1) + score(mlp.up_proj.weight, 1) + score(mlp.down_proj.weight, 0)
+        keep = torch.sort(torch.topk(imp, width - n_pruned(self.ratio, width)).indices).values
+        mlp.gate_proj = _keep_rows(mlp.gate_proj, keep)
+        mlp.up_proj = _keep_rows(mlp.up_proj, keep)
+        mlp.down_proj = _keep_cols(mlp.down_proj, keep)
+
+    def prune(self, model, calib: torch.Tensor | None) -> dict:
+        layers = decoder_layers(model)
+        attn_range = _layer_range(self.attention_layers, len(layers), "pruner.attention_layers")
+        mlp_range = _layer_range(self.mlp_layers, len(layers), "pruner.mlp_layers")
+        attn_idx = list(range(*attn_range))
+        mlp_idx = [i for i in range(*mlp_range) if _has_mlp(layers[i])]
+        if len(mlp_idx) < mlp_range[1] - mlp_range[0]:
+            log.warning("llm_pruner: layers without a gate/up/down MLP (e.g. MoE experts) keep their MLP dense")
+        for i in attn_idx:
+            if not all(hasattr(layers[i].self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
+                raise ConfigError(f"layer {i} has no q/k/v/o_proj attention: LLM-Pruner needs a Llama-family layout")
+        before = parameter_count(model)
+
+        grads, fisher = {}, {}
+        if self.needs_calibration:
+            if calib is None:
+                raise ConfigError(f"pruner.importance='{self.importance}' needs calibration windows "
+                                  "(pruner.calibration)")
+            weights = [getattr(layers[i].self_attn, n).weight for i in attn_idx
+                       for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+            weights += [getattr(layers[i].mlp, n).weight for i in mlp_idx for n in ("gate_proj", "up_proj", "down_proj")]
+            dtype = next(model.parameters()).dtype
+            model.float()
+            try:
+                grads, fisher = self._gradients(model, calib, weights)
+            finally:
+                model.to(dtype)
+        score = _Scorer(self.importance, grads, fisher)
+
+        rng = torch.Generator().manual_seed(self.seed)
+        for i in attn_idx:
+            self._prune_attention(layers[i].self_attn, score, rng)
+        for i in mlp_idx:
+            self._prune_mlp(layers[i].mlp, score, rng)
+        report = sparsity_report(model, before)
+        report.update(param_reduction=1 - report["params"] / before, layer_shapes=layer_shapes(model),
+                      attention_layers=list(attn_range), mlp_layers=list(mlp_range))
+        return report
