@@ -39,6 +39,7 @@ from paser.errors import ConfigError
 log = logging.getLogger(__name__)
 REDUCERS = ("diffusion", "umap", "pca", "tsne")
 DEFAULT_K_RANGE = (2, 32)
+DENSE_MAX = 512  # pools up to this size get a dense eigendecomposition
 
 
 def knn_graph(x: np.ndarray, n_neighbors: int, block_elems: int = 1 << 25) -> tuple[np.ndarray, np.ndarray]:
@@ -88,10 +89,14 @@ def diffusion_map(w: sp.csr_matrix, n_components: int, diffusion_time: int | str
     u0 = np.sqrt(deg) / np.linalg.norm(np.sqrt(deg))
     # a block solver, iterating orthogonally to the trivial eigenvector: Lanczos (eigsh) misses copies of a
     # repeated eigenvalue, which a graph with several (nearly) disconnected parts has
-    x0 = np.random.default_rng(seed).standard_normal((n, n_components + 1))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "not reaching the requested tolerance": coordinates are still fine
-        vals, vecs = lobpcg(a, x0, Y=u0[:, None], largest=True, tol=1e-5, maxiter=500)
+    if n <= DENSE_MAX:  # small pools: exact dense solver (LOBPCG needs n >> block size)
+        vals, vecs = np.linalg.eigh(a.toarray() - np.outer(u0, u0))
+        vals, vecs = vals[-(n_components + 1):], vecs[:, -(n_components + 1):]
+    else:
+        x0 = np.random.default_rng(seed).standard_normal((n, n_components + 1))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "requested tolerance not reached": coordinates are still fine
+            vals, vecs = lobpcg(a, x0, Y=u0[:, None], largest=True, tol=1e-5, maxiter=500)
     order = np.argsort(-vals)
     vals, vecs = vals[order], vecs[:, order]
     gaps = vals[:-1] - vals[1:]

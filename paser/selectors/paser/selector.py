@@ -1,0 +1,281 @@
+"""The PASER selector: S²RIC clusters → CDAIS budget per cluster and IES ranking → NTM (CCG) filtering.
+
+Ablation switches (each "off" replaces one stage, the rest run unchanged):
+    use_s2ric=false   no clustering: the whole pool is one cluster, so selection is a single global IES
+                      ranking (with the CCG) and allocation is trivial.
+    use_cdais=false   no models are run: clusters get budget in proportion to their size (stratified
+                      sampling) and samples inside a cluster are taken in a seeded random order.
+    use_ntm=false     no Concept Consistency Graph: each cluster takes its top n_k samples by IES.
+
+Per-sample divergences are cached per (model, pruner config, pool, divergence settings) through
+``ctx.cached_scores``, so ablations of clustering, allocation or NTM never recompute them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from paser.components import Selection
+from paser.data import encode_pool
+from paser.embedding import embed_pool
+from paser.errors import ConfigError
+from paser.selectors.paser.allocation import RULES, allocate_budget
+from paser.selectors.paser.clustering import DEFAULT_K_RANGE, REDUCERS, nmf_clusters, reduce_embeddings
+from paser.selectors.paser.concepts import ConceptGraph, sample_concepts
+from paser.selectors.paser.divergence import (DIVERGENCES, REDUCTIONS, SPANS, check_choice, make_divergence,
+                                              sample_divergences, span_bounds)
+
+log = logging.getLogger(__name__)
+IES_LENGTHS = ("tokens", "official")
+CLUSTER_ORDERS = ("index", "cds")
+FIELDS = ("instruction", "input", "output")
+
+
+def ies(divergence: np.ndarray, lengths: np.ndarray, use_log: bool = True) -> np.ndarray:
+    """Instruction Efficiency Score: divergence / log(L²) (``use_log``) or divergence / L², L = |x|+|y|."""
+    cost = np.maximum(np.asarray(lengths, dtype=np.float64), 2.0) ** 2  # L >= 2 keeps log(L²) > 0
+    return np.asarray(divergence, dtype=np.float64) / (np.log(cost) if use_log else cost)
+
+
+def rank_in_cluster(members: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """Members sorted by decreasing key (ties: lower pool index first)."""
+    return members[np.lexsort((members, -key[members]))]
+
+
+def summary(values: np.ndarray, bins: int = 20) -> dict:
+    v = np.asarray(values, dtype=np.float64)
+    counts, edges = np.histogram(v, bins=bins)
+    q = np.quantile(v, [0.05, 0.25, 0.5, 0.75, 0.95])
+    return {"mean": float(v.mean()), "std": float(v.std()), "min": float(v.min()), "max": float(v.max()),
+            "q05": float(q[0]), "q25": float(q[1]), "median": float(q[2]), "q75": float(q[3]),
+            "q95": float(q[4]), "histogram": {"counts": counts.tolist(), "edges": [float(e) for e in edges]}}
+
+
+class PaserSelector:
+    uses_budget = True
+
+    def __init__(self, use_s2ric: bool = True, use_cdais: bool = True, use_ntm: bool = True,
+                 embed_input: bool = True, reducer: str = "diffusion", n_components: int = 16,
+                 n_neighbors: int = 10, n_clusters: int | str = "auto", k_range=DEFAULT_K_RANGE,
+                 diffusion_time: int | str = "auto", divergence: str = "jsd", span: str = "full",
+                 reduction: str = "mean", allocation: str = "proportional", redistribute: bool = False,
+                 ies_log: bool = True, ies_length: str = "tokens", cluster_order: str = "index",
+                 concept_top_k: int | None = 5, concept_max_words: int | None = 3,
+                 concept_fields=FIELDS, plot: bool = True):
+        self.use_s2ric, self.use_cdais, self.use_ntm = bool(use_s2ric), bool(use_cdais), bool(use_ntm)
+        self.embed_input = bool(embed_input)
+        self.reducer = check_choice("reducer", reducer, REDUCERS)
+        self.n_components, self.n_neighbors = int(n_components), int(n_neighbors)
+        if n_clusters != "auto" and (isinstance(n_clusters, bool) or not isinstance(n_clusters, int)):
+            raise ConfigError(f"selector.n_clusters={n_clusters!r} must be 'auto' or an integer >= 1")
+        self.n_clusters = n_clusters
+        self.k_range = tuple(int(k) for k in k_range)
+        if len(self.k_range) != 2:
+            raise ConfigError(f"selector.k_range={list(k_range)} must be [min, max]")
+        self.diffusion_time = diffusion_time
+        self.divergence = check_choice("divergence", divergence, DIVERGENCES)
+        self.span = check_choice("span", span, SPANS)
+        self.reduction = check_choice("reduction", reduction, REDUCTIONS)
+        self.allocation = check_choice("allocation", allocation, RULES)
+        self.redistribute = bool(redistribute)
+        self.ies_log = bool(ies_log)
+        self.ies_length = check_choice("ies_length", ies_length, IES_LENGTHS)
+        self.cluster_order = check_choice("cluster_order", cluster_order, CLUSTER_ORDERS)
+        self.concept_top_k = None if concept_top_k is None else int(concept_top_k)
+        self.concept_max_words = None if concept_max_words is None else int(concept_max_words)
+        self.concept_fields = tuple(concept_fields)
+        bad = [f for f in self.concept_fields if f not in FIELDS]
+        if bad or not self.concept_fields:
+            raise ConfigError(f"selector.concept_fields={list(self.concept_fields)}: choose from {list(FIELDS)}")
+        self.plot = bool(plot)
+
+    # ------------------------------------------------------------------ stages
+
+    def cluster(self, pool, ctx) -> tuple[np.ndarray, np.ndarray | None, dict]:
+        """(labels, reduced coordinates or None, diagnostics)."""
+        if not self.use_s2ric:
+            return np.zeros(len(pool), dtype=np.int64), None, {"n_clusters": 1, "reducer": None}
+        emb = embed_pool(ctx, pool.rows, with_input=self.embed_input)
+        coords, diag = reduce_embeddings(emb, self.reducer, self.n_components, self.n_neighbors, ctx.seed,
+                                         self.diffusion_time)
+        labels, cdiag = nmf_clusters(coords, self.n_clusters, ctx.seed, self.k_range)
+        diag.update(cdiag)
+        return labels, coords, diag
+
+    def sequences(self, pool, ctx) -> tuple[list[list[int]], list[tuple[int, int]], np.ndarray]:
+        """(token sequences, per-sample position bounds, lengths L = |x|+|y| for the IES)."""
+        tok = ctx.tokenizer
+        enc = encode_pool(tok, pool.rows, ctx.cutoff) if self.span != "instruction" or \
+            self.ies_length == "tokens" else None
+        if self.span == "instruction":
+            seqs = [tok(r["instruction"])["input_ids"] for r in pool.rows]
+            bounds = span_bounds([len(s) for s in seqs], [0] * len(seqs), self.span)
+        else:
+            seqs = [e.input_ids for e in enc]
+            bounds = span_bounds([len(s) for s in seqs], [e.prompt_len for e in enc], self.span)
+        if self.ies_length == "tokens":  # tokens of the templated sample, as trained on
+            lengths = np.array([len(e.input_ids) for e in enc])
+        else:  # the official code: raw instruction tokens + response *characters*
+            lengths = np.array([len(tok(r["instruction"])["input_ids"]) + len(r["output"]) for r in pool.rows])
+        return seqs, bounds, lengths
+
+    def divergences(self, pool, ctx, seqs, bounds) -> np.ndarray:
+        params = {"divergence": self.divergence, "span": self.span, "reduction": self.reduction,
+                  "cutoff": None if self.span == "instruction" else ctx.cutoff}
+        if self.divergence == "wasserstein":
+            params["seed"] = ctx.seed
+        state: dict = {}
+
+        def compute(start: int, end: int) -> np.ndarray:
+            if "fn" not in state:
+                state["fn"] = make_divergence(self.divergence, ctx.original_model, ctx.seed)
+            return sample_divergences(ctx.original_model, ctx.pruned_model, seqs[start:end], bounds[start:end],
+                                      state["fn"], self.reduction, ctx.batch_size,
+                                      ctx.tokenizer.pad_token_id or 0, desc=f"{self.divergence} {start}-{end}")
+
+        name = "jsd" if self.divergence == "jsd" else f"divergence_{self.divergence}"
+        with torch.inference_mode():
+            return ctx.cached_scores(name, ("model", "pruner", "pool"), params, len(pool), compute)
+
+    # ------------------------------------------------------------------ select
+
+    def select(self, pool, budget: int, ctx) -> Selection:
+        times: dict[str, float] = {}
+        t = time.perf_counter()
+        labels, coords, cdiag = self.cluster(pool, ctx)
+        times["s2ric"] = time.perf_counter() - t
+        n_clusters = int(labels.max()) + 1
+        sizes = np.bincount(labels, minlength=n_clusters)
+
+        t = time.perf_counter()
+        if self.use_cdais:
+            seqs, bounds, lengths = self.sequences(pool, ctx)
+            div = self.divergences(pool, ctx, seqs, bounds)
+            key = ies(div, lengths, self.ies_log)
+            cds = np.array([div[labels == k].mean() for k in range(n_clusters)])
+            n_k = allocate_budget(cds, sizes, budget, self.allocation, self.redistribute)
+        else:
+            div = cds = None
+            key = np.random.default_rng(ctx.seed).permutation(len(pool)).astype(np.float64)
+            n_k = allocate_budget(sizes, sizes, budget, "proportional", self.redistribute)
+        times["cdais"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        order = list(range(n_clusters))
+        if self.cluster_order == "cds" and cds is not None:
+            order = [int(k) for k in np.lexsort((np.arange(n_clusters), -cds))]
+        graph = ConceptGraph() if self.use_ntm else None
+        selected, rejected, examples = [], [], []
+        taken = np.zeros(n_clusters, dtype=np.int64)
+        rejected_k = np.zeros(n_clusters, dtype=np.int64)
+        n_concepts_seen = 0
+        for k in order:
+            for i in rank_in_cluster(np.flatnonzero(labels == k), key):
+                if taken[k] >= n_k[k]:
+                    break
+                if graph is not None:
+                    concepts = sample_concepts(pool.rows[i], self.concept_fields, self.concept_top_k,
+                                               self.concept_max_words)
+                    n_concepts_seen += len(concepts)
+                    pair = graph.try_add(concepts)
+                    if pair is not None:
+                        rejected.append(int(i))
+                        rejected_k[k] += 1
+                        if len(examples) < 10:
+                            examples.append({"index": int(i), "conflict": list(pair)})
+                        continue
+                selected.append(int(i))
+                taken[k] += 1
+        times["ntm"] = time.perf_counter() - t
+
+        diag = {
+            "budget": int(budget), "selected": len(selected), "unfilled": int(budget - len(selected)),
+            "switches": {"use_s2ric": self.use_s2ric, "use_cdais": self.use_cdais, "use_ntm": self.use_ntm},
+            "clustering": cdiag,
+            "clusters": [{"cluster": k, "size": int(sizes[k]), "cds": None if cds is None else float(cds[k]),
+                          "n_k": int(n_k[k]), "selected": int(taken[k]), "rejected": int(rejected_k[k])}
+                         for k in range(n_clusters)],
+            "allocated": int(n_k.sum()),
+        }
+        if div is not None:
+            diag[self.divergence] = summary(div)
+        if graph is not None:
+            examined = len(selected) + len(rejected)
+            diag["ccg"] = {"concepts": graph.n_concepts, "edges": graph.n_edges, "examined": examined,
+                           "rejected": len(rejected), "accepted": len(selected),
+                           "mean_concepts_per_sample": n_concepts_seen / max(examined, 1),
+                           "rejected_examples": examples}
+        t = time.perf_counter()
+        files = self.write_artifacts(ctx.run_dir, labels, coords, div, key if self.use_cdais else None,
+                                     selected, rejected, cds)
+        times["artifacts"] = time.perf_counter() - t
+        diag["files"] = files
+        diag["stage_times_s"] = {k: round(v, 3) for k, v in times.items()}
+        log.info("PASER: %d of %d selected from %d clusters; stage times %s", len(selected), budget,
+                 n_clusters, diag["stage_times_s"])
+        return Selection(indices=sorted(selected), diagnostics=diag,
+                         scores=None if div is None else div.astype(np.float64))
+
+    # ------------------------------------------------------------------ artifacts
+
+    def write_artifacts(self, run_dir, labels, coords, div, ies_values, selected, rejected, cds) -> list[str]:
+        """paser_samples.npz (per-sample arrays) and paser_clusters.png into ``run_dir``; names written."""
+        if run_dir is None:
+            return []
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        n = len(labels)
+        sel = np.zeros(n, dtype=bool)
+        sel[selected] = True
+        rej = np.zeros(n, dtype=bool)
+        rej[rejected] = True
+        arrays = {"labels": labels, "selected": sel, "rejected": rej}
+        if div is not None:
+            arrays.update(divergence=div, ies=ies_values)
+        xy = None
+        if coords is not None:
+            xy = coords[:, :2] if coords.shape[1] <= 2 else _pca2(coords)
+            arrays["xy"] = xy.astype(np.float32)
+        np.savez_compressed(run_dir / "paser_samples.npz", **arrays)
+        names = ["paser_samples.npz"]
+        if self.plot and xy is not None:
+            plot_clusters(run_dir / "paser_clusters.png", xy, labels, cds, title=json.dumps(
+                {"reducer": self.reducer, "d": self.n_components, "K": int(labels.max()) + 1}))
+            names.append("paser_clusters.png")
+        return names
+
+
+def _pca2(coords: np.ndarray) -> np.ndarray:
+    centred = coords - coords.mean(0)
+    _, _, vt = np.linalg.svd(centred[:: max(1, len(centred) // 20000)], full_matrices=False)
+    return centred @ vt[:2].T
+
+
+def plot_clusters(path: Path, xy: np.ndarray, labels: np.ndarray, cds: np.ndarray | None, title: str = "",
+                  max_points: int = 30000) -> None:
+    """Scatter of the clusters in 2-D (first two principal axes of the reduced coordinates)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keep = np.random.default_rng(0).permutation(len(xy))[:max_points]
+    fig, ax = plt.subplots(figsize=(8, 6.5), dpi=110)
+    cmap = plt.get_cmap("tab20")
+    for k in range(int(labels.max()) + 1):
+        m = keep[labels[keep] == k]
+        lab = f"c{k} (n={int((labels == k).sum())}" + (f", CDS={cds[k]:.4f})" if cds is not None else ")")
+        ax.scatter(xy[m, 0], xy[m, 1], s=2, color=cmap(k % 20), label=lab, rasterized=True)
+    ax.legend(fontsize=6, markerscale=4, loc="best", ncol=1 + int(labels.max()) // 16)
+    ax.set_title(f"PASER clusters {title}", fontsize=8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

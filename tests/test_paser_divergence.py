@@ -1,0 +1,92 @@
+"""CDAIS divergences: hand-computed values and the properties a divergence must have."""
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from paser.errors import ConfigError
+from paser.models import tiny_llama
+from paser.selectors.paser.divergence import (SlicedWasserstein, jsd, kl, make_divergence,
+                                              sample_divergences, span_bounds)
+
+
+def logits(probs):
+    return torch.tensor(probs, dtype=torch.float64).log().float()  # log 0 = -inf: a "hard zero" logit
+
+
+def test_jsd_hand_computed():
+    # P = (1/2, 1/2, 0), Q = (0, 1/2, 1/2): M = (1/4, 1/2, 1/4),
+    # KL(P‖M) = 1/2·ln 2 + 1/2·ln 1 = ln2 / 2 = KL(Q‖M)  →  JSD = ln2 / 2
+    assert jsd(logits([[0.5, 0.5, 0.0]]), logits([[0.0, 0.5, 0.5]])).item() == pytest.approx(math.log(2) / 2, abs=1e-6)
+    # P = (0.9, 0.1), Q = (0.5, 0.5): M = (0.7, 0.3)
+    want = 0.5 * (0.9 * math.log(0.9 / 0.7) + 0.1 * math.log(0.1 / 0.3)) + \
+        0.5 * (0.5 * math.log(0.5 / 0.7) + 0.5 * math.log(0.5 / 0.3))
+    assert jsd(logits([[0.9, 0.1]]), logits([[0.5, 0.5]])).item() == pytest.approx(want, abs=1e-6)
+
+
+def test_jsd_properties():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(16, 500, generator=g) * 4, torch.randn(16, 500, generator=g) * 4
+    assert torch.allclose(jsd(a, a), torch.zeros(16), atol=1e-6)
+    assert torch.allclose(jsd(a, b), jsd(b, a), atol=1e-6)
+    assert (jsd(a, b) > 0).all()
+    disjoint = jsd(logits([[1.0, 0.0, 0.0]]), logits([[0.0, 0.5, 0.5]]))
+    assert disjoint.item() == pytest.approx(math.log(2), abs=1e-6)  # the maximum, for disjoint supports
+    assert (jsd(a * 50, b * 50) <= math.log(2) + 1e-6).all()
+
+
+def test_divergences_finite_with_zeros():
+    p, q = logits([[0.0, 0.0, 1.0], [0.2, 0.0, 0.8]]), logits([[0.0, 0.3, 0.7], [0.0, 0.0, 1.0]])
+    for fn in (jsd, kl, SlicedWasserstein(torch.randn(3, 4))):
+        assert torch.isfinite(fn(p, q)).all()
+    assert kl(p, p).abs().max().item() < 1e-6
+
+
+def test_kl_hand_computed():
+    want = 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)
+    assert kl(logits([[0.9, 0.1]]), logits([[0.5, 0.5]])).item() == pytest.approx(want, abs=1e-6)
+
+
+def test_sliced_wasserstein_one_dimensional_is_exact():
+    # tokens on a line at 0, 1, 3: any unit direction in 1-D is ±1, so sliced W1 = W1 = |0 − 3| = 3
+    sw = SlicedWasserstein(torch.tensor([[0.0], [1.0], [3.0]]), n_projections=4)
+    assert sw(logits([[1.0, 0.0, 0.0]]), logits([[0.0, 0.0, 1.0]])).item() == pytest.approx(3.0, abs=1e-5)
+    assert sw(logits([[0.5, 0.5, 0.0]]), logits([[0.0, 0.5, 0.5]])).item() == pytest.approx(1.5, abs=1e-5)
+
+
+def test_bad_choices_are_config_errors():
+    with pytest.raises(ConfigError, match="allowed"):
+        make_divergence("hellinger")
+    with pytest.raises(ConfigError, match="span"):
+        span_bounds([3], [1], "prompt")
+
+
+@pytest.fixture(scope="module")
+def models():
+    model, tok = tiny_llama()
+    pruned = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in pruned.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p[p.abs() < p.abs().median()] = 0
+    return model.eval(), pruned.eval(), tok
+
+
+def test_sample_divergences_on_tiny_models(models):
+    model, pruned, tok = models
+    seqs = [tok(t)["input_ids"] for t in ("The quick brown fox", "Eat a balanced diet and sleep well.", "Red")]
+    bounds = span_bounds([len(s) for s in seqs], [2, 3, 1], "full")
+    same = sample_divergences(model, model, seqs, bounds, jsd, batch_size=2, pad_id=tok.pad_token_id)
+    assert np.allclose(same, 0, atol=1e-6)
+    mean = sample_divergences(model, pruned, seqs, bounds, jsd, batch_size=2, pad_id=tok.pad_token_id)
+    total = sample_divergences(model, pruned, seqs, bounds, jsd, "sum", batch_size=1, pad_id=tok.pad_token_id)
+    assert (mean[:2] > 0).all() and np.isfinite(mean).all()
+    counts = np.array([e - f for f, e in bounds])
+    assert np.allclose(total, mean * np.maximum(counts, 1), rtol=1e-4)  # batching does not change results
+    # each sample alone gives the same value as in a padded batch
+    alone = [sample_divergences(model, pruned, [s], [b], jsd, pad_id=tok.pad_token_id)[0]
+             for s, b in zip(seqs, bounds)]
+    assert np.allclose(alone, mean, rtol=1e-4, atol=1e-7)
