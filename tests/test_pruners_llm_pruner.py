@@ -1,0 +1,147 @@
+"""LLM-Pruner block-wise: parameter counts from the kept heads/channels, valid GQA layouts, importance
+checked against an independent computation, forward/generate, save -> load, untouched layers."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from paser.errors import ConfigError
+from paser.models import decoder_layers, load_saved, save_model, tiny_llama
+from paser.pruners.llm_pruner import LLMPruner, default_layer_range
+
+# tiny_llama: hidden 96, 6 query heads / 2 KV heads of head_dim 16, MLP width 128, 4 layers
+HIDDEN, HD = 96, 16
+
+
+def _layer_params(q_heads, kv_heads, inter):
+    attn = 2 * HIDDEN * q_heads * HD + 2 * HIDDEN * kv_heads * HD   # q, o + k, v (no biases)
+    return attn + 3 * HIDDEN * inter + 2 * HIDDEN                     # gate, up, down + two norms
+
+
+def _calib(tok, n=2, seqlen=16):
+    return torch.randint(3, len(tok), (n, seqlen), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("gqa, ratio, shape", [("kv_groups", 0.5, (3, 1, 64)),
+                                                ("query_heads", 0.34, (4, 2, 84))])
+def test_param_count_and_layout(gqa, ratio, shape):
+    model, tok = tiny_llama()
+    before = sum(p.numel() for p in model.parameters())
+    report = LLMPruner(ratio=ratio, gqa=gqa, attention_layers=[1, 3], mlp_layers=[1, 3]).prune(model, _calib(tok))
+    # 128 * 0.5 = 64 channels; 128 * 0.34 = 43.5 -> 44 pruned, 84 kept
+    expected = before - 2 * (_layer_params(6, 2, 128) - _layer_params(*shape))
+    assert report["params"] == expected == sum(p.numel() for p in model.parameters())
+    assert report["params_before"] == before
+    assert report["param_reduction"] == pytest.approx(1 - expected / before)
+    for i, layer in enumerate(decoder_layers(model)):
+        q, kv = report["layer_shapes"][i]["q_heads"], report["layer_shapes"][i]["kv_heads"]
+        assert q % kv == 0 and layer.self_attn.num_key_value_groups == q // kv
+        assert (q, kv, report["layer_shapes"][i]["intermediate"]) == (shape if i in (1, 2) else (6, 2, 128))
+
+
+def test_kv_groups_removes_the_weak_group_with_its_query_heads():
+    model, tok = tiny_llama()
+    attn = decoder_layers(model)[1].self_attn
+    with torch.no_grad():  # KV head 0 and its query heads 0..2 made negligible
+        for w in (attn.k_proj.weight[:HD], attn.v_proj.weight[:HD], attn.q_proj.weight[:3 * HD],
+                  attn.o_proj.weight[:, :3 * HD]):
+            w.mul_(1e-3)
+    dense = copy.deepcopy(attn)
+    LLMPruner(ratio=0.5, importance="l2", attention_layers=[1, 2], mlp_layers=[0, 0]).prune(model, None)
+    attn = decoder_layers(model)[1].self_attn
+    assert torch.equal(attn.k_proj.weight, dense.k_proj.weight[HD:])
+    assert torch.equal(attn.v_proj.weight, dense.v_proj.weight[HD:])
+    assert torch.equal(attn.q_proj.weight, dense.q_proj.weight[3 * HD:])
+    assert torch.equal(attn.o_proj.weight, dense.o_proj.weight[:, 3 * HD:])
+
+
+def test_query_heads_mode_keeps_every_kv_head():
+    model, tok = tiny_llama()
+    attn = decoder_layers(model)[2].self_attn
+    with torch.no_grad():  # the weakest query head of group 0 is head 1, of group 1 head 5
+        for h in (1, 5):
+            attn.q_proj.weight[h * HD:(h + 1) * HD] *= 1e-3
+            attn.o_proj.weight[:, h * HD:(h + 1) * HD] *= 1e-3
+    dense = copy.deepcopy(attn)
+    LLMPruner(ratio=0.34, importance="l1", gqa="query_heads", attention_layers=[2, 3],
+              mlp_layers=[0, 0]).prune(model, None)
+    attn = decoder_layers(model)[2].self_attn
+    kept = [0, 2, 3, 4]
+    rows = torch.cat([torch.arange(h * HD, (h + 1) * HD) for h in kept])
+    assert torch.equal(attn.q_proj.weight, dense.q_proj.weight[rows])
+    assert torch.equal(attn.k_proj.weight, dense.k_proj.weight)
+    assert attn.num_key_value_groups == 2
+
+
+def test_param_first_matches_independent_taylor_importance():
+    model, tok = tiny_llama()
+    calib = _calib(tok)
+    dense = copy.deepcopy(model)
+    dense.zero_grad()
+    dense(calib, labels=calib).loss.backward()
+    mlp = decoder_layers(dense)[2].mlp
+    imp = ((mlp.gate_proj.weight * mlp.gate_proj.weight.grad).abs().sum(1)
+           + (mlp.up_proj.weight * mlp.up_proj.weight.grad).abs().sum(1)
+           + (mlp.down_proj.weight * mlp.down_proj.weight.grad).abs().sum(0))
+    keep = imp.argsort(descending=True)[:96].sort().values
+    LLMPruner(ratio=0.25, importance="param_first", attention_layers=[0, 0], mlp_layers=[2, 3]).prune(model, calib)
+    pruned = decoder_layers(model)[2].mlp
+    assert torch.equal(pruned.gate_proj.weight, mlp.gate_proj.weight.detach()[keep])
+    assert torch.equal(pruned.down_proj.weight, mlp.down_proj.weight.detach()[:, keep])
+
+
+@pytest.mark.parametrize("importance", ["param_first", "param_second", "param_mix", "vectorize", "l1", "l2",
+                                        "random"])
+def test_forward_generate_save_load(importance, tmp_path):
+    model, tok = tiny_llama()
+    dense = copy.deepcopy(model)
+    calib = _calib(tok)
+    pruner = LLMPruner(ratio=0.5, importance=importance, attention_layers=[1, 3], mlp_layers=[1, 3])
+    assert pruner.needs_calibration == importance.startswith(("param", "vector"))
+    pruner.prune(model, calib if pruner.needs_calibration else None)
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+    with torch.no_grad():
+        logits = model(calib).logits
+    assert torch.isfinite(logits).all()
+    out = model.generate(calib[:1, :6], max_new_tokens=6, do_sample=False)
+    assert out.shape == (1, 12)
+    # layers outside the range are untouched
+    for i in (0, 3):
+        for (k, v), (k2, v2) in zip(decoder_layers(model)[i].state_dict().items(),
+                                    decoder_layers(dense)[i].state_dict().items()):
+            assert k == k2 and torch.equal(v, v2)
+    save_model(model, tok, tmp_path / "m")
+    reloaded, _ = load_saved(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(reloaded(calib).logits, logits)
+
+
+def test_bf16_model_keeps_its_dtype():
+    model, tok = tiny_llama()
+    model.to(torch.bfloat16)
+    LLMPruner(attention_layers=[1, 3], mlp_layers=[1, 3]).prune(model, _calib(tok))
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_default_range_scales_the_reference():
+    assert default_layer_range(32) == (4, 30)
+    assert default_layer_range(30) == (4, 28)   # SmolLM2-135M
+
+
+@pytest.mark.parametrize("kwargs, key", [({"ratio": 1.0}, "pruner.ratio"), ({"ratio": 0}, "pruner.ratio"),
+                                         ({"importance": "taylor"}, "pruner.importance"),
+                                         ({"gqa": "heads"}, "pruner.gqa")])
+def test_bad_arguments(kwargs, key):
+    with pytest.raises(ConfigError, match=key):
+        LLMPruner(**kwargs)
+
+
+def test_bad_layer_range_and_missing_calibration():
+    model, tok = tiny_llama()
+    with pytest.raises(ConfigError, match="pruner.attention_layers"):
+        LLMPruner(attention_layers=[2, 9]).prune(model, _calib(tok))
+    with pytest.raises(ConfigError, match="calibration"):
+        LLMPruner(attention_layers=[1, 2], mlp_layers=[1, 2]).prune(model, None)
