@@ -12,17 +12,20 @@ import logging
 import shutil
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
+from hydra.errors import InstantiationException
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from paser.cache import StageCache, config_hash, library_versions, to_plain
 from paser.components import Selection, SelectionContext
-from paser.data import calibration_windows, load_pool, resolve_budget
+from paser.data import Pool, calibration_windows, load_pool, resolve_budget
 from paser.embedding import load_embedder
+from paser.errors import PaserError
 from paser.models import load_model, load_saved, load_tokenizer, save_model
 from paser.pruners.common import parameter_count
 from paser.tracking import git_commit, write_results
@@ -82,13 +85,45 @@ def _json(path: Path):
 
 def _instantiate(node: DictConfig, drop: tuple[str, ...] = ()):
     plain = {k: v for k, v in to_plain(node).items() if k not in drop}
-    return hydra.utils.instantiate(plain, _convert_="all")
+    try:
+        return hydra.utils.instantiate(plain, _convert_="all")
+    except InstantiationException as e:  # Hydra wraps the component's own error: surface ours as is
+        if isinstance(e.__cause__, PaserError):
+            raise e.__cause__ from None
+        raise
 
 
 # ---------------------------------------------------------------------------------------- stages
 
 
-def evaluate_stage(name, key, get_model, models: Models, cfg, cache, timer) -> dict:
+@dataclass
+class Components:
+    """Everything the config asks for, built (and so validated) before any model is loaded: a typo or
+    an impossible value fails in seconds, not after an hour of pruning."""
+
+    pruner: object
+    selector: object
+    recovery: object | None
+    evaluators: dict
+    pool: Pool
+    budget: int
+
+
+def build_components(cfg: DictConfig) -> Components:
+    pool = load_pool(cfg.data.path, cfg.data.get("hub_id"), cfg.data.get("split", "train"),
+                     cfg.data.get("subsample"), cfg.data.get("subsample_seed", 0),
+                     field_map=cfg.data.get("field_map"))
+    recovery = _instantiate(cfg.recovery) if cfg.recovery.get("_target_") else None
+    return Components(
+        pruner=_instantiate(cfg.pruner, drop=("calibration",)),
+        selector=_instantiate(cfg.selector),
+        recovery=recovery,
+        evaluators={kind: _instantiate(node) for kind, node in cfg.evaluator.items() if node is not None},
+        pool=pool,
+        budget=resolve_budget(cfg.budget, len(pool)))
+
+
+def evaluate_stage(name, key, get_model, models: Models, parts: Components, cfg, cache, timer) -> dict:
     """Metrics of one model state under every configured evaluator (cached per state and evaluator)."""
     slice_ = {"state": key, "evaluator": cfg.evaluator}
     with timer.stage(f"eval_{name}") as t:
@@ -97,15 +132,12 @@ def evaluate_stage(name, key, get_model, models: Models, cfg, cache, timer) -> d
             t["reused"] = True
             return _json(hit / "metrics.json")
         model, tokenizer = get_model(), models.tok()
-        metrics = {}
-        for kind, node in cfg.evaluator.items():
-            if node is not None:
-                metrics[kind] = _instantiate(node).evaluate(model, tokenizer)
+        metrics = {kind: evaluator.evaluate(model, tokenizer) for kind, evaluator in parts.evaluators.items()}
         cache.store("metrics", slice_, lambda d: (d / "metrics.json").write_text(json.dumps(metrics, indent=1)))
         return metrics
 
 
-def prune_stage(cfg, cache, models: Models, timer) -> tuple[Path, dict]:
+def prune_stage(cfg, cache, models: Models, parts: Components, timer) -> tuple[Path, dict]:
     slice_ = {"model": cfg.model, "pruner": cfg.pruner}
     with timer.stage("prune") as t:
         hit = cache.lookup("pruned", slice_)
@@ -114,7 +146,7 @@ def prune_stage(cfg, cache, models: Models, timer) -> tuple[Path, dict]:
             return hit, _json(hit / "report.json")
         model = models.take_dense()
         tokenizer = models.tok()
-        pruner = _instantiate(cfg.pruner, drop=("calibration",))
+        pruner = parts.pruner
         calib = None
         if getattr(pruner, "needs_calibration", False):
             c = cfg.pruner.calibration
@@ -134,12 +166,9 @@ def prune_stage(cfg, cache, models: Models, timer) -> tuple[Path, dict]:
         return entry, report
 
 
-def select_stage(cfg, cache, models: Models, pruned_fn, run_dir: Path, timer) -> tuple[dict, list[dict]]:
-    pool = load_pool(cfg.data.path, cfg.data.get("hub_id"), cfg.data.get("split", "train"),
-                     cfg.data.get("subsample"), cfg.data.get("subsample_seed", 0),
-                     field_map=cfg.data.get("field_map"))
-    budget = resolve_budget(cfg.budget, len(pool))
-    selector = _instantiate(cfg.selector)
+def select_stage(cfg, cache, models: Models, parts: Components, pruned_fn, run_dir: Path,
+                 timer) -> tuple[dict, list[dict]]:
+    pool, budget, selector = parts.pool, parts.budget, parts.selector
     slice_ = {"model": cfg.model, "pruner": cfg.pruner, "pool": pool.fingerprint, "selector": cfg.selector,
               "budget": budget, "seed": cfg.seed, "scoring": cfg.scoring}
     with timer.stage("select") as t:
@@ -173,9 +202,9 @@ def select_stage(cfg, cache, models: Models, pruned_fn, run_dir: Path, timer) ->
     return {"slice": slice_, **record}, pool.subset(record["indices"])
 
 
-def recover_stage(cfg, cache, selection: dict, samples, pruned_fn, models: Models, timer):
+def recover_stage(cfg, cache, selection: dict, samples, pruned_fn, models: Models, parts: Components, timer):
     """Returns (model factory of the recovered model or None, recovery report)."""
-    if cfg.recovery.get("_target_") is None:
+    if parts.recovery is None:
         return None, None
     slice_ = {"selection": selection["slice"], "recovery": cfg.recovery, "seed": cfg.seed}
     entry_dir = cache.entry_dir("adapter", slice_)
@@ -190,7 +219,7 @@ def recover_stage(cfg, cache, selection: dict, samples, pruned_fn, models: Model
                 return PeftModel.from_pretrained(pruned_fn(), hit / "adapter").eval()
 
             return load_recovered, _json(hit / "report.json")
-        recovery = _instantiate(cfg.recovery)
+        recovery = parts.recovery
         workdir = entry_dir.with_suffix(".work")  # checkpoints live beside the entry until it is stored
         model, report = recovery.recover(pruned_fn(), models.tok(), samples, workdir)
 
@@ -228,6 +257,7 @@ def _np_default(o):
 def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     """Run the four stages for a composed config; writes ``results.json`` into ``run_dir``."""
     started = time.time()
+    parts = build_components(cfg)
     run_dir = Path(run_dir or Path(cfg.paths.output_dir) / "runs" / cfg.name / time.strftime("%Y%m%d-%H%M%S"))
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -241,9 +271,9 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     logger.start(to_plain(cfg), run_dir, name=run_dir.name, tags=tags)
 
     dense_key = {"model": cfg.model}
-    metrics = {"dense": evaluate_stage("dense", dense_key, models.dense, models, cfg, cache, timer)}
+    metrics = {"dense": evaluate_stage("dense", dense_key, models.dense, models, parts, cfg, cache, timer)}
 
-    pruned_entry, prune_report = prune_stage(cfg, cache, models, timer)
+    pruned_entry, prune_report = prune_stage(cfg, cache, models, parts, timer)
 
     def pruned():
         if models._pruned is None:
@@ -251,14 +281,14 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         return models._pruned
 
     pruned_key = {"model": cfg.model, "pruner": cfg.pruner}
-    metrics["pruned"] = evaluate_stage("pruned", pruned_key, pruned, models, cfg, cache, timer)
+    metrics["pruned"] = evaluate_stage("pruned", pruned_key, pruned, models, parts, cfg, cache, timer)
 
-    selection, samples = select_stage(cfg, cache, models, pruned, run_dir, timer)
-    recovered_fn, recovery_report = recover_stage(cfg, cache, selection, samples, pruned, models, timer)
+    selection, samples = select_stage(cfg, cache, models, parts, pruned, run_dir, timer)
+    recovered_fn, recovery_report = recover_stage(cfg, cache, selection, samples, pruned, models, parts, timer)
     if recovered_fn is not None:
         recovered_key = {"selection": selection["slice"], "recovery": cfg.recovery, "seed": cfg.seed}
         metrics["recovered"] = evaluate_stage("recovered", recovered_key, recovered_fn, models,
-                                              cfg, cache, timer)
+                                              parts, cfg, cache, timer)
 
     selection_summary = {k: v for k, v in selection.items() if k not in ("slice", "indices")}
     results = {

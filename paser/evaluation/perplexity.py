@@ -22,6 +22,19 @@ def corpus_windows(tokenizer, text: str, seq_len: int) -> torch.Tensor:
     return ids[: n * seq_len].view(n, seq_len)
 
 
+_WINDOWS: dict[tuple, torch.Tensor] = {}
+
+
+def cached_corpus_windows(tokenizer, name: str, data_dir: str, seq_len: int) -> torch.Tensor:
+    """corpus_windows of a named corpus, tokenised once per process (a run evaluates up to three
+    model states with the same tokenizer)."""
+    key = (tokenizer.name_or_path, len(tokenizer), tokenizer.backend_tokenizer.to_str().__hash__()
+           if hasattr(tokenizer, "backend_tokenizer") else id(tokenizer), name, str(data_dir), seq_len)
+    if key not in _WINDOWS:
+        _WINDOWS[key] = corpus_windows(tokenizer, ppl_corpus_text(name, data_dir), seq_len)
+    return _WINDOWS[key]
+
+
 @torch.inference_mode()
 def perplexity(model, windows: torch.Tensor, batch_size: int = 8, desc: str | None = None) -> dict:
     """exp(mean NLL) over every next-token prediction in ``windows`` [n, seq_len]."""
@@ -50,7 +63,7 @@ class PerplexityEvaluator:
     def evaluate(self, model, tokenizer) -> dict:
         out = {}
         for name in self.corpora:
-            windows = corpus_windows(tokenizer, ppl_corpus_text(name, self.data_dir), self.seq_len)
+            windows = cached_corpus_windows(tokenizer, name, self.data_dir, self.seq_len)
             if self.max_windows is not None and len(windows) > self.max_windows:
                 windows = windows[: self.max_windows]  # first windows: a fixed, reproducible subset
             result = perplexity(model, windows, self.batch_size, desc=f"ppl {name}")

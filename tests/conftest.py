@@ -1,0 +1,38 @@
+"""Shared fixtures: composing the Hydra config the way run.py does, shrunk for tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+DATA_DIR = ROOT.parent / "shared" / "data"
+
+# A run of the whole pipeline on the tiny random model that takes seconds.
+TINY_RUN = [
+    "model=tiny-llama", "logger=none", "data.subsample=24", "budget=6",
+    "recovery.batch_size=2", "recovery.micro_batch_size=2", "recovery.epochs=1", "recovery.cutoff=128",
+    "recovery.warmup_steps=0", "evaluator.ppl.max_windows=2", "scoring.cutoff=128",
+]
+
+
+def compose_config(overrides: list[str], tmp_path: Path | None = None):
+    GlobalHydra.instance().clear()
+    extra = [f"paths.data_dir={DATA_DIR}"]
+    if tmp_path is not None:
+        extra += [f"paths.cache_dir={tmp_path / 'cache'}", f"paths.output_dir={tmp_path / 'out'}"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=extra + list(overrides))
+
+
+@pytest.fixture
+def compose_cfg(tmp_path):
+    return lambda overrides=(): compose_config(list(overrides), tmp_path)
+
+
+def requires_shared_data():
+    return pytest.mark.skipif(not DATA_DIR.is_dir(), reason="../shared/data is not beside the repository")

@@ -1,0 +1,99 @@
+"""Prompt template, tokenisation with response masks, budgets, pool loading and calibration windows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from paser.data import (PROMPT_NO_INPUT, alpaca_prompt, calibration_windows, encode_sample, load_pool,
+                        ppl_corpus_text, resolve_budget)
+from paser.errors import ConfigError, DataError
+from paser.models import tiny_tokenizer
+from tests.conftest import DATA_DIR, requires_shared_data
+
+
+def test_alpaca_prompt_with_and_without_input():
+    with_input = alpaca_prompt({"instruction": "Add.", "input": "2 and 3", "output": "5"})
+    assert with_input.endswith("### Instruction:\nAdd.\n\n### Input:\n2 and 3\n\n### Response:\n")
+    assert "paired with an input" in with_input
+    without = alpaca_prompt({"instruction": "Say hi.", "input": "", "output": "hi"})
+    assert without == PROMPT_NO_INPUT.format(instruction="Say hi.")
+    assert "### Input" not in without
+
+
+def test_encode_sample_marks_where_the_response_starts():
+    tok = tiny_tokenizer()
+    sample = {"instruction": "Name a color.", "input": "", "output": "Red."}
+    enc = encode_sample(tok, sample, cutoff=1000)
+    prompt_ids = tok(alpaca_prompt(sample))["input_ids"]
+    assert enc.input_ids[:enc.prompt_len] == prompt_ids
+    assert tok.decode(enc.input_ids[enc.prompt_len:-1]) == "Red."
+    assert enc.input_ids[-1] == tok.eos_token_id and not enc.truncated
+    short = encode_sample(tok, sample, cutoff=10)
+    assert len(short.input_ids) == 10 and short.truncated and short.prompt_len == 10
+
+
+@pytest.mark.parametrize("budget,size,expected", [(0.2, 100, 20), (1.0, 7, 7), (5, 10, 5), (0.001, 100, 1),
+                                                  (10, 10, 10)])
+def test_budget_resolution(budget, size, expected):
+    assert resolve_budget(budget, size) == expected
+
+
+@pytest.mark.parametrize("budget", [0, -1, 0.0, 11, 3.5, "many", True])
+def test_impossible_budgets(budget):
+    with pytest.raises(ConfigError, match="budget"):
+        resolve_budget(budget, 10)
+
+
+def test_pool_subsample_is_seeded_and_ordered(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"instruction": f"i{k}", "input": "", "output": f"o{k}"}) + "\n"
+                            for k in range(50)))
+    a = load_pool(str(path), subsample=10, seed=3)
+    b = load_pool(str(path), subsample=10, seed=3)
+    c = load_pool(str(path), subsample=10, seed=4)
+    assert a.rows == b.rows and a.fingerprint == b.fingerprint and a.rows != c.rows
+    numbers = [int(r["instruction"][1:]) for r in a.rows]
+    assert numbers == sorted(numbers) and len(a) == 10
+    with pytest.raises(ConfigError, match="data.subsample=51"):
+        load_pool(str(path), subsample=51)
+
+
+def test_empty_pool_and_missing_pool(tmp_path):
+    empty = tmp_path / "e.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(DataError, match="empty"):
+        load_pool(str(empty))
+    with pytest.raises(DataError, match="not found"):
+        load_pool(str(tmp_path / "missing.jsonl"), hub_id=None)
+
+
+def test_field_map_for_pools_without_input(tmp_path):
+    path = tmp_path / "lamini.jsonl"
+    path.write_text(json.dumps({"instruction": "q", "response": "a"}) + "\n")
+    pool = load_pool(str(path), field_map={"input": None, "output": "response"})
+    assert pool.rows == [{"instruction": "q", "input": "", "output": "a"}]
+
+
+@requires_shared_data()
+def test_calibration_windows_are_seeded_slices_of_c4():
+    tok = tiny_tokenizer()
+    path = str(DATA_DIR / "c4" / "c4-train.00000-of-01024.head.jsonl")
+    a = calibration_windows(tok, path, nsamples=4, seqlen=32, seed=0)
+    b = calibration_windows(tok, path, nsamples=4, seqlen=32, seed=0)
+    c = calibration_windows(tok, path, nsamples=4, seqlen=32, seed=1)
+    assert a.shape == (4, 32) and a.equal(b) and not a.equal(c)
+    with pytest.raises(DataError, match="longer than"):
+        calibration_windows(tok, path, nsamples=4, seqlen=10**6)
+
+
+@requires_shared_data()
+def test_ppl_corpora_follow_llm_pruner():
+    wiki = ppl_corpus_text("wikitext2", str(DATA_DIR))
+    rows = [json.loads(line)["text"] for line in open(DATA_DIR / "wikitext2" / "test.rows.jsonl")]
+    assert wiki == "\n\n".join(rows)
+    ptb = ppl_corpus_text("ptb", str(DATA_DIR))
+    assert ptb.startswith("consumers may want to move") and "\n\n" in ptb
+    with pytest.raises(ConfigError, match="allowed: wikitext2, ptb"):
+        ppl_corpus_text("c4", str(DATA_DIR))

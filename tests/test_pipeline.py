@@ -1,0 +1,84 @@
+"""The whole pipeline on the tiny random Llama: results, caching across a sweep, bad input."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from paser import pipeline
+from paser.errors import ConfigError, DataError
+from tests.conftest import TINY_RUN, requires_shared_data
+
+pytestmark = requires_shared_data()
+
+
+def test_tiny_run_writes_complete_results(compose_cfg, tmp_path):
+    cfg = compose_cfg(TINY_RUN)
+    results = pipeline.run(cfg, run_dir=tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["metrics"].keys() == {"dense", "pruned", "recovered"}
+    for state in ("dense", "pruned", "recovered"):
+        assert saved["metrics"][state]["ppl"]["wikitext2"]["ppl"] > 1
+        assert saved["metrics"][state]["ppl"]["wikitext2"]["windows"] == 2
+    assert saved["prune"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert saved["selection"]["stats"]["selected"] == 6 and saved["selection"]["pool_size"] == 24
+    assert len(json.loads((tmp_path / "run" / "selected_indices.json").read_text())) == 6
+    assert {"eval_dense", "prune", "select", "recover", "eval_recovered"} <= saved["timings"].keys()
+    assert saved["versions"]["torch"] and "git_commit" in saved
+    assert saved["config"]["model"]["name"] == "tiny-llama"
+    assert results["recovery"]["steps"] == 3  # 6 samples, batch 2, one epoch
+
+
+def test_second_selector_reuses_pruned_model(compose_cfg, tmp_path, caplog):
+    pipeline.run(compose_cfg(TINY_RUN + ["selector=random"]), run_dir=tmp_path / "a")
+    with caplog.at_level(logging.INFO):
+        second = pipeline.run(compose_cfg(TINY_RUN + ["selector=full"]), run_dir=tmp_path / "b")
+    t = second["timings"]
+    assert t["prune"]["reused"] and t["eval_dense"]["reused"] and t["eval_pruned"]["reused"]
+    assert not t["select"]["reused"] and not t["recover"]["reused"]
+    assert "stage prune" in caplog.text and "(reused from cache)" in caplog.text
+    assert second["selection"]["stats"]["selected"] == 24
+
+
+def test_rerun_of_finished_config_does_no_work(compose_cfg, tmp_path):
+    first = pipeline.run(compose_cfg(TINY_RUN), run_dir=tmp_path / "a")
+    again = pipeline.run(compose_cfg(TINY_RUN), run_dir=tmp_path / "b")
+    stages = {k: v for k, v in again["timings"].items() if isinstance(v, dict)}
+    assert all(v["reused"] for v in stages.values()), stages
+    assert again["metrics"] == first["metrics"]
+
+
+def test_no_recovery_and_no_pruning(compose_cfg, tmp_path):
+    overrides = [o for o in TINY_RUN if not o.startswith("recovery.")] + ["recovery=none", "pruner=none"]
+    results = pipeline.run(compose_cfg(overrides), run_dir=tmp_path / "r")
+    assert "recovered" not in results["metrics"] and results["recovery"] is None
+    assert results["metrics"]["pruned"] == results["metrics"]["dense"]
+    assert results["prune"]["sparsity"] == 0.0
+
+
+@pytest.mark.parametrize("budget,message", [(0, "must be > 0"), (-3, "must be > 0"),
+                                            (1000, "larger than the pool"), (2.5, "neither a fraction")])
+def test_impossible_budget_is_a_clear_error(compose_cfg, tmp_path, budget, message):
+    cfg = compose_cfg(TINY_RUN + [f"budget={budget}"])
+    with pytest.raises(ConfigError, match=message):
+        pipeline.run(cfg, run_dir=tmp_path / "r")
+    assert not (tmp_path / "r" / "results.json").exists()
+
+
+def test_malformed_pool_line_names_file_and_line(compose_cfg, tmp_path):
+    pool = tmp_path / "pool.jsonl"
+    good = json.dumps({"instruction": "a", "input": "", "output": "b"})
+    pool.write_text(f"{good}\n{good}\n{{not json\n")
+    cfg = compose_cfg(TINY_RUN + ["data=jsonl", f"data.path={pool}", "data.subsample=null", "budget=1"])
+    with pytest.raises(DataError, match=rf"{pool}:3: not valid JSON"):
+        pipeline.run(cfg, run_dir=tmp_path / "r")
+
+
+def test_pool_row_missing_a_field(compose_cfg, tmp_path):
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n")
+    cfg = compose_cfg(TINY_RUN + ["data=jsonl", f"data.path={pool}", "data.subsample=null", "budget=1"])
+    with pytest.raises(DataError, match=r"pool.jsonl:1: missing field\(s\) \['input'\]"):
+        pipeline.run(cfg, run_dir=tmp_path / "r")
