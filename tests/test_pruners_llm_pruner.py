@@ -43,7 +43,7 @@ def test_param_count_and_layout(gqa, ratio, shape):
 
 
 def test_kv_groups_removes_the_weak_group_with_its_query_heads():
-    model, tok = tiny_llama()
+    model, _tok = tiny_llama()
     attn = decoder_layers(model)[1].self_attn
     with torch.no_grad():  # KV head 0 and its query heads 0..2 made negligible
         for w in (attn.k_proj.weight[:HD], attn.v_proj.weight[:HD], attn.q_proj.weight[:3 * HD],
@@ -59,7 +59,7 @@ def test_kv_groups_removes_the_weak_group_with_its_query_heads():
 
 
 def test_query_heads_mode_keeps_every_kv_head():
-    model, tok = tiny_llama()
+    model, _tok = tiny_llama()
     attn = decoder_layers(model)[2].self_attn
     with torch.no_grad():  # the weakest query head of group 0 is head 1, of group 1 head 5
         for h in (1, 5):

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import torch
 
-from paser.pruners.common import parameter_count, prunable_weights, prune_mask, resolve_sparsity, sparsity_report
+from paser.pruners.common import (
+    parameter_count,
+    prunable_weights,
+    prune_mask,
+    resolve_sparsity,
+    sparsity_report,
+)
 
 
 class MagnitudePruner:

@@ -129,7 +129,7 @@ class SparseGPTPruner:
 
     def prune(self, model, calib: torch.Tensor | None) -> dict:
         if calib is None:
-            raise ValueError("SparseGPT needs calibration windows (pruner.calibration)")
+            raise ConfigError("SparseGPT needs calibration windows: set pruner.calibration (path, nsamples, seqlen, seed)")
         before = parameter_count(model)
         prune_layerwise(model, calib, Hessian, self.prune_target, self.batch_size, desc="sparsegpt")
         return sparsity_report(model, before)

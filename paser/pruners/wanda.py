@@ -9,6 +9,7 @@ import logging
 
 import torch
 
+from paser.errors import ConfigError
 from paser.pruners.common import parameter_count, prune_mask, resolve_sparsity, sparsity_report
 from paser.pruners.layerwise import Target, prune_layerwise
 
@@ -49,7 +50,7 @@ class WandaPruner:
 
     def prune(self, model, calib: torch.Tensor | None) -> dict:
         if calib is None:
-            raise ValueError("Wanda needs calibration windows (pruner.calibration)")
+            raise ConfigError("Wanda needs calibration windows: set pruner.calibration (path, nsamples, seqlen, seed)")
         before = parameter_count(model)
         prune_layerwise(model, calib, SquaredNorms, self.prune_target, self.batch_size, desc="wanda")
         return sparsity_report(model, before)
