@@ -1,0 +1,168 @@
+"""What the score-then-rank baselines (IFD, Nuggets, Instruction Mining) share: keep the best-scored
+samples of the whole pool, or, with ``cluster: s2ric``, cluster the pool with PASER's S²RIC, give each
+cluster a share of the budget and keep the best-scored samples inside each cluster (the hybrids the
+PASER rebuttal compares).
+
+A subclass implements ``score(pool, ctx) -> Scored``: its natural per-sample score (IFD, golden score,
+predicted loss) and a ranking key where higher is better and NaN marks an ineligible sample.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from paser.cache import to_plain
+from paser.components import Selection
+from paser.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+CLUSTER_MODES = (None, "s2ric")
+CLUSTERING_DEFAULTS = {"reducer": "diffusion", "n_components": 16, "n_neighbors": 10, "n_clusters": "auto",
+                       "diffusion_time": "auto", "k_range": [2, 32], "allocation": "proportional"}
+CLUSTERING_KNOBS = ("reducer", "n_components", "n_neighbors", "n_clusters", "diffusion_time", "k_range")
+
+
+@dataclass
+class Scored:
+    scores: np.ndarray            # the method's own score, one per pool sample (Selection.scores)
+    rank_key: np.ndarray          # higher is better; NaN = not eligible
+    diagnostics: dict = field(default_factory=dict)
+
+
+def describe(x: np.ndarray) -> dict:
+    """JSON-able summary of a score distribution (NaNs counted, not summarised)."""
+    x = np.asarray(x, dtype=np.float64)
+    finite = x[np.isfinite(x)]
+    out = {"n": int(x.size), "n_nan": int(np.isnan(x).sum())}
+    if finite.size:
+        q = np.percentile(finite, [0, 10, 25, 50, 75, 90, 100])
+        out.update({"mean": float(finite.mean()), "std": float(finite.std()),
+                    **{k: float(v) for k, v in zip(("min", "p10", "p25", "median", "p75", "p90", "max"), q)}})
+    return out
+
+
+def ranked(rank_key: np.ndarray, candidates: np.ndarray | None = None) -> np.ndarray:
+    """Eligible candidates (all samples by default) best first; ties broken by pool index, so the order
+    is deterministic."""
+    idx = np.arange(len(rank_key)) if candidates is None else np.asarray(candidates, dtype=np.int64)
+    idx = idx[~np.isnan(rank_key[idx])]
+    return idx[np.lexsort((idx, -rank_key[idx]))]
+
+
+def top_k(rank_key: np.ndarray, k: int) -> np.ndarray:
+    return ranked(rank_key)[:k]
+
+
+def select_within_clusters(rank_key: np.ndarray, labels: np.ndarray, budget: int,
+                           rule: str = "proportional") -> tuple[np.ndarray, dict]:
+    """Best-ranked samples inside each cluster, n_k of them, with n_k from PASER's ``allocate_budget``.
+
+    A cluster's weight is its size (its share of the pool); its capacity is its number of eligible
+    samples, and what a cluster cannot fill is redistributed by ``allocate_budget``. Slots that rounding
+    leaves over go to the best-ranked remaining samples of the whole pool (counted as ``topped_up``).
+    """
+    from paser.selectors.paser.allocation import allocate_budget
+
+    clusters = np.unique(labels)
+    eligible = ~np.isnan(rank_key)
+    sizes = np.array([(labels == c).sum() for c in clusters])
+    capacity = np.array([(eligible & (labels == c)).sum() for c in clusters])
+    n_k = np.asarray(allocate_budget(sizes.astype(float), capacity, min(budget, int(capacity.sum())),
+                                     rule=rule, redistribute=True), dtype=np.int64)
+    chosen = []
+    for c, n in zip(clusters, n_k):
+        chosen.extend(ranked(rank_key, np.flatnonzero(labels == c))[:n].tolist())
+    topped_up = []
+    if len(chosen) < budget:
+        taken = np.zeros(len(rank_key), dtype=bool)
+        taken[chosen] = True
+        topped_up = [i for i in ranked(rank_key).tolist() if not taken[i]][:budget - len(chosen)]
+    indices = np.array(chosen + topped_up, dtype=np.int64)
+    per_cluster = {
+        str(int(c)): {"size": int(s), "eligible": int(e), "allotted": int(n),
+                      "selected": int((labels[indices] == c).sum())}
+        for c, s, e, n in zip(clusters, sizes, capacity, n_k)
+    }
+    return indices, {"n_clusters": len(clusters), "allocation": rule, "topped_up": len(topped_up),
+                     "per_cluster": per_cluster}
+
+
+def s2ric_labels(ctx, pool, clustering: dict) -> tuple[np.ndarray, dict]:
+    """S²RIC cluster labels of the pool's instruction embeddings, cached per (pool, embedder, knobs)."""
+    from paser.embedding import embed_pool
+    from paser.selectors.paser.clustering import cluster_embeddings
+
+    knobs = {k: clustering[k] for k in CLUSTERING_KNOBS}
+    info: dict = {}
+
+    def compute(start: int, end: int) -> np.ndarray:
+        labels, diag = cluster_embeddings(embed_pool(ctx, pool.rows), seed=ctx.seed,
+                                          **{**knobs, "k_range": tuple(knobs["k_range"])})
+        info.update(_json_scalars(diag))
+        return np.asarray(labels, dtype=np.int64)[start:end]
+
+    n = len(pool)
+    labels = ctx.cached_scores("s2ric_labels", ("pool",), {"embedder": ctx.embedder_name, "seed": ctx.seed,
+                                                           **knobs}, n, compute, chunk_size=max(n, 1))
+    return np.asarray(labels, dtype=np.int64), info
+
+
+def _json_scalars(d) -> dict:
+    return {k: v for k, v in to_plain(dict(d)).items()
+            if isinstance(v, (int, float, str, bool)) or v is None} if d else {}
+
+
+class ScoredSelector:
+    """Base of the baselines: ``score`` the pool, then keep the top ``budget`` (globally, or per S²RIC
+    cluster). Selection.diagnostics carries the score distributions, eligibility and stage times."""
+
+    uses_budget = True
+    name = "scored"
+
+    def __init__(self, cluster: str | None = None, clustering: dict | None = None):
+        if cluster not in CLUSTER_MODES:
+            raise ConfigError(f"selector.cluster={cluster!r} is unknown; allowed: null (rank the whole pool) "
+                              "or s2ric (rank inside S²RIC clusters)")
+        extra = set(to_plain(clustering or {})) - set(CLUSTERING_DEFAULTS)
+        if extra:
+            raise ConfigError(f"selector.clustering has unknown key(s) {sorted(extra)}; "
+                              f"allowed: {sorted(CLUSTERING_DEFAULTS)}")
+        self.cluster = cluster
+        self.clustering = {**CLUSTERING_DEFAULTS, **to_plain(clustering or {})}
+
+    def score(self, pool, ctx) -> Scored:
+        raise NotImplementedError
+
+    def select(self, pool, budget: int, ctx) -> Selection:
+        t0 = time.perf_counter()
+        scored = self.score(pool, ctx)
+        t_score = time.perf_counter() - t0
+        diag: dict = {"selector": self.name, "budget": int(budget),
+                      "eligible": int((~np.isnan(scored.rank_key)).sum()), **scored.diagnostics}
+        if self.cluster is None:
+            indices = top_k(scored.rank_key, budget)
+            t_cluster = 0.0
+        else:
+            t1 = time.perf_counter()
+            labels, info = s2ric_labels(ctx, pool, self.clustering)
+            indices, alloc = select_within_clusters(scored.rank_key, labels, budget,
+                                                    rule=self.clustering["allocation"])
+            t_cluster = time.perf_counter() - t1
+            diag["clustering"] = {"method": "s2ric", **{k: self.clustering[k] for k in CLUSTERING_DEFAULTS},
+                                  **info, **alloc}
+        if len(indices) < budget:
+            log.warning("%s: only %d samples are eligible, fewer than the budget %d; selecting %d",
+                        self.name, diag["eligible"], budget, len(indices))
+        diag.update({
+            "selected": len(indices),
+            "score": describe(scored.scores),
+            "selected_score": describe(scored.scores[indices]),
+            "time_s": {**diag.get("time_s", {}), "score": round(t_score, 3), "cluster": round(t_cluster, 3),
+                       "total": round(time.perf_counter() - t0, 3)},
+        })
+        return Selection(indices=sorted(int(i) for i in indices), diagnostics=diag, scores=scored.scores)

@@ -1,0 +1,191 @@
+"""Instruction Mining (Cao et al. 2023, "Instruction Mining: When Data Mining Meets Large Language Model
+Finetuning", arXiv 2307.06290).
+
+A linear rule predicts the (log) evaluation loss a model fine-tuned on a sample would reach from quality
+indicators of that sample; the samples with the lowest predicted loss are kept:
+
+    predicted = intercept + sum_i coefficient_i * indicator_i(sample)
+
+Built-in indicators (``INDICATORS``; a name that contains ':' is imported as ``module:function``, called
+as ``function(pool, ctx) -> array[N]``, and ``register_indicator`` adds one from Python):
+
+    input_length    tokens of instruction (+ input)          output_length  tokens of the response
+    knn<k>          distance to the k-th nearest neighbour in the embedding space (e.g. knn6)
+    perplexity      exp(mean response NLL given the Alpaca prompt) under the scoring model
+    reward          score of a reward model (``reward_model``: hub id or local folder) on (prompt, answer)
+
+Default coefficients: the rule the paper reports after backward feature selection on LLaMA-2-7B (v3 of
+the paper), log L = 1.0694 - 0.1498 Rew + 8.257e-5 Len - 0.9350 Knn6, with Rew from OpenAssistant's
+reward-model-deberta-v3-large-v2 and Knn6 in SentenceBERT space. They are quoted from the paper as
+recalled here: verify them against the paper before citing results. Assumptions: "Len" is read as the
+response length in tokens, and Knn6 as the Euclidean distance between unit-normalised MiniLM
+embeddings. A coefficient fitted on another model's loss transfers only roughly; refit for a new model.
+
+An indicator that cannot be computed (e.g. the reward model offline) is skipped with a warning, and the
+rule runs with the rest; ``diagnostics.skipped_indicators`` says which and why.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import re
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from paser.embedding import embed_pool, instruction_text
+from paser.errors import ConfigError
+from paser.selectors.clustered import Scored, ScoredSelector, describe
+from paser.selectors.lm_scores import answer_losses, check_model_choice
+
+log = logging.getLogger(__name__)
+
+PAPER_INTERCEPT = 1.0694
+PAPER_COEFFICIENTS = {"reward": -0.1498, "output_length": 8.257e-5, "knn6": -0.9350}
+PAPER_REWARD_MODEL = "OpenAssistant/reward-model-deberta-v3-large-v2"
+
+
+class IndicatorUnavailable(RuntimeError):
+    """The indicator cannot be computed here (e.g. its model is not reachable): skip it with a warning."""
+
+
+INDICATORS: dict[str, Callable] = {}
+
+
+def register_indicator(name: str):
+    """Decorator: ``fn(selector, pool, ctx) -> array[N]`` becomes the indicator ``name``."""
+    def wrap(fn):
+        INDICATORS[name] = fn
+        return fn
+    return wrap
+
+
+@register_indicator("input_length")
+def _input_length(sel, pool, ctx) -> np.ndarray:
+    return np.array([len(ctx.tokenizer(instruction_text(r), add_special_tokens=False)["input_ids"])
+                     for r in pool.rows], dtype=np.float64)
+
+
+@register_indicator("output_length")
+def _output_length(sel, pool, ctx) -> np.ndarray:
+    return np.array([len(ctx.tokenizer(r["output"], add_special_tokens=False)["input_ids"]) for r in pool.rows],
+                    dtype=np.float64)
+
+
+@register_indicator("perplexity")
+def _perplexity(sel, pool, ctx) -> np.ndarray:
+    # the same cached array as IFD's conditioned loss
+    return np.exp(answer_losses(ctx, pool.rows, sel.model, conditioned=True))
+
+
+@register_indicator("reward")
+def _reward(sel, pool, ctx) -> np.ndarray:
+    return reward_scores(ctx, pool.rows, sel.reward_model)
+
+
+def knn_distance(embeddings: np.ndarray, k: int, block: int = 2048) -> np.ndarray:
+    """Euclidean distance of each row to its k-th nearest other row, computed in blocks of rows."""
+    x = np.asarray(embeddings, dtype=np.float32)
+    n = len(x)
+    if not 1 <= k < n:
+        raise ConfigError(f"a knn{k} indicator needs 1 <= k < pool size ({n})")
+    sq = (x * x).sum(1)
+    out = np.empty(n)
+    for s in range(0, n, block):
+        d2 = sq[s:s + block, None] + sq[None, :] - 2.0 * x[s:s + block] @ x.T
+        d2[np.arange(len(d2)), np.arange(s, s + len(d2))] = np.inf  # not its own neighbour
+        out[s:s + block] = np.sqrt(np.maximum(np.partition(d2, k - 1, axis=1)[:, k - 1], 0.0))
+    return out
+
+
+@torch.no_grad()
+def reward_scores(ctx, rows: list[dict], model_id: str | None, batch_size: int = 16) -> np.ndarray:
+    """Reward-model scores of (instruction [+ input], answer) pairs, cached per (pool, reward model)."""
+    if not model_id:
+        raise IndicatorUnavailable("no selector.reward_model configured")
+    try:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(model_id)
+        rm = AutoModelForSequenceClassification.from_pretrained(model_id).eval()
+    except Exception as e:  # noqa: BLE001 -- offline, gated, or not a reward model: run without it
+        raise IndicatorUnavailable(f"could not load reward model '{model_id}' ({type(e).__name__}: "
+                                   f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+    def compute(start: int, end: int) -> np.ndarray:
+        out = []
+        for b in tqdm(range(start, end, batch_size), desc=f"reward {start}-{end}", unit="batch"):
+            batch = rows[b:min(b + batch_size, end)]
+            enc = tok([instruction_text(r) for r in batch], [r["output"] for r in batch], truncation=True,
+                      max_length=512, padding=True, return_tensors="pt")
+            out.append(rm(**enc).logits[:, 0].float().numpy())
+        return np.concatenate(out)
+
+    return ctx.cached_scores("reward", ("pool",), {"reward_model": model_id}, len(rows), compute, chunk_size=1024)
+
+
+def _resolve(name: str) -> Callable:
+    if name in INDICATORS:
+        return INDICATORS[name]
+    m = re.fullmatch(r"knn(\d+)", name)
+    if m:
+        k = int(m.group(1))
+        return lambda sel, pool, ctx: knn_distance(embed_pool(ctx, pool.rows), k)
+    if ":" in name:
+        module, _, attr = name.partition(":")
+        try:
+            fn = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise ConfigError(f"selector.coefficients: indicator '{name}' cannot be imported ({e})") from None
+        return lambda sel, pool, ctx: fn(pool, ctx)
+    raise ConfigError(f"selector.coefficients: unknown indicator '{name}'; allowed: {sorted(INDICATORS)}, "
+                      "knn<k> (e.g. knn6), or 'module:function'")
+
+
+class InstructionMiningSelector(ScoredSelector):
+    name = "instruction_mining"
+
+    def __init__(self, coefficients: dict | None = None, intercept: float = PAPER_INTERCEPT,
+                 reward_model: str | None = PAPER_REWARD_MODEL, model: str = "pruned",
+                 cluster: str | None = None, clustering: dict | None = None):
+        super().__init__(cluster, clustering)
+        coefficients = dict(PAPER_COEFFICIENTS if coefficients is None else coefficients)
+        bad = {k: v for k, v in coefficients.items()
+               if isinstance(v, bool) or not isinstance(v, (int, float))}
+        if bad:
+            raise ConfigError(f"selector.coefficients must map indicator names to numbers; got {bad}")
+        self.coefficients = {k: float(v) for k, v in coefficients.items() if v != 0}
+        if not self.coefficients:
+            raise ConfigError("selector.coefficients has no non-zero coefficient: the rule would rank nothing")
+        self.indicators = {k: _resolve(k) for k in self.coefficients}
+        self.intercept = float(intercept)
+        self.reward_model = reward_model
+        self.model = check_model_choice(model)
+
+    def score(self, pool, ctx) -> Scored:
+        predicted = np.full(len(pool), self.intercept)
+        used, skipped, summary, times = {}, {}, {}, {}
+        for name, coef in self.coefficients.items():
+            t0 = time.perf_counter()
+            try:
+                values = np.asarray(self.indicators[name](self, pool, ctx), dtype=np.float64)
+            except IndicatorUnavailable as e:
+                log.warning("Instruction Mining: skipping indicator '%s': %s", name, e)
+                skipped[name] = str(e)
+                continue
+            if values.shape != (len(pool),):
+                raise RuntimeError(f"indicator '{name}' returned shape {values.shape}, expected ({len(pool)},)")
+            predicted += coef * values
+            used[name] = coef
+            summary[name] = describe(values)
+            times[name] = round(time.perf_counter() - t0, 3)
+        if not used:
+            raise ConfigError(f"Instruction Mining: no indicator could be computed ({skipped}); configure "
+                              "selector.coefficients with indicators available here")
+        return Scored(scores=predicted, rank_key=-predicted, diagnostics={
+            "intercept": self.intercept, "coefficients_used": used, "skipped_indicators": skipped,
+            "indicators": summary, "predicted_loss": describe(predicted), "time_s": times})

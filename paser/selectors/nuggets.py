@@ -1,0 +1,263 @@
+"""Nuggets (Li et al. 2024, "One Shot Learning as Instruction Data Prospector").
+
+Anchors: k-means over the pool's instruction embeddings, and the sample nearest each centre (100 by
+default). Zero-shot score of an anchor a: log-likelihood of its answer given its own prompt. One-shot
+score of a given candidate z: the same, with z (prompt + answer) prepended as a demonstration. Golden
+score of z = fraction of anchors whose answer log-likelihood strictly rises with z as the prefix; the
+highest golden scores are kept. (The reference compares summed log-probabilities; over identical answer
+tokens a sum and a mean give the same comparison.)
+
+Cost: |candidates| x |anchors| forward passes over the anchors. Each candidate's key/value cache is
+computed once and shared by all anchors (``reuse_prefix_kv``), so an anchor pass costs only its own
+tokens. Golden scores persist in chunks of ``chunk_size`` candidates: an interrupted run resumes.
+
+Cheaper mode for CPU runs: fewer anchors (``n_anchors``), and/or ``prefilter: M``, which scores only M
+candidates drawn at random (seeded) in proportion to the anchor clusters' sizes; the others are not
+eligible, so M must be at least the budget.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from paser.data import alpaca_prompt
+from paser.embedding import embed_pool
+from paser.errors import ConfigError
+from paser.scoring import iter_batches, pad_right, target_mask, token_nll
+from paser.selectors.clustered import Scored, ScoredSelector, describe
+from paser.selectors.lm_scores import (
+    check_model_choice,
+    model_device,
+    score_dependencies,
+    scoring_model,
+    special_prefix,
+)
+
+log = logging.getLogger(__name__)
+
+PROMPT_FORMATS = ("alpaca", "nuggets")
+SEPARATOR = "\n\n"  # between the demonstration and the anchor, as in the reference
+
+
+def format_prompt(row: dict, prompt_format: str) -> str:
+    """The prompt before the answer: the Alpaca template (what recovery trains on), or the reference
+    code's short "Instruction:/Input:/Response:" form."""
+    if prompt_format == "alpaca":
+        return alpaca_prompt(row)
+    if row.get("input"):
+        return f"Instruction:\n{row['instruction']}\nInput:\n{row['input']}\nResponse:\n"
+    return f"Instruction:\n{row['instruction']}\nResponse:\n"
+
+
+def kmeans_anchors(embeddings: np.ndarray, n_anchors: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(anchor indices, cluster label of every sample): k-means, then the sample nearest each centre."""
+    from sklearn.cluster import KMeans
+
+    km = KMeans(n_clusters=n_anchors, random_state=seed, n_init=3).fit(embeddings)
+    dist = km.transform(embeddings)
+    anchors = []
+    for c in range(n_anchors):  # nearest unused sample, so that two centres never share an anchor
+        for i in np.argsort(dist[:, c]):
+            if i not in anchors:
+                anchors.append(int(i))
+                break
+    return np.array(anchors, dtype=np.int64), km.labels_.astype(np.int64)
+
+
+def encode_anchor(tokenizer, row: dict, cutoff: int, prompt_format: str) -> tuple[list[int], int]:
+    """(prompt + answer tokens without special tokens, index where the answer starts), cut at cutoff."""
+    prompt = tokenizer(format_prompt(row, prompt_format), add_special_tokens=False)["input_ids"]
+    answer = tokenizer(row["output"], add_special_tokens=False)["input_ids"]
+    return (prompt + answer)[:cutoff], len(prompt)
+
+
+def encode_demonstration(tokenizer, row: dict, cutoff: int, prompt_format: str) -> list[int]:
+    """Special prefix + demonstration (prompt + answer, cut at cutoff) + separator."""
+    ids = tokenizer(format_prompt(row, prompt_format) + row["output"], add_special_tokens=False)["input_ids"]
+    sep = tokenizer(SEPARATOR, add_special_tokens=False)["input_ids"]
+    return special_prefix(tokenizer) + ids[:cutoff] + sep
+
+
+def _cache_argument(model) -> str:
+    """The keyword a model's forward takes its key/value cache under (renamed in transformers 5.x)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _kv_tensors(output) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    cache = getattr(output, "cache", None) or output.past_key_values
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return [(k, v) for k, v in cache]
+
+
+class AnchorSet:
+    """Tokenised anchors and their zero-shot answer log-likelihoods (computed once, reused by every
+    candidate)."""
+
+    def __init__(self, tokenizer, rows: list[dict], cutoff: int, prompt_format: str):
+        enc = [encode_anchor(tokenizer, r, cutoff, prompt_format) for r in rows]
+        self.seqs = [e[0] for e in enc]
+        self.starts = [e[1] for e in enc]
+        self.pad_id = tokenizer.pad_token_id
+        self.head = special_prefix(tokenizer)
+        self.has_answer = [start < len(seq) for seq, start in zip(self.seqs, self.starts)]
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    @torch.no_grad()
+    def zero_shot(self, model, batch_size: int) -> np.ndarray:
+        seqs = [self.head + s for s in self.seqs]
+        starts = [len(self.head) + s for s in self.starts]
+        return answer_logprob_sums(model, seqs, starts, batch_size, self.pad_id)
+
+    @torch.no_grad()
+    def one_shot(self, model, demo: list[int], batch_size: int, reuse_prefix_kv: bool = True) -> np.ndarray:
+        """Answer log-likelihood of every anchor after the demonstration ``demo``."""
+        if not reuse_prefix_kv:
+            seqs = [demo + s for s in self.seqs]
+            starts = [len(demo) + s for s in self.starts]
+            return answer_logprob_sums(model, seqs, starts, batch_size, self.pad_id)
+        from transformers import DynamicCache
+
+        device = model_device(model)
+        kw = _cache_argument(model)
+        prefix = torch.tensor([demo], dtype=torch.long, device=device)
+        kv = _kv_tensors(model(input_ids=prefix, use_cache=True))
+        out = np.empty(len(self.seqs))
+        order = sorted(range(len(self.seqs)), key=lambda i: -len(self.seqs[i]))
+        for b in range(0, len(order), batch_size):
+            idx = order[b:b + batch_size]
+            ids, mask = pad_right([self.seqs[i] for i in idx], self.pad_id)
+            ids, mask = ids.to(device), mask.to(device)
+            n = len(idx)
+            # a fresh cache per batch: the forward appends the anchors' keys to it
+            cache = DynamicCache([(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in kv])
+            full_mask = torch.cat([torch.ones(n, len(demo), dtype=mask.dtype, device=device), mask], dim=1)
+            logits = model(input_ids=ids, attention_mask=full_mask, use_cache=True, **{kw: cache}).logits
+            targets = target_mask(mask.cpu(), [self.starts[i] for i in idx]).to(device)
+            out[idx] = (-(token_nll(logits, ids) * targets).sum(-1)).double().cpu().numpy()
+        return out
+
+
+@torch.no_grad()
+def answer_logprob_sums(model, seqs, starts, batch_size: int, pad_id: int) -> np.ndarray:
+    """Summed log-probability of the tokens at positions >= starts[i] of each sequence."""
+    out = np.empty(len(seqs))
+    device = model_device(model)
+    for idx, ids, mask in iter_batches(seqs, batch_size, pad_id):
+        ids, mask = ids.to(device), mask.to(device)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        targets = target_mask(mask.cpu(), [starts[i] for i in idx]).to(device)
+        out[idx] = (-(token_nll(logits, ids) * targets).sum(-1)).double().cpu().numpy()
+    return out
+
+
+def golden_scores(model, tokenizer, candidates: list[dict], anchors: AnchorSet, zero: np.ndarray, cutoff: int,
+                  prompt_format: str, batch_size: int, reuse_prefix_kv: bool = True, bar=None) -> np.ndarray:
+    """Fraction of anchors whose answer log-likelihood rises with each candidate as the demonstration."""
+    out = np.empty(len(candidates))
+    for j, row in enumerate(candidates):
+        demo = encode_demonstration(tokenizer, row, cutoff, prompt_format)
+        out[j] = float(np.mean(anchors.one_shot(model, demo, batch_size, reuse_prefix_kv) > zero))
+        if bar is not None:
+            bar.update(1)
+    return out
+
+
+def stratified_prefilter(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """``size`` sample indices drawn without replacement, each k-means cluster contributing in
+    proportion to its size (largest remainders get the leftover slots)."""
+    rng = np.random.default_rng(seed)
+    clusters, counts = np.unique(labels, return_counts=True)
+    share = counts / counts.sum() * size
+    take = np.floor(share).astype(int)
+    for c in np.argsort(-(share - take), kind="stable")[:size - take.sum()]:
+        take[c] += 1
+    picked = [rng.choice(np.flatnonzero(labels == c), size=t, replace=False) for c, t in zip(clusters, take)]
+    return np.sort(np.concatenate(picked)).astype(np.int64)
+
+
+class NuggetsSelector(ScoredSelector):
+    name = "nuggets"
+
+    def __init__(self, model: str = "pruned", n_anchors: int = 100, prefilter: int | None = None,
+                 prompt_format: str = "alpaca", reuse_prefix_kv: bool = True, chunk_size: int = 16,
+                 cluster: str | None = None, clustering: dict | None = None):
+        super().__init__(cluster, clustering)
+        self.model = check_model_choice(model)
+        if not isinstance(n_anchors, int) or n_anchors < 1:
+            raise ConfigError(f"selector.n_anchors={n_anchors!r} must be a positive integer (default 100)")
+        if prefilter is not None and (not isinstance(prefilter, int) or prefilter < 1):
+            raise ConfigError(f"selector.prefilter={prefilter!r} must be null (score every candidate) or a "
+                              "positive number of candidates to score")
+        if prompt_format not in PROMPT_FORMATS:
+            raise ConfigError(f"selector.prompt_format='{prompt_format}' is unknown; allowed: "
+                              f"{list(PROMPT_FORMATS)}")
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ConfigError(f"selector.chunk_size={chunk_size!r} must be a positive integer")
+        self.n_anchors, self.prefilter, self.prompt_format = n_anchors, prefilter, prompt_format
+        self.reuse_prefix_kv, self.chunk_size = bool(reuse_prefix_kv), chunk_size
+
+    def select(self, pool, budget, ctx):
+        if self.prefilter is not None and not budget <= self.prefilter <= len(pool):
+            raise ConfigError(f"selector.prefilter={self.prefilter} must lie between the budget ({budget}) "
+                              f"and the pool size ({len(pool)}): only prefiltered candidates can be selected")
+        return super().select(pool, budget, ctx)
+
+    def score(self, pool, ctx) -> Scored:
+        if self.n_anchors > len(pool):
+            raise ConfigError(f"selector.n_anchors={self.n_anchors} exceeds the pool size ({len(pool)})")
+        t0 = time.perf_counter()
+        anchor_idx, labels = kmeans_anchors(embed_pool(ctx, pool.rows), self.n_anchors, ctx.seed)
+        candidates = (np.arange(len(pool)) if self.prefilter is None
+                      else stratified_prefilter(labels, self.prefilter, ctx.seed))
+        anchors = AnchorSet(ctx.tokenizer, pool.subset(anchor_idx), ctx.cutoff, self.prompt_format)
+        if not all(anchors.has_answer):
+            log.warning("Nuggets: %d anchor(s) have no answer token within the cutoff and cannot improve; "
+                        "they still count in the denominator", len(anchors) - sum(anchors.has_answer))
+        t1 = time.perf_counter()
+        rows = pool.subset(candidates)
+        bar = tqdm(total=len(rows), desc=f"Nuggets golden scores ({len(anchors)} anchors)", unit="cand")
+        state: dict = {}  # the model and the anchors' zero-shot scores, only once something is computed
+
+        def compute(start: int, end: int) -> np.ndarray:
+            if not state:  # first chunk computed in this run; after a resume, bar and projection count what is left
+                t = time.perf_counter()
+                state["model"] = scoring_model(ctx, self.model)
+                state["zero"] = anchors.zero_shot(state["model"], ctx.batch_size)
+                state["zero_shot_s"] = time.perf_counter() - t
+                bar.reset(total=len(rows) - start)
+                state["first"] = (start, time.perf_counter())
+            out = golden_scores(state["model"], ctx.tokenizer, rows[start:end], anchors, state["zero"], ctx.cutoff,
+                                self.prompt_format, ctx.batch_size, self.reuse_prefix_kv, bar)
+            first, since = state["first"]
+            per = (time.perf_counter() - since) / (end - first)
+            log.info("Nuggets: %d/%d candidates, %.2f s each, projected %.1f min left", end, len(rows), per,
+                     per * (len(rows) - end) / 60)
+            return out
+
+        params = {"which": self.model, "cutoff": ctx.cutoff, "format": self.prompt_format,
+                  "anchors": anchor_idx.tolist(), "prefilter": self.prefilter, "seed": ctx.seed,
+                  "embedder": ctx.embedder_name}
+        golden = ctx.cached_scores("nuggets_golden", score_dependencies(self.model), params, len(rows), compute,
+                                   chunk_size=self.chunk_size)
+        bar.close()
+        t2 = time.perf_counter()
+        scores = np.full(len(pool), np.nan)
+        scores[candidates] = golden
+        return Scored(scores=scores, rank_key=scores.copy(), diagnostics={
+            "model": self.model, "n_anchors": len(anchors), "anchors": anchor_idx.tolist(),
+            "prefilter": self.prefilter, "candidates_scored": len(candidates),
+            "anchor_evaluations": int(len(candidates) * len(anchors)), "prompt_format": self.prompt_format,
+            **({"anchor_zero_shot_logprob": describe(state["zero"])} if state else {"golden_scores": "cached"}),
+            "time_s": {"anchors": round(t1 - t0, 3), "zero_shot": round(state.get("zero_shot_s", 0.0), 3),
+                       "golden": round(t2 - t1, 3),
+                       "golden_per_candidate": round((t2 - t1) / max(len(candidates), 1), 4)},
+        })
