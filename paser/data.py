@@ -84,15 +84,16 @@ def read_jsonl(path: Path, required: tuple[str, ...] = ()) -> list[dict]:
     return rows
 
 
-def _rows_from_hub(hub_id: str, split: str, fields: tuple[str, ...]) -> list[dict]:
+def _rows_from_hub(hub_id: str, split: str, fields: tuple[str, ...], local_path) -> list[dict]:
     try:
         import datasets
 
         ds = datasets.load_dataset(hub_id, split=split)
     except Exception as e:  # offline machines land here: say what to do instead
         raise DataError(
-            f"could not load dataset '{hub_id}' from the hub ({type(e).__name__}: {e}). "
-            "Offline? Point data.path at a local JSONL file with instruction/input/output fields."
+            f"instruction pool not found at '{local_path}', and the hub dataset '{hub_id}' could not be "
+            f"loaded ({type(e).__name__}: {e}). Point data.path (or paths.data_dir) at a local JSONL file "
+            "with instruction/input/output fields."
         ) from None
     return [{k: str(r.get(k) or "") for k in fields} for r in ds]
 
@@ -112,7 +113,7 @@ def load_pool(path: str | None, hub_id: str | None = None, split: str = "train",
         source = str(path)
     elif hub_id:
         log.info("pool file %s not found; loading hub dataset %s", path, hub_id)
-        rows = _rows_from_hub(hub_id, split, tuple(f for f in source_fields if f))
+        rows = _rows_from_hub(hub_id, split, tuple(f for f in source_fields if f), path)
         source = hub_id
     else:
         raise DataError(f"instruction pool not found at '{path}' and no data.hub_id configured; "

@@ -25,7 +25,7 @@ from paser.cache import StageCache, config_hash, library_versions, to_plain
 from paser.components import Selection, SelectionContext
 from paser.data import Pool, calibration_windows, load_pool, resolve_budget
 from paser.embedding import load_embedder
-from paser.errors import PaserError
+from paser.errors import ConfigError, PaserError
 from paser.models import load_model, load_saved, load_tokenizer, save_model
 from paser.pruners.common import parameter_count
 from paser.tracking import git_commit, write_results
@@ -109,7 +109,19 @@ class Components:
     budget: int
 
 
+def check_lengths(cfg: DictConfig) -> None:
+    """Token cutoffs must fit the model's context (longer samples are truncated to the cutoff and
+    counted in the reports)."""
+    context = cfg.model.get("context_length")
+    for key in ("scoring.cutoff", "recovery.cutoff"):
+        value = OmegaConf.select(cfg, key)
+        if context and value and value > context:
+            raise ConfigError(f"{key}={value} exceeds the model context ({cfg.model.name}: "
+                              f"model.context_length={context}); lower it to at most {context}")
+
+
 def build_components(cfg: DictConfig) -> Components:
+    check_lengths(cfg)
     pool = load_pool(cfg.data.path, cfg.data.get("hub_id"), cfg.data.get("split", "train"),
                      cfg.data.get("subsample"), cfg.data.get("subsample_seed", 0),
                      field_map=cfg.data.get("field_map"))
