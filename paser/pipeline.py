@@ -27,7 +27,7 @@ from paser.data import Pool, calibration_windows, load_pool, resolve_budget
 from paser.embedding import load_embedder
 from paser.errors import ConfigError, PaserError
 from paser.models import load_model, load_saved, load_tokenizer, save_model
-from paser.pruners.common import parameter_count
+from paser.pruners.common import NoPruner, parameter_count, sparsity_report
 from paser.tracking import git_commit, write_results
 
 log = logging.getLogger(__name__)
@@ -285,14 +285,17 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     dense_key = {"model": cfg.model}
     metrics = {"dense": evaluate_stage("dense", dense_key, models.dense, models, parts, cfg, cache, timer)}
 
-    pruned_entry, prune_report = prune_stage(cfg, cache, models, parts, timer)
+    if isinstance(parts.pruner, NoPruner):  # the pruned model *is* the dense one: no copy, no re-evaluation
+        prune_report, pruned, pruned_key = sparsity_report(models.dense()), models.dense, dense_key
+    else:
+        pruned_entry, prune_report = prune_stage(cfg, cache, models, parts, timer)
+        pruned_key = {"model": cfg.model, "pruner": cfg.pruner}
 
-    def pruned():
-        if models._pruned is None:
-            models._pruned, _ = load_saved(pruned_entry / "model", dtype=cfg.model.dtype)
-        return models._pruned
+        def pruned():
+            if models._pruned is None:
+                models._pruned, _ = load_saved(pruned_entry / "model", dtype=cfg.model.dtype)
+            return models._pruned
 
-    pruned_key = {"model": cfg.model, "pruner": cfg.pruner}
     metrics["pruned"] = evaluate_stage("pruned", pruned_key, pruned, models, parts, cfg, cache, timer)
 
     selection, samples = select_stage(cfg, cache, models, parts, pruned, run_dir, timer)
