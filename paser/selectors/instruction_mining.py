@@ -29,9 +29,13 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import re
+import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -108,13 +112,16 @@ def reward_scores(ctx, rows: list[dict], model_id: str | None, batch_size: int =
     if not model_id:
         raise IndicatorUnavailable("no selector.reward_model configured")
     try:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(model_id)
-        rm = AutoModelForSequenceClassification.from_pretrained(model_id).eval()
-    except Exception as e:  # noqa: BLE001 -- offline, gated, or not a reward model: run without it
-        raise IndicatorUnavailable(f"could not load reward model '{model_id}' ({type(e).__name__}: "
-                                   f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        tok, rm = _load_reward_model(model_id, local_files_only=True)
+    except Exception:  # noqa: BLE001 -- not in the local cache: try the hub if it is reachable
+        if Path(model_id).exists() or not _hub_reachable():
+            raise IndicatorUnavailable(f"reward model '{model_id}' is neither a local folder nor cached, and the "
+                                       "hub is not reachable (offline)") from None
+        try:
+            tok, rm = _load_reward_model(model_id, local_files_only=False)
+        except Exception as e:  # noqa: BLE001 -- offline, gated, or not a reward model: run without it
+            raise IndicatorUnavailable(f"could not load reward model '{model_id}' ({type(e).__name__}: "
+                                       f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
     def compute(start: int, end: int) -> np.ndarray:
         out = []
@@ -126,6 +133,27 @@ def reward_scores(ctx, rows: list[dict], model_id: str | None, batch_size: int =
         return np.concatenate(out)
 
     return ctx.cached_scores("reward", ("pool",), {"reward_model": model_id}, len(rows), compute, chunk_size=1024)
+
+
+def _load_reward_model(model_id: str, local_files_only: bool):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_id, local_files_only=local_files_only)
+    model = AutoModelForSequenceClassification.from_pretrained(model_id, local_files_only=local_files_only)
+    return tok, model.eval()
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick connection attempt, so an offline run skips the reward model at once instead of waiting
+    through the hub client's retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def _resolve(name: str) -> Callable:
