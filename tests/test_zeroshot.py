@@ -32,7 +32,7 @@ def test_local_run_reports_every_task_and_respects_limit(tiny):
         assert r["n"] == 3 and r["subset"] and r["n_total"] > 3, name
         for key in ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr"):
             assert isinstance(r[key], float) and math.isfinite(r[key]), (name, key)
-        assert r["metric"] == DEFAULT_METRICS[name] and r["score"] == r[r["metric"]]
+        assert r["metric"] == DEFAULT_METRICS[name] and r["score"] == r[r["metric"]] and r["wall_time_s"] >= 0
     assert res["mean"] == pytest.approx(sum(r["score"] for r in res["tasks"].values()) / len(ACCURACY_TASKS))
     assert res["subset"] and res["limit"] == 3 and res["limit_mode"] == "first" and res["wall_time_s"] > 0
 

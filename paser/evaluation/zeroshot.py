@@ -114,34 +114,45 @@ class ZeroShotEvaluator:
         if self.source == "local":
             for task in self.tasks:
                 data_files(task, self.data_dir)  # fail before any model work, naming the missing file
-        tasks = self.task_manager.load(self.tasks)["tasks"]
+        try:
+            tasks = self.task_manager.load(self.tasks)["tasks"]
+        except (OSError, ConnectionError) as e:  # datasets' offline / connection failures
+            if self.source == "local":
+                raise
+            raise ConfigError(f"evaluator.zeroshot.source=hub could not load lm-eval's datasets ({e}); "
+                              "on a machine without hub access use evaluator.zeroshot.source=local") from None
         samples = self._sample_indices(tasks)
         was_training = model.training
         model.eval()
+        outputs, seconds = {}, {}
         try:
             lm_class = SharedContextHFLM if self.share_context else HFLM
             lm = lm_class(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size)
-            out = lm_eval.simple_evaluate(
-                model=lm, tasks=list(tasks.values()), task_manager=self.task_manager,
-                limit=self.limit if samples is None else None, samples=samples,
-                bootstrap_iters=self.bootstrap_iters, log_samples=False,
-                random_seed=self.seed, numpy_random_seed=self.seed, torch_random_seed=self.seed,
-                fewshot_random_seed=self.seed)
+            for name, task in tasks.items():  # one task at a time, to time each
+                t0 = time.perf_counter()
+                outputs[name] = lm_eval.simple_evaluate(
+                    model=lm, tasks=[task], task_manager=self.task_manager,
+                    limit=self.limit if samples is None else None,
+                    samples=None if samples is None else {name: samples[name]},
+                    bootstrap_iters=self.bootstrap_iters, log_samples=False,
+                    random_seed=self.seed, numpy_random_seed=self.seed, torch_random_seed=self.seed,
+                    fewshot_random_seed=self.seed)
+                seconds[name] = round(time.perf_counter() - t0, 1)
         finally:
             model.train(was_training)
-        result = self._summarise(out)
+        result = self._summarise(outputs, seconds)
         result["wall_time_s"] = round(time.perf_counter() - start, 1)
         log.info("zero-shot (%s%s): mean %s in %.0f s", self.source,
                  f", {self.limit_mode} {self.limit}/task" if result["subset"] else "",
                  "-" if result["mean"] is None else f"{result['mean']:.4f}", result["wall_time_s"])
         return result
 
-    def _summarise(self, out: dict) -> dict:
+    def _summarise(self, outputs: dict, seconds: dict) -> dict:
         per_task, subset = {}, False
         for name in self.tasks:
-            r = out["results"][name]
-            counts = out["n-samples"][name]
-            entry = {"n": counts["effective"], "n_total": counts["original"]}
+            r = outputs[name]["results"][name]
+            counts = outputs[name]["n-samples"][name]
+            entry = {"n": counts["effective"], "n_total": counts["original"], "wall_time_s": seconds[name]}
             entry["subset"] = entry["n"] < entry["n_total"]
             subset |= entry["subset"]
             if name in PERPLEXITY_TASKS:
