@@ -34,16 +34,21 @@ def load_model(cfg: DictConfig, cache=None):
     if cfg.kind == "tiny":
         model, tok = tiny_llama(**OmegaConf.to_container(cfg.get("tiny", {}), resolve=True))
     elif cfg.kind == "local":
-        model, tok = load_saved(_source(cfg, cache), dtype=cfg.dtype, trust_remote_code=_remote_code(cfg))
+        model, tok = load_saved(_source(cfg, cache), dtype=cfg.dtype, trust_remote_code=_remote_code(cfg),
+                                device_map=cfg.get("device_map"))
     else:
         source = _source(cfg, cache)
         tok = load_tokenizer(cfg, cache)
         try:
+            # device_map (e.g. "auto") lets accelerate spread a model too big for one GPU over all of them
             model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype(cfg.dtype),
-                                                         trust_remote_code=_remote_code(cfg))
+                                                         trust_remote_code=_remote_code(cfg),
+                                                         device_map=cfg.get("device_map"))
         except OSError as e:
             raise ConfigError(_unreachable(source, e)) from None
-    model.to(torch_dtype(cfg.dtype)).eval()
+    if cfg.get("device_map") is None:
+        model.to(torch_dtype(cfg.dtype))
+    model.eval()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok
@@ -225,8 +230,10 @@ def save_model(model, tokenizer, folder: str | Path) -> None:
         (folder / SHAPES_FILE).write_text(json.dumps(shapes))
 
 
-def load_saved(folder: str | Path, dtype: str = "float32", trust_remote_code: bool = False):
-    """Inverse of save_model: structured-pruned checkpoints are rebuilt with their recorded shapes."""
+def load_saved(folder: str | Path, dtype: str = "float32", trust_remote_code: bool = False,
+               device_map: str | None = None):
+    """Inverse of save_model: structured-pruned checkpoints are rebuilt with their recorded shapes.
+    ``device_map`` as in from_pretrained (None: CPU; "auto": accelerate spreads it over the GPUs)."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -235,7 +242,7 @@ def load_saved(folder: str | Path, dtype: str = "float32", trust_remote_code: bo
     shapes_file = folder / SHAPES_FILE
     if not shapes_file.exists():
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(dtype),
-                                                     trust_remote_code=trust_remote_code)
+                                                     trust_remote_code=trust_remote_code, device_map=device_map)
         return model.eval(), tok
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype),
@@ -251,4 +258,9 @@ def load_saved(folder: str | Path, dtype: str = "float32", trust_remote_code: bo
                            f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     if config.tie_word_embeddings:
         model.tie_weights()
-    return model.to(torch_dtype(dtype)).eval(), tok
+    model.to(torch_dtype(dtype))
+    if device_map is not None:
+        from accelerate import dispatch_model, infer_auto_device_map
+
+        model = dispatch_model(model, infer_auto_device_map(model) if device_map == "auto" else device_map)
+    return model.eval(), tok

@@ -293,7 +293,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
 
         def pruned():
             if models._pruned is None:
-                models._pruned, _ = load_saved(pruned_entry / "model", dtype=cfg.model.dtype)
+                models._pruned, _ = load_saved(pruned_entry / "model", dtype=cfg.model.dtype,
+                                               device_map=cfg.model.get("device_map"))
             return models._pruned
 
     metrics["pruned"] = evaluate_stage("pruned", pruned_key, pruned, models, parts, cfg, cache, timer)

@@ -134,6 +134,7 @@ class LoraRecovery:
             optimizer.zero_grad(set_to_none=True)
             return 0.0
         total = 0.0
+        device = next(model.parameters()).device
         for k in range(0, len(batch), self.micro_batch_size):
             micro = batch[k:k + self.micro_batch_size]
             ids, mask = pad_right([e.input_ids for e in micro], pad_id)
@@ -141,9 +142,9 @@ class LoraRecovery:
             labels[mask == 0] = -100
             for row, e in enumerate(micro):
                 labels[row, :e.prompt_len] = -100
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
             nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                    labels[:, 1:].reshape(-1), ignore_index=-100,
+                                                    labels[:, 1:].reshape(-1).to(device), ignore_index=-100,
                                                     reduction="sum")
             (nll / n_targets).backward()
             total += nll.item()

@@ -14,7 +14,7 @@ DATA_DIR = ROOT.parent / "shared" / "data"
 
 # A run of the whole pipeline on the tiny random model that takes seconds.
 TINY_RUN = [
-    "model=tiny-llama", "logger=none", "data.subsample=24", "budget=6",
+    "model=tiny-llama", "logger=none", "pruner=magnitude", "selector=random", "data.subsample=24", "budget=6",
     "recovery.batch_size=2", "recovery.micro_batch_size=2", "recovery.epochs=1", "recovery.cutoff=128",
     "recovery.warmup_steps=0", "evaluator.ppl.max_windows=2", "scoring.cutoff=128",
 ]

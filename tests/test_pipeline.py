@@ -31,6 +31,16 @@ def test_tiny_run_writes_complete_results(compose_cfg, tmp_path):
     assert results["recovery"]["steps"] == 3  # 6 samples, batch 2, one epoch
 
 
+def test_default_components_llm_pruner_and_paser(compose_cfg, tmp_path):
+    overrides = [o for o in TINY_RUN if not o.startswith(("pruner=", "selector="))]
+    results = pipeline.run(compose_cfg(overrides), run_dir=tmp_path / "run")
+    assert results["config"]["pruner"]["_target_"].endswith("LLMPruner")
+    assert results["prune"]["params_after"] < results["prune"]["params_before"]
+    assert 0 < results["selection"]["stats"]["selected"] <= 6
+    assert results["selection"]["diagnostics"]["clusters"]  # PASER's per-cluster diagnostics
+    assert (tmp_path / "run" / "paser_clusters.png").exists()
+
+
 def test_second_selector_reuses_pruned_model(compose_cfg, tmp_path, caplog):
     pipeline.run(compose_cfg(TINY_RUN + ["selector=random"]), run_dir=tmp_path / "a")
     with caplog.at_level(logging.INFO):
