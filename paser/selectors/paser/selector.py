@@ -57,6 +57,37 @@ def summary(values: np.ndarray, bins: int = 20) -> dict:
             "q95": float(q[4]), "histogram": {"counts": counts.tolist(), "edges": [float(e) for e in edges]}}
 
 
+def ntm_walk(rows: list[dict], labels: np.ndarray, key: np.ndarray, n_k: np.ndarray, order, use_ntm: bool = True,
+             fields=FIELDS, top_k: int | None = 5, max_words: int | None = 3) -> dict:
+    """Walk the clusters in ``order`` and each cluster's samples by decreasing ``key`` (IES), taking
+    samples until the cluster has n_k; with ``use_ntm`` a sample whose concepts conflict with the
+    Concept Consistency Graph is rejected (and kept in the list of rejections) instead of taken."""
+    n_clusters = len(n_k)
+    graph = ConceptGraph() if use_ntm else None
+    selected, rejected, examples = [], [], []
+    taken = np.zeros(n_clusters, dtype=np.int64)
+    rejected_k = np.zeros(n_clusters, dtype=np.int64)
+    seen = 0
+    for k in order:
+        for i in rank_in_cluster(np.flatnonzero(labels == k), key):
+            if taken[k] >= n_k[k]:
+                break
+            if graph is not None:
+                concepts = sample_concepts(rows[i], fields, top_k, max_words)
+                seen += len(concepts)
+                pair = graph.try_add(concepts)
+                if pair is not None:
+                    rejected.append(int(i))
+                    rejected_k[k] += 1
+                    if len(examples) < 10:
+                        examples.append({"index": int(i), "conflict": list(pair)})
+                    continue
+            selected.append(int(i))
+            taken[k] += 1
+    return {"selected": selected, "rejected": rejected, "graph": graph, "taken": taken,
+            "rejected_per_cluster": rejected_k, "rejected_examples": examples, "concepts_seen": seen}
+
+
 class PaserSelector:
     uses_budget = True
 
@@ -170,28 +201,10 @@ class PaserSelector:
         order = list(range(n_clusters))
         if self.cluster_order == "cds" and cds is not None:
             order = [int(k) for k in np.lexsort((np.arange(n_clusters), -cds))]
-        graph = ConceptGraph() if self.use_ntm else None
-        selected, rejected, examples = [], [], []
-        taken = np.zeros(n_clusters, dtype=np.int64)
-        rejected_k = np.zeros(n_clusters, dtype=np.int64)
-        n_concepts_seen = 0
-        for k in order:
-            for i in rank_in_cluster(np.flatnonzero(labels == k), key):
-                if taken[k] >= n_k[k]:
-                    break
-                if graph is not None:
-                    concepts = sample_concepts(pool.rows[i], self.concept_fields, self.concept_top_k,
-                                               self.concept_max_words)
-                    n_concepts_seen += len(concepts)
-                    pair = graph.try_add(concepts)
-                    if pair is not None:
-                        rejected.append(int(i))
-                        rejected_k[k] += 1
-                        if len(examples) < 10:
-                            examples.append({"index": int(i), "conflict": list(pair)})
-                        continue
-                selected.append(int(i))
-                taken[k] += 1
+        walk = ntm_walk(pool.rows, labels, key, n_k, order, self.use_ntm, self.concept_fields,
+                        self.concept_top_k, self.concept_max_words)
+        selected, rejected, graph = walk["selected"], walk["rejected"], walk["graph"]
+        taken, rejected_k = walk["taken"], walk["rejected_per_cluster"]
         times["ntm"] = time.perf_counter() - t
 
         diag = {
@@ -209,8 +222,8 @@ class PaserSelector:
             examined = len(selected) + len(rejected)
             diag["ccg"] = {"concepts": graph.n_concepts, "edges": graph.n_edges, "examined": examined,
                            "rejected": len(rejected), "accepted": len(selected),
-                           "mean_concepts_per_sample": n_concepts_seen / max(examined, 1),
-                           "rejected_examples": examples}
+                           "mean_concepts_per_sample": walk["concepts_seen"] / max(examined, 1),
+                           "rejected_examples": walk["rejected_examples"]}
         t = time.perf_counter()
         files = self.write_artifacts(ctx.run_dir, labels, coords, div, key if self.use_cdais else None,
                                      selected, rejected, cds)

@@ -1,0 +1,187 @@
+"""Benchmark PASER's selection stages on the full Alpaca pool (52,002 samples) on this machine.
+
+    python scripts/bench_paser.py [--data ../shared/data/alpaca/alpaca_data.jsonl] [--jsd-subset 384]
+
+Stages and what is measured:
+  embeddings   MiniLM embeddings of the whole pool (read from the stage cache when present)
+  clustering   S²RIC on the whole pool: kNN graph, diffusion map, NMF with the auto-K elbow
+  jsd          per-sample JSD (original vs 50% magnitude-pruned SmolLM2-135M, bf16) on a fixed random
+               subset, against two bare batched forward passes over the same batches; the full-pool time
+               is extrapolated from the subset's time per token and the pool's token count
+  ccg          the NTM walk (RAKE concepts + Concept Consistency Graph) over the whole pool's clusters with
+               a 20% budget, and once with every sample walked (budget = pool). The ranking key is a seeded
+               random stand-in for the IES, since the full-pool JSD is not computed here.
+Each stage prints its wall time and the peak resident memory of the process during the stage (sampled
+every 20 ms) and its increase over the start of the stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+from omegaconf import OmegaConf
+
+from paser.cache import StageCache
+from paser.components import SelectionContext
+from paser.data import encode_pool, load_pool
+from paser.embedding import embed_pool, load_embedder
+from paser.models import load_model
+from paser.pruners.magnitude import MagnitudePruner
+from paser.scoring import iter_batches
+from paser.selectors.paser.allocation import allocate_budget
+from paser.selectors.paser.clustering import cluster_embeddings
+from paser.selectors.paser.divergence import jsd, sample_divergences, span_bounds
+from paser.selectors.paser.selector import ntm_walk
+
+ROOT = Path(__file__).resolve().parents[1]
+ROWS: list[tuple] = []
+
+
+class PeakRSS:
+    """Peak resident memory (GiB) of this process while the block runs."""
+
+    def __enter__(self):
+        self.proc = psutil.Process()
+        self.start = self.peak = self.proc.memory_info().rss
+        self.stop = False
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+        self.t0 = time.perf_counter()
+        return self
+
+    def _poll(self):
+        while not self.stop:
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(0.02)
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.t0
+        self.stop = True
+        self.thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+        self.peak_gib, self.delta_gib = self.peak / 2**30, (self.peak - self.start) / 2**30
+
+
+def report(stage: str, m: PeakRSS, note: str = "") -> None:
+    ROWS.append((stage, m.seconds, m.peak_gib, m.delta_gib, note))
+    print(f"{stage:<34} {m.seconds:9.1f} s   peak RSS {m.peak_gib:5.2f} GiB (+{m.delta_gib:4.2f})   {note}",
+          flush=True)
+
+
+def bare_forwards(models, seqs, batch_size, pad_id) -> None:
+    with torch.inference_mode():
+        for _, ids, mask in iter_batches(seqs, batch_size, pad_id, desc="bare forward x2"):
+            for m in models:
+                m(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="../shared/data/alpaca/alpaca_data.jsonl")
+    ap.add_argument("--cache", default=".cache/paser")
+    ap.add_argument("--jsd-subset", type=int, default=512, help="samples for the JSD / forward timing")
+    ap.add_argument("--repeats", type=int, default=2, help="timing repeats (the fastest counts: shared machine)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--cutoff", type=int, default=256)
+    ap.add_argument("--budget", type=float, default=0.2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stages", default="cluster,jsd,ccg", help="comma list: cluster, jsd, ccg (needs cluster)")
+    args = ap.parse_args()
+    stages = set(args.stages.split(","))
+    torch.manual_seed(args.seed)
+    cache = StageCache(args.cache)
+    print(f"torch threads: {torch.get_num_threads()}, cpus: {psutil.cpu_count()}, "
+          f"load average: {psutil.getloadavg()}", flush=True)
+
+    with PeakRSS() as m:
+        pool = load_pool(args.data)
+    report("load pool", m, f"{len(pool)} samples")
+    ctx = SelectionContext(tokenizer=None, original_model=None, pruned_model=None, embedder=load_embedder,
+                           embedder_name="all-MiniLM-L6-v2", cache=cache, cache_key={"pool": pool.fingerprint},
+                           seed=args.seed, run_dir=None)
+    if "cluster" in stages:
+        with PeakRSS() as m:
+            emb = embed_pool(ctx, pool.rows)
+        report("embeddings (MiniLM, cached?)", m, f"{emb.shape}")
+        with PeakRSS() as m:
+            labels, cdiag = cluster_embeddings(emb, seed=args.seed)
+        report("clustering (S2RIC, auto K)", m,
+               f"K={cdiag['n_clusters']} t={cdiag['diffusion_time']} knn {cdiag['time_knn_s']} s, eigen "
+               f"{cdiag['time_eigen_s']} s, NMF {cdiag['time_nmf_s']} s; sizes {cdiag['cluster_sizes']}")
+        if "ccg" in stages:
+            bench_ccg(pool, labels, args)
+    if "jsd" in stages:
+        bench_jsd(pool, cache, args)
+    print_table()
+
+
+def bench_jsd(pool, cache, args) -> None:
+    """JSD vs two bare forward passes, on a fixed random subset; extrapolated to the pool."""
+    with PeakRSS() as m:
+        model, tok = load_model(OmegaConf.load(ROOT / "conf" / "model" / "smollm2-135m.yaml"), cache)
+        pruned = copy.deepcopy(model)
+        MagnitudePruner(0.5).prune(pruned)
+        enc = encode_pool(tok, pool.rows, args.cutoff)
+    total_tokens = sum(len(e.input_ids) for e in enc)
+    report("load + prune + tokenise pool", m, f"{total_tokens} tokens in the pool")
+    sub = np.random.default_rng(args.seed).choice(len(pool), size=args.jsd_subset, replace=False)
+    seqs = [enc[i].input_ids for i in sub]
+    bounds = span_bounds([len(s) for s in seqs], [enc[i].prompt_len for i in sub], "full")
+    sub_tokens = sum(len(s) for s in seqs)
+    pad = tok.pad_token_id or 0
+    bare, full = [], []
+    for _ in range(args.repeats):  # alternate, so both see the same background load
+        with PeakRSS() as mb:
+            bare_forwards((model, pruned), seqs, args.batch_size, pad)
+        bare.append(mb)
+        with PeakRSS() as mj, torch.inference_mode():
+            scores = sample_divergences(model, pruned, seqs, bounds, jsd, "mean", args.batch_size, pad,
+                                        desc="jsd")
+        full.append(mj)
+    mb, mj = min(bare, key=lambda x: x.seconds), min(full, key=lambda x: x.seconds)
+    ratio = mj.seconds / mb.seconds
+    report(f"2 bare forwards ({args.jsd_subset} samples)", mb, f"{sub_tokens} tokens, "
+           f"{sub_tokens / mb.seconds:.0f} tok/s; runs: {[round(x.seconds, 1) for x in bare]}")
+    report(f"JSD stage ({args.jsd_subset} samples)", mj,
+           f"ratio JSD / bare = {ratio:.3f}; runs: {[round(x.seconds, 1) for x in full]}; "
+           f"mean JSD {scores.mean():.4f}")
+    est = mj.seconds * total_tokens / sub_tokens
+    print(f"extrapolated JSD over the full pool: {est / 3600:.2f} h ({total_tokens} tokens at "
+          f"{sub_tokens / mj.seconds:.0f} tok/s)", flush=True)
+    ROWS.append(("JSD full pool (extrapolated)", est, None, None, "time per token x pool tokens"))
+
+
+def bench_ccg(pool, labels, args) -> None:
+    """The NTM walk over the whole pool's clusters (random stand-in for the IES)."""
+    k = int(labels.max()) + 1
+    stand_in = np.random.default_rng(args.seed).random(len(pool))
+    cds = np.array([stand_in[labels == c].mean() for c in range(k)])
+    sizes = np.bincount(labels, minlength=k)
+    for name, budget in (("ccg (20% budget)", int(args.budget * len(pool))), ("ccg (all samples)", len(pool))):
+        n_k = allocate_budget(cds, sizes, budget, redistribute=True)
+        with PeakRSS() as m:
+            walk = ntm_walk(pool.rows, labels, stand_in, n_k, range(k))
+        g = walk["graph"]
+        report(name, m, f"walked {len(walk['selected']) + len(walk['rejected'])}, rejected "
+               f"{len(walk['rejected'])}, concepts {g.n_concepts}, edges {g.n_edges}")
+
+
+def print_table() -> None:
+    print("\n| stage | time | peak RSS (GiB) | increase (GiB) | notes |\n|---|---|---|---|---|")
+    for stage, sec, peak, delta, note in ROWS:
+        t = f"{sec / 3600:.2f} h" if sec > 3600 else f"{sec:.1f} s"
+        peak_s = "" if peak is None else f"{peak:.2f}"
+        delta_s = "" if delta is None else f"{delta:.2f}"
+        print(f"| {stage} | {t} | {peak_s} | {delta_s} | {note} |")
+    print(f"\nload average at the end: {psutil.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""PaserSelector end to end on the tiny random Llama with a magnitude-pruned copy and a stub embedder."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from paser.cache import StageCache
+from paser.components import SelectionContext
+from paser.data import Pool
+from paser.errors import ConfigError
+from paser.models import tiny_llama
+from paser.selectors.paser.selector import PaserSelector
+
+TOPICS = {
+    "cooking": ("Explain how to bake bread with whole wheat flour.", "Knead the dough, let it rise, bake it."),
+    "astronomy": ("Describe the orbit of Mars around the sun.", "Mars follows an elliptical orbit."),
+    "coding": ("Write a python function that reverses a string.", "def rev(s): return s[::-1]"),
+}
+
+
+def make_pool(n_per_topic=12) -> Pool:
+    rows = []
+    for topic, (instruction, output) in TOPICS.items():
+        for i in range(n_per_topic):
+            rows.append({"instruction": f"{instruction} Variant {i} about {topic}.",
+                         "input": "" if i % 3 else f"context {i}", "output": f"{output} " + "detail " * (i % 5)})
+    return Pool(rows=rows, source="test", fingerprint="paser-test-pool")
+
+
+class StubEmbedder:
+    """Deterministic bag-of-words vectors: samples of one topic share most words, so they cluster."""
+
+    def encode(self, texts, batch_size=32, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False):
+        out = np.zeros((len(texts), 64), dtype=np.float32)
+        for row, text in enumerate(texts):
+            for word in text.lower().split():
+                out[row, sum(map(ord, word)) % 64] += 1.0
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def models():
+    model, tok = tiny_llama()
+    pruned = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in pruned.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p[p.abs() < p.abs().median()] = 0
+    return model.eval(), pruned.eval(), tok
+
+
+def make_ctx(models, tmp_path, seed=0, calls=None):
+    model, pruned, tok = models
+
+    def factory(m, name):
+        def f():
+            if calls is not None:
+                calls.append(name)
+            return m
+        return f
+
+    return SelectionContext(tokenizer=tok, original_model=factory(model, "original"),
+                            pruned_model=factory(pruned, "pruned"), embedder=StubEmbedder,
+                            embedder_name="stub", cache=StageCache(tmp_path / "cache"),
+                            cache_key={"model": "tiny", "pruner": "mag50", "pool": "paser-test-pool"},
+                            seed=seed, run_dir=tmp_path / "run", cutoff=64, batch_size=4)
+
+
+SMALL = dict(n_components=4, n_neighbors=5, k_range=(2, 6))
+
+
+def test_end_to_end_diagnostics_and_files(models, tmp_path):
+    pool = make_pool()
+    sel = PaserSelector(**SMALL).select(pool, 12, make_ctx(models, tmp_path))
+    d = sel.diagnostics
+    assert 0 < len(sel.indices) <= 12 and len(set(sel.indices)) == len(sel.indices)
+    assert sel.indices == sorted(sel.indices) and max(sel.indices) < len(pool)
+    assert d["selected"] == len(sel.indices) and d["allocated"] <= 12
+    assert sum(c["size"] for c in d["clusters"]) == len(pool)
+    assert all(c["selected"] <= c["n_k"] <= c["size"] for c in d["clusters"])
+    assert d["clustering"]["n_clusters"] == 3  # the three planted topics
+    assert 0 <= d["jsd"]["min"] <= d["jsd"]["max"] <= np.log(2)
+    assert d["ccg"]["accepted"] == len(sel.indices) and d["ccg"]["concepts"] > 0
+    assert set(d["stage_times_s"]) >= {"s2ric", "cdais", "ntm"}
+    json.dumps(d)  # JSON-able for results.json
+    run = tmp_path / "run"
+    assert (run / "paser_clusters.png").stat().st_size > 1000
+    arrays = np.load(run / "paser_samples.npz")
+    assert arrays["selected"].sum() == len(sel.indices) and arrays["labels"].shape == (len(pool),)
+    assert np.allclose(arrays["divergence"], sel.scores)
+
+
+def test_same_seed_same_selection_and_cached_scores(models, tmp_path):
+    pool = make_pool()
+    calls: list[str] = []
+    a = PaserSelector(**SMALL).select(pool, 10, make_ctx(models, tmp_path, calls=calls))
+    assert "original" in calls
+    calls.clear()
+    # an allocation ablation reuses the cached JSD: no model is touched
+    b = PaserSelector(**SMALL, allocation="equal").select(pool, 10, make_ctx(models, tmp_path, calls=calls))
+    assert calls == [] and np.array_equal(a.scores, b.scores)
+    c = PaserSelector(**SMALL).select(pool, 10, make_ctx(models, tmp_path / "fresh"))
+    assert a.indices == c.indices
+
+
+def test_ablation_switches(models, tmp_path):
+    pool = make_pool()
+    calls: list[str] = []
+    no_cdais = PaserSelector(**SMALL, use_cdais=False).select(pool, 9, make_ctx(models, tmp_path, calls=calls))
+    assert calls == [] and no_cdais.scores is None  # no model is run
+    assert [c["n_k"] for c in no_cdais.diagnostics["clusters"]] == [3, 3, 3]  # by size: 12 each
+    one = PaserSelector(**SMALL, use_s2ric=False, use_ntm=False).select(pool, 9, make_ctx(models, tmp_path))
+    assert one.diagnostics["clustering"]["n_clusters"] == 1 and "ccg" not in one.diagnostics
+    # no clustering, no NTM: the global top 9 by IES
+    arrays = np.load(tmp_path / "run" / "paser_samples.npz")
+    assert sorted(np.argsort(-arrays["ies"], kind="stable")[:9].tolist()) == one.indices
+    for kw in ({"reducer": "pca"}, {"divergence": "kl"}, {"divergence": "wasserstein", "span": "response"},
+               {"allocation": "sqrt", "redistribute": True, "cluster_order": "cds"}, {"n_clusters": 2}):
+        sel = PaserSelector(**{**SMALL, **kw}).select(pool, 9, make_ctx(models, tmp_path))
+        assert 0 < len(sel.indices) <= 9
+
+
+def test_official_preset_runs(models, tmp_path):
+    sel = PaserSelector(**{**SMALL, "n_clusters": 3}, embed_input=False, diffusion_time=0, span="instruction",
+                        reduction="sum", ies_length="official", concept_top_k=None,
+                        concept_max_words=None).select(make_pool(), 9, make_ctx(models, tmp_path))
+    assert 0 < len(sel.indices) <= 9 and sel.diagnostics["clustering"]["diffusion_time"] == 0
+
+
+@pytest.mark.parametrize("kw, key", [({"reducer": "lle"}, "reducer"), ({"divergence": "tv"}, "divergence"),
+                                     ({"allocation": "cubic"}, "allocation"), ({"span": "all"}, "span"),
+                                     ({"n_clusters": "ten"}, "n_clusters"), ({"concept_fields": ["title"]}, "concept")])
+def test_bad_config(kw, key):
+    with pytest.raises(ConfigError, match=key):
+        PaserSelector(**kw)
+
+
+@pytest.mark.slow
+def test_real_smollm_and_minilm(tmp_path):
+    """SmolLM2-135M and its 50% magnitude-pruned copy, the real MiniLM embedder, 40 Alpaca samples."""
+    from omegaconf import OmegaConf
+
+    from paser.data import load_pool
+    from paser.embedding import load_embedder
+    from paser.models import load_model
+    from paser.pruners.magnitude import MagnitudePruner
+    from tests.conftest import CONF, DATA_DIR
+
+    cache = StageCache(tmp_path.parent / "paser-slow-cache")
+    model, tok = load_model(OmegaConf.load(CONF / "model" / "smollm2-135m.yaml"), cache)
+    pruned = copy.deepcopy(model)
+    MagnitudePruner(0.5).prune(pruned)
+    pool = load_pool(str(DATA_DIR / "alpaca" / "alpaca_data.jsonl"), subsample=40, seed=0)
+    ctx = SelectionContext(tokenizer=tok, original_model=lambda: model, pruned_model=lambda: pruned,
+                           embedder=load_embedder, embedder_name="all-MiniLM-L6-v2", cache=cache,
+                           cache_key={"model": "smollm2", "pruner": "mag50", "pool": pool.fingerprint},
+                           seed=0, run_dir=tmp_path, cutoff=128, batch_size=8)
+    sel = PaserSelector(n_components=4, n_neighbors=5, k_range=(2, 8)).select(pool, 8, ctx)
+    assert 0 < len(sel.indices) <= 8
+    assert 0.0 < sel.diagnostics["jsd"]["mean"] < np.log(2)
