@@ -40,7 +40,7 @@ class Models:
     def __init__(self, cfg: DictConfig, cache: StageCache):
         self.cfg, self.cache = cfg, cache
         self._dense = None
-        self._pruned = None
+        self.pruned = None  # set by the prune stage, or loaded from its cache entry
         self.tokenizer = None
 
     def dense(self):
@@ -135,113 +135,142 @@ def build_components(cfg: DictConfig) -> Components:
         budget=resolve_budget(cfg.budget, len(pool)))
 
 
-def evaluate_stage(name, key, get_model, models: Models, parts: Components, cfg, cache, timer) -> dict:
-    """Metrics of one model state under every configured evaluator (cached per state and evaluator)."""
-    slice_ = {"state": key, "evaluator": cfg.evaluator}
-    with timer.stage(f"eval_{name}") as t:
-        hit = cache.lookup("metrics", slice_)
-        if hit is not None:
-            t["reused"] = True
-            return _json(hit / "metrics.json")
-        model, tokenizer = get_model(), models.tok()
-        metrics = {kind: evaluator.evaluate(model, tokenizer) for kind, evaluator in parts.evaluators.items()}
-        cache.store("metrics", slice_, lambda d: (d / "metrics.json").write_text(json.dumps(metrics, indent=1)))
-        return metrics
+class Run:
+    """The four stages of one composed config, sharing the cache, the lazily loaded models and the timer.
+    Each stage returns a cached result when one exists for the config slice that determines it."""
 
+    def __init__(self, cfg: DictConfig, parts: Components, run_dir: Path):
+        self.cfg, self.parts, self.run_dir = cfg, parts, run_dir
+        self.cache = StageCache(cfg.paths.cache_dir)
+        self.models = Models(cfg, self.cache)
+        self.timer = Timer()
 
-def prune_stage(cfg, cache, models: Models, parts: Components, timer) -> tuple[Path, dict]:
-    slice_ = {"model": cfg.model, "pruner": cfg.pruner}
-    with timer.stage("prune") as t:
-        hit = cache.lookup("pruned", slice_)
-        if hit is not None:
-            t["reused"] = True
-            return hit, _json(hit / "report.json")
-        model = models.take_dense()
-        tokenizer = models.tok()
-        pruner = parts.pruner
-        calib = None
-        if getattr(pruner, "needs_calibration", False):
-            c = cfg.pruner.calibration
-            calib = calibration_windows(tokenizer, c.path, c.nsamples, c.seqlen, c.seed)
-        params_before = parameter_count(model)
-        start = time.time()
-        report = pruner.prune(model, calib)
-        report.update(params_before=params_before, params_after=parameter_count(model),
-                      prune_time_s=round(time.time() - start, 3))
+    def evaluate(self, name: str, key: dict, get_model) -> dict:
+        """Metrics of one model state under every configured evaluator (cached per state and evaluator)."""
+        slice_ = {"state": key, "evaluator": self.cfg.evaluator}
+        with self.timer.stage(f"eval_{name}") as t:
+            hit = self.cache.lookup("metrics", slice_)
+            if hit is not None:
+                t["reused"] = True
+                return _json(hit / "metrics.json")
+            model, tokenizer = get_model(), self.models.tok()
+            metrics = {kind: ev.evaluate(model, tokenizer) for kind, ev in self.parts.evaluators.items()}
+            self.cache.store("metrics", slice_,
+                             lambda d: (d / "metrics.json").write_text(json.dumps(metrics, indent=1)))
+            return metrics
 
-        def write(d: Path):
-            save_model(model, tokenizer, d / "model")
-            (d / "report.json").write_text(json.dumps(report, indent=1))
-
-        entry = cache.store("pruned", slice_, write)
-        models._pruned = model
-        return entry, report
-
-
-def select_stage(cfg, cache, models: Models, parts: Components, pruned_fn, run_dir: Path,
-                 timer) -> tuple[dict, list[dict]]:
-    pool, budget, selector = parts.pool, parts.budget, parts.selector
-    slice_ = {"model": cfg.model, "pruner": cfg.pruner, "pool": pool.fingerprint, "selector": cfg.selector,
-              "budget": budget, "seed": cfg.seed, "scoring": cfg.scoring}
-    with timer.stage("select") as t:
-        hit = cache.lookup("selection", slice_)
-        if hit is not None:
-            t["reused"] = True
-            record = _json(hit / "selection.json")
-        else:
-            ctx = SelectionContext(
-                tokenizer=models.tok(), original_model=models.fresh_dense, pruned_model=pruned_fn,
-                embedder=lambda: load_embedder(cfg.scoring.embedder), embedder_name=cfg.scoring.embedder,
-                cache=cache, seed=cfg.seed, run_dir=run_dir, cutoff=cfg.scoring.cutoff,
-                batch_size=cfg.scoring.batch_size,
-                cache_key={"model": config_hash(cfg.model), "pruner": config_hash(cfg.pruner),
-                           "pool": pool.fingerprint})
-            with torch.inference_mode(False):
-                selection: Selection = selector.select(pool, budget, ctx)
-            record = {"indices": [int(i) for i in selection.indices], "budget": budget,
-                      "pool_size": len(pool), "pool_source": pool.source, "pool_fingerprint": pool.fingerprint,
-                      "diagnostics": selection.diagnostics,
-                      "stats": selection_stats(pool.rows, selection.indices)}
+    def prune(self) -> tuple[Path, dict]:
+        cfg, models = self.cfg, self.models
+        slice_ = {"model": cfg.model, "pruner": cfg.pruner}
+        with self.timer.stage("prune") as t:
+            hit = self.cache.lookup("pruned", slice_)
+            if hit is not None:
+                t["reused"] = True
+                return hit, _json(hit / "report.json")
+            model, tokenizer = models.take_dense(), models.tok()
+            calib = None
+            if getattr(self.parts.pruner, "needs_calibration", False):
+                c = cfg.pruner.calibration
+                calib = calibration_windows(tokenizer, c.path, c.nsamples, c.seqlen, c.seed)
+            params_before = parameter_count(model)
+            start = time.time()
+            report = self.parts.pruner.prune(model, calib)
+            report.update(params_before=params_before, params_after=parameter_count(model),
+                          prune_time_s=round(time.time() - start, 3))
 
             def write(d: Path):
-                (d / "selection.json").write_text(json.dumps(record, indent=1, default=_np_default))
-                if selection.scores is not None:
-                    np.save(d / "scores.npy", np.asarray(selection.scores))
+                save_model(model, tokenizer, d / "model")
+                (d / "report.json").write_text(json.dumps(report, indent=1))
 
-            cache.store("selection", slice_, write)
-    if getattr(selector, "uses_budget", True) and len(record["indices"]) > budget:
-        raise RuntimeError(f"selector returned {len(record['indices'])} samples for a budget of {budget}")
-    return {"slice": slice_, **record}, pool.subset(record["indices"])
+            entry = self.cache.store("pruned", slice_, write)
+            models.pruned = model
+            return entry, report
 
+    def select(self, pruned_fn) -> tuple[dict, list[dict]]:
+        cfg, pool, budget, selector = self.cfg, self.parts.pool, self.parts.budget, self.parts.selector
+        slice_ = {"model": cfg.model, "pruner": cfg.pruner, "pool": pool.fingerprint, "selector": cfg.selector,
+                  "budget": budget, "seed": cfg.seed, "scoring": cfg.scoring}
+        with self.timer.stage("select") as t:
+            hit = self.cache.lookup("selection", slice_)
+            if hit is not None:
+                t["reused"] = True
+                record = _json(hit / "selection.json")
+            else:
+                ctx = SelectionContext(
+                    tokenizer=self.models.tok(), original_model=self.models.fresh_dense, pruned_model=pruned_fn,
+                    embedder=lambda: load_embedder(cfg.scoring.embedder), embedder_name=cfg.scoring.embedder,
+                    cache=self.cache, seed=cfg.seed, run_dir=self.run_dir, cutoff=cfg.scoring.cutoff,
+                    batch_size=cfg.scoring.batch_size,
+                    cache_key={"model": config_hash(cfg.model), "pruner": config_hash(cfg.pruner),
+                               "pool": pool.fingerprint})
+                selection: Selection = selector.select(pool, budget, ctx)
+                record = {"indices": [int(i) for i in selection.indices], "budget": budget,
+                          "pool_size": len(pool), "pool_source": pool.source,
+                          "pool_fingerprint": pool.fingerprint, "diagnostics": selection.diagnostics,
+                          "stats": selection_stats(pool.rows, selection.indices)}
 
-def recover_stage(cfg, cache, selection: dict, samples, pruned_fn, models: Models, parts: Components, timer):
-    """Returns (model factory of the recovered model or None, recovery report)."""
-    if parts.recovery is None:
-        return None, None
-    slice_ = {"selection": selection["slice"], "recovery": cfg.recovery, "seed": cfg.seed}
-    entry_dir = cache.entry_dir("adapter", slice_)
-    with timer.stage("recover") as t:
-        hit = cache.lookup("adapter", slice_)
-        if hit is not None:
-            t["reused"] = True
+                def write(d: Path):
+                    (d / "selection.json").write_text(json.dumps(record, indent=1, default=_np_default))
+                    if selection.scores is not None:
+                        np.save(d / "scores.npy", np.asarray(selection.scores))
 
-            def load_recovered():
-                from peft import PeftModel
+                self.cache.store("selection", slice_, write)
+        if getattr(selector, "uses_budget", True) and len(record["indices"]) > budget:
+            raise RuntimeError(f"selector returned {len(record['indices'])} samples for a budget of {budget}")
+        return {"slice": slice_, **record}, pool.subset(record["indices"])
 
-                return PeftModel.from_pretrained(pruned_fn(), hit / "adapter").eval()
+    def recover(self, selection: dict, samples: list[dict], pruned_fn):
+        """(factory of the recovered model, recovery report), or (None, None) with recovery=none."""
+        if self.parts.recovery is None:
+            return None, None
+        slice_ = {"selection": selection["slice"], "recovery": self.cfg.recovery, "seed": self.cfg.seed}
+        with self.timer.stage("recover") as t:
+            hit = self.cache.lookup("adapter", slice_)
+            if hit is not None:
+                t["reused"] = True
 
-            return load_recovered, _json(hit / "report.json")
-        recovery = parts.recovery
-        workdir = entry_dir.with_suffix(".work")  # checkpoints live beside the entry until it is stored
-        model, report = recovery.recover(pruned_fn(), models.tok(), samples, workdir)
+                def load_recovered():
+                    from peft import PeftModel
 
-        def write(d: Path):
-            model.save_pretrained(d / "adapter")
-            (d / "report.json").write_text(json.dumps(report, indent=1))
+                    return PeftModel.from_pretrained(pruned_fn(), hit / "adapter").eval()
 
-        cache.store("adapter", slice_, write)
-        shutil.rmtree(workdir, ignore_errors=True)
-        return (lambda: model), report
+                return load_recovered, _json(hit / "report.json")
+            # checkpoints live beside the entry until it is stored: a rerun finds and resumes them
+            workdir = self.cache.entry_dir("adapter", slice_).with_suffix(".work")
+            model, report = self.parts.recovery.recover(pruned_fn(), self.models.tok(), samples, workdir)
+
+            def write(d: Path):
+                model.save_pretrained(d / "adapter")
+                (d / "report.json").write_text(json.dumps(report, indent=1))
+
+            self.cache.store("adapter", slice_, write)
+            shutil.rmtree(workdir, ignore_errors=True)
+            return (lambda: model), report
+
+    def __call__(self) -> dict:
+        cfg, models = self.cfg, self.models
+        dense_key = {"model": cfg.model}
+        metrics = {"dense": self.evaluate("dense", dense_key, models.dense)}
+
+        if isinstance(self.parts.pruner, NoPruner):  # the pruned model *is* the dense one: no copy
+            prune_report, pruned, pruned_key = sparsity_report(models.dense()), models.dense, dense_key
+        else:
+            pruned_entry, prune_report = self.prune()
+            pruned_key = {"model": cfg.model, "pruner": cfg.pruner}
+
+            def pruned():
+                if models.pruned is None:
+                    models.pruned, _ = load_saved(pruned_entry / "model", dtype=cfg.model.dtype,
+                                                  device_map=cfg.model.get("device_map"))
+                return models.pruned
+
+        metrics["pruned"] = self.evaluate("pruned", pruned_key, pruned)
+        selection, samples = self.select(pruned)
+        recovered, recovery_report = self.recover(selection, samples, pruned)
+        if recovered is not None:
+            recovered_key = {"selection": selection["slice"], "recovery": cfg.recovery, "seed": cfg.seed}
+            metrics["recovered"] = self.evaluate("recovered", recovered_key, recovered)
+        return {"metrics": metrics, "prune": prune_report, "selection": selection, "recovery": recovery_report}
 
 
 def selection_stats(rows: list[dict], indices) -> dict:
@@ -274,52 +303,27 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    cache = StageCache(cfg.paths.cache_dir)
-    timer = Timer()
-    models = Models(cfg, cache)
     logger = _instantiate(cfg.logger)
     tags = [f"model:{cfg.model.name}", f"pruner:{_component_name(cfg.pruner)}",
             f"selector:{_component_name(cfg.selector)}", f"recovery:{_component_name(cfg.recovery)}"]
     logger.start(to_plain(cfg), run_dir, name=run_dir.name, tags=tags)
 
-    dense_key = {"model": cfg.model}
-    metrics = {"dense": evaluate_stage("dense", dense_key, models.dense, models, parts, cfg, cache, timer)}
-
-    if isinstance(parts.pruner, NoPruner):  # the pruned model *is* the dense one: no copy, no re-evaluation
-        prune_report, pruned, pruned_key = sparsity_report(models.dense()), models.dense, dense_key
-    else:
-        pruned_entry, prune_report = prune_stage(cfg, cache, models, parts, timer)
-        pruned_key = {"model": cfg.model, "pruner": cfg.pruner}
-
-        def pruned():
-            if models._pruned is None:
-                models._pruned, _ = load_saved(pruned_entry / "model", dtype=cfg.model.dtype,
-                                               device_map=cfg.model.get("device_map"))
-            return models._pruned
-
-    metrics["pruned"] = evaluate_stage("pruned", pruned_key, pruned, models, parts, cfg, cache, timer)
-
-    selection, samples = select_stage(cfg, cache, models, parts, pruned, run_dir, timer)
-    recovered_fn, recovery_report = recover_stage(cfg, cache, selection, samples, pruned, models, parts, timer)
-    if recovered_fn is not None:
-        recovered_key = {"selection": selection["slice"], "recovery": cfg.recovery, "seed": cfg.seed}
-        metrics["recovered"] = evaluate_stage("recovered", recovered_key, recovered_fn, models,
-                                              parts, cfg, cache, timer)
-
-    selection_summary = {k: v for k, v in selection.items() if k not in ("slice", "indices")}
+    stages = Run(cfg, parts, run_dir)
+    out = stages()
+    selection = out["selection"]
     results = {
         "name": cfg.name, "seed": cfg.seed, "run_dir": str(run_dir),
         "config": to_plain(cfg),
-        "metrics": metrics,
-        "prune": prune_report,
-        "selection": selection_summary,
-        "recovery": recovery_report,
-        "timings": {**timer.stages, "total_s": round(time.time() - started, 3)},
+        "metrics": out["metrics"],
+        "prune": out["prune"],
+        "selection": {k: v for k, v in selection.items() if k not in ("slice", "indices")},
+        "recovery": out["recovery"],
+        "timings": {**stages.timer.stages, "total_s": round(time.time() - started, 3)},
         "versions": library_versions(), "git_commit": git_commit(),
     }
     (run_dir / "selected_indices.json").write_text(json.dumps(selection["indices"]))
     write_results(run_dir, results)
-    _log_results(logger, results)
+    _log_results(logger, results, run_dir)
     print(summary_table(results))
     return results
 
@@ -329,12 +333,14 @@ def _component_name(node: DictConfig) -> str:
     return target.rsplit(".", 1)[-1] if target else "none"
 
 
-def _log_results(logger, results: dict) -> None:
+def _log_results(logger, results: dict, run_dir: Path) -> None:
     if results["recovery"]:
         for point in results["recovery"]["loss_curve"]:
             logger.log({"recovery/loss": point["loss"], "recovery/lr": point["lr"]}, step=point["step"])
     rows = [[state, *headline(m)] for state, m in results["metrics"].items()]
     logger.log_table("metrics_table", ["state", "wikitext2_ppl", "ptb_ppl", "zeroshot_mean"], rows)
+    for png in sorted(run_dir.glob("*.png")):  # selector diagnostics, e.g. PASER's cluster map
+        logger.log_image(png.stem, png)
     logger.finish({"metrics": results["metrics"], "prune": {k: v for k, v in results["prune"].items()
                                                             if k != "sparsity_per_layer"},
                    "selection": results["selection"]["stats"], "timings": results["timings"]})
