@@ -195,7 +195,10 @@ class Run:
             if hit is not None:
                 t["reused"] = True
                 record = _json(hit / "selection.json")
+                for f in (hit / "artifacts").glob("*"):  # the selector's plots, for this run's folder too
+                    shutil.copy(f, self.run_dir / f.name)
             else:
+                before = set(self.run_dir.iterdir())
                 ctx = SelectionContext(
                     tokenizer=self.models.tok(), original_model=self.models.fresh_dense, pruned_model=pruned_fn,
                     embedder=lambda: load_embedder(cfg.scoring.embedder), embedder_name=cfg.scoring.embedder,
@@ -209,10 +212,15 @@ class Run:
                           "pool_fingerprint": pool.fingerprint, "diagnostics": selection.diagnostics,
                           "stats": selection_stats(pool.rows, selection.indices)}
 
+                artifacts = [f for f in set(self.run_dir.iterdir()) - before if f.is_file()]
+
                 def write(d: Path):
                     (d / "selection.json").write_text(json.dumps(record, indent=1, default=_np_default))
                     if selection.scores is not None:
                         np.save(d / "scores.npy", np.asarray(selection.scores))
+                    (d / "artifacts").mkdir()
+                    for f in artifacts:
+                        shutil.copy(f, d / "artifacts" / f.name)
 
                 self.cache.store("selection", slice_, write)
         if getattr(selector, "uses_budget", True) and len(record["indices"]) > budget:

@@ -39,6 +39,9 @@ def test_default_components_llm_pruner_and_paser(compose_cfg, tmp_path):
     assert 0 < results["selection"]["stats"]["selected"] <= 6
     assert results["selection"]["diagnostics"]["clusters"]  # PASER's per-cluster diagnostics
     assert (tmp_path / "run" / "paser_clusters.png").exists()
+    again = pipeline.run(compose_cfg(overrides), run_dir=tmp_path / "again")
+    assert again["timings"]["select"]["reused"]
+    assert (tmp_path / "again" / "paser_clusters.png").exists()  # copied from the cached selection
 
 
 def test_second_selector_reuses_pruned_model(compose_cfg, tmp_path, caplog):
