@@ -26,7 +26,7 @@ def test_misspelled_key_is_rejected():
 
 
 def test_sparsity_out_of_range_is_a_clear_error(tmp_path):
-    out = run_cli("model=tiny-llama", "logger=none", "pruner.sparsity=1.5", "data.subsample=8", "budget=2",
+    out = run_cli("model=tiny-llama", "logger=none", "pruner=magnitude", "pruner.sparsity=1.5", "data.subsample=8", "budget=2",
                   f"paths.cache_dir={tmp_path}/c", f"paths.output_dir={tmp_path}/o")
     assert out.returncode == 2
     assert "pruner.sparsity=1.5 must be a fraction strictly between 0 and 1" in out.stderr + out.stdout
