@@ -20,6 +20,9 @@ def main(cfg: DictConfig) -> None:
     except PaserError as e:  # a user-facing problem: the message says what to change
         log.error("%s: %s", type(e).__name__, e)
         sys.exit(2)
+    except Exception:  # in a sweep Hydra stores a job's exception silently: put it in the job's log
+        log.exception("run failed")
+        raise
 
 
 if __name__ == "__main__":

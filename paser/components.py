@@ -61,17 +61,23 @@ class SelectionContext:
         self.cutoff = cutoff
         self.batch_size = batch_size
 
+    def _build(self, name: str):
+        # Selectors often first touch a model inside torch.inference_mode(); weights loaded there would
+        # become inference tensors, which LoRA recovery later cannot train through.
+        with torch.inference_mode(False):
+            return self._factories[name]()
+
     @cached_property
     def original_model(self) -> torch.nn.Module:
-        return self._factories["original_model"]()
+        return self._build("original_model")
 
     @cached_property
     def pruned_model(self) -> torch.nn.Module:
-        return self._factories["pruned_model"]()
+        return self._build("pruned_model")
 
     @cached_property
     def embedder(self):
-        return self._factories["embedder"]()
+        return self._build("embedder")
 
     def cached_scores(self, name: str, depends_on: tuple[str, ...], params: dict, n_items: int,
                       compute: Callable[[int, int], np.ndarray], chunk_size: int = 1024) -> np.ndarray:
