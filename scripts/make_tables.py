@@ -94,7 +94,11 @@ def value(metrics: dict, key: str) -> tuple[float | None, float | None]:
         return (entry["ppl"], None) if entry else (None, None)
     zs = metrics.get("zeroshot") or {}
     if name == "mean":
-        return (100 * zs["mean"], None) if zs.get("mean") is not None else (None, None)
+        if zs.get("mean") is None:
+            return None, None
+        errs = [e.get(f"{e['metric']}_stderr") for e in (zs.get("tasks") or {}).values() if e.get("score") is not None]
+        se = math.sqrt(sum(x * x for x in errs)) / len(errs) if errs and None not in errs else None
+        return 100 * zs["mean"], (100 * se if se is not None else None)  # tasks' errors independent
     entry = (zs.get("tasks") or {}).get(name)
     if not entry or entry.get("score") is None:
         return None, None
