@@ -112,9 +112,11 @@ def aggregate(samples: list[tuple[float | None, float | None]]) -> dict | None:
         return None
     n = len(vals)
     std = float(np.std(vals, ddof=1)) if n > 1 else 0.0
+    # every seed is scored on the same evaluation documents, so their sampling error does not average
+    # out over seeds: SE² = seed variance / n + the runs' mean stderr²
     sampling = [s for _, s in samples if s is not None]
-    var = (std ** 2 if n > 1 else 0.0) + (float(np.mean(np.square(sampling))) if sampling else 0.0)
-    return {"mean": float(np.mean(vals)), "std": std, "n": n, "se": math.sqrt(var / n)}
+    var = (std ** 2 / n if n > 1 else 0.0) + (float(np.mean(np.square(sampling))) if sampling else 0.0)
+    return {"mean": float(np.mean(vals)), "std": std, "n": n, "se": math.sqrt(var)}
 
 
 def build_rows(runs: list[dict]) -> tuple[list[str], dict[str, dict[str, dict | None]], list]:
