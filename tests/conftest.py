@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
@@ -36,3 +38,18 @@ def compose_cfg(tmp_path):
 
 def requires_shared_data():
     return pytest.mark.skipif(not DATA_DIR.is_dir(), reason="../shared/data is not beside the repository")
+
+
+@pytest.fixture(scope="module")
+def models():
+    """(original, pruned, tokenizer): the tiny Llama and a copy with the smaller half of each weight
+    matrix zeroed, for selectors that compare the two."""
+    from paser.models import tiny_llama
+
+    model, tok = tiny_llama()
+    pruned = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in pruned.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p[p.abs() < p.abs().median()] = 0
+    return model.eval(), pruned.eval(), tok

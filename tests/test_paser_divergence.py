@@ -1,6 +1,5 @@
 """CDAIS divergences: hand-computed values and the properties a divergence must have."""
 
-import copy
 import math
 
 import numpy as np
@@ -8,9 +7,14 @@ import pytest
 import torch
 
 from paser.errors import ConfigError
-from paser.models import tiny_llama
-from paser.selectors.paser.divergence import (SlicedWasserstein, jsd, kl, make_divergence,
-                                              sample_divergences, span_bounds)
+from paser.selectors.paser.divergence import (
+    SlicedWasserstein,
+    jsd,
+    kl,
+    make_divergence,
+    sample_divergences,
+    span_bounds,
+)
 
 
 def logits(probs):
@@ -62,17 +66,6 @@ def test_bad_choices_are_config_errors():
         make_divergence("hellinger")
     with pytest.raises(ConfigError, match="span"):
         span_bounds([3], [1], "prompt")
-
-
-@pytest.fixture(scope="module")
-def models():
-    model, tok = tiny_llama()
-    pruned = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, p in pruned.named_parameters():
-            if p.dim() == 2 and "embed" not in name:
-                p[p.abs() < p.abs().median()] = 0
-    return model.eval(), pruned.eval(), tok
 
 
 def test_sample_divergences_on_tiny_models(models):

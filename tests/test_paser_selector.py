@@ -5,13 +5,11 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from paser.cache import StageCache
 from paser.components import SelectionContext
 from paser.data import Pool
 from paser.errors import ConfigError
-from paser.models import tiny_llama
 from paser.selectors.paser.selector import PaserSelector
 
 TOPICS = {
@@ -39,17 +37,6 @@ class StubEmbedder:
             for word in text.lower().split():
                 out[row, sum(map(ord, word)) % 64] += 1.0
         return out / np.linalg.norm(out, axis=1, keepdims=True)
-
-
-@pytest.fixture(scope="module")
-def models():
-    model, tok = tiny_llama()
-    pruned = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, p in pruned.named_parameters():
-            if p.dim() == 2 and "embed" not in name:
-                p[p.abs() < p.abs().median()] = 0
-    return model.eval(), pruned.eval(), tok
 
 
 def make_ctx(models, tmp_path, seed=0, calls=None):
