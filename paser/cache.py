@@ -18,8 +18,8 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf

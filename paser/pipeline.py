@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
-from hydra.errors import InstantiationException
 import numpy as np
 import torch
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 from paser.cache import StageCache, config_hash, library_versions, to_plain
@@ -186,6 +186,14 @@ class Run:
             models.pruned = model
             return entry, report
 
+    def dense_report(self) -> dict:
+        """pruner=none: the dense model's sparsity report, cached so that a fully cached run loads no model."""
+        def write(d: Path):
+            (d / "report.json").write_text(json.dumps(sparsity_report(self.models.dense()), indent=1))
+
+        entry, _ = self.cache.get_or_create("dense_report", {"model": self.cfg.model}, write)
+        return _json(entry / "report.json")
+
     def select(self, pruned_fn) -> tuple[dict, list[dict]]:
         cfg, pool, budget, selector = self.cfg, self.parts.pool, self.parts.budget, self.parts.selector
         slice_ = {"model": cfg.model, "pruner": cfg.pruner, "pool": pool.fingerprint, "selector": cfg.selector,
@@ -261,7 +269,7 @@ class Run:
         metrics = {"dense": self.evaluate("dense", dense_key, models.dense)}
 
         if isinstance(self.parts.pruner, NoPruner):  # the pruned model *is* the dense one: no copy
-            prune_report, pruned, pruned_key = sparsity_report(models.dense()), models.dense, dense_key
+            prune_report, pruned, pruned_key = self.dense_report(), models.dense, dense_key
         else:
             pruned_entry, prune_report = self.prune()
             pruned_key = {"model": cfg.model, "pruner": cfg.pruner}

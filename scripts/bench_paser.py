@@ -79,7 +79,7 @@ def bare_forwards(models, seqs, batch_size, pad_id) -> None:
     with torch.inference_mode():
         for _, ids, mask in iter_batches(seqs, batch_size, pad_id, desc="bare forward x2"):
             for m in models:
-                m(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                m(input_ids=ids, attention_mask=mask, use_cache=False)
 
 
 def main() -> None:

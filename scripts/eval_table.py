@@ -50,13 +50,13 @@ def pct(v) -> str:
 def markdown(cfg, res: dict, command: str, calib: dict) -> str:
     zs = res["zeroshot"]
     lines = [f"# Zero-shot evaluation: {cfg.model.name} ({cfg.model.dtype}), dense", "",
-             f"Produced by `{command}` (evaluator preset `{calib['preset']}`, lm-eval {zs['lm_eval_version']}, "
+             (f"Produced by `{command}` (evaluator preset `{calib['preset']}`, lm-eval {zs['lm_eval_version']}, "
              f"tasks from `{zs['source']}`, {'shared-context scoring' if zs['share_context'] else 'plain HFLM'}, "
-             f"batch {calib['batch_size']}).", ""]
+             f"batch {calib['batch_size']})."), ""]
     if zs["subset"]:
         how = "the first" if zs["limit_mode"] == "first" else f"a seeded random (seed {zs['seed']})"
-        lines += [f"**Subset:** {how} {zs['limit']} documents per task, not the full sets: scores carry the "
-                  "standard errors shown and are not the paper's full-set numbers.", ""]
+        lines += [(f"**Subset:** {how} {zs['limit']} documents per task, not the full sets: scores carry the "
+                  "standard errors shown and are not the paper's full-set numbers."), ""]
     lines += ["| task | n | acc | ± | acc_norm | ± | headline | score | wall s | est. full s (now) |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     est_total = 0.0
@@ -72,9 +72,9 @@ def markdown(cfg, res: dict, command: str, calib: dict) -> str:
                  f"{zs['wall_time_s']:.0f} | {est_total:.0f} |")
     for name, t in zs["tasks"].items():
         if "word_perplexity" in t:
-            lines += ["", f"lm-eval `wikitext` ({t['n']}/{t['n_total']} documents): word perplexity "
+            lines += ["", (f"lm-eval `wikitext` ({t['n']}/{t['n_total']} documents): word perplexity "
                       f"{t['word_perplexity']:.2f}, byte perplexity {t['byte_perplexity']:.4f}, "
-                      f"bits per byte {t['bits_per_byte']:.4f}."]
+                      f"bits per byte {t['bits_per_byte']:.4f}.")]
     if res.get("ppl"):
         parts = [f"{k} {v['ppl']:.2f} ({v['windows']} windows{', subset' if v['subset'] else ''})"
                  for k, v in res["ppl"].items()]
@@ -83,17 +83,17 @@ def markdown(cfg, res: dict, command: str, calib: dict) -> str:
     slow = calib["tok_s_now"] / REFERENCE_TOK_S
     lines += [
         "", "## Time", "",
-        f"- Zero-shot wall time of this run: {zs['wall_time_s']:.0f} s for {sum(t['n'] for t in zs['tasks'].values())} "
+        (f"- Zero-shot wall time of this run: {zs['wall_time_s']:.0f} s for {sum(t['n'] for t in zs['tasks'].values())} "
         f"documents; load average {calib['load_before']} before, {calib['load_after']} after "
-        f"({os.cpu_count()} cores).",
-        f"- Plain bf16 forward (8 x 128 tokens) during this run: {calib['tok_s_before']:.0f} tok/s before, "
+        f"({os.cpu_count()} cores)."),
+        (f"- Plain bf16 forward (8 x 128 tokens) during this run: {calib['tok_s_before']:.0f} tok/s before, "
         f"{calib['tok_s_after']:.0f} tok/s after; on this machine idle it is about {REFERENCE_TOK_S} tok/s, "
-        f"so the machine ran at about {100 * slow:.0f}% of its idle speed.",
-        f"- All examples of the seven tasks at the speed of this run: about {est_total / 60:.0f} min "
-        "(each task's time scaled by n_total / n).",
-        f"- Rescaled to the idle machine (times x {slow:.2f}): about **{est_total * slow / 60:.0f} min**. "
+        f"so the machine ran at about {100 * slow:.0f}% of its idle speed."),
+        (f"- All examples of the seven tasks at the speed of this run: about {est_total / 60:.0f} min "
+        "(each task's time scaled by n_total / n)."),
+        (f"- Rescaled to the idle machine (times x {slow:.2f}): about **{est_total * slow / 60:.0f} min**. "
         "This assumes the evaluation slows down as much as the plain forward pass does; a full run on an "
-        "idle machine is the real check.",
+        "idle machine is the real check."),
     ]
     return "\n".join(lines) + "\n"
 

@@ -34,7 +34,7 @@ from paser.evaluation.perplexity import PerplexityEvaluator
 from paser.models import load_model
 from paser.pruners.common import parameter_count, sparsity_report
 
-PRUNERS = ["magnitude", "wanda", "wanda_2-4", "sparsegpt", "sparsegpt_2-4", "llm_pruner"]
+PRUNERS = ["magnitude", "wanda", "wanda_2-4", "sparsegpt", "sparsegpt_2-4", "llm_pruner", "llm_pruner_channel"]
 LAYERWISE = {"wanda", "wanda_2-4", "sparsegpt", "sparsegpt_2-4"}
 
 
@@ -127,11 +127,14 @@ def write(args, rows, command) -> None:
         ("- LLM-Pruner: ratio 0.25 block-wise, param_first Taylor importance, gradients from 10 x 64 C4 tokens, "
         "heads and MLP channels of layers 4..27 (of 30; first 4 and last 2 dense), GQA by whole KV groups "
         "(9 q / 3 kv heads -> 6 q / 2 kv in pruned layers; 1536 -> 1152 MLP channels)."),
+        ("- LLM-Pruner channel: ratio 0.25 of the hidden channels of the whole model (576 -> 432), same importance "
+        "and gradients; heads and MLP widths unchanged."),
         f"- perplexity: LLM-Pruner protocol, non-overlapping 128-token windows, WikiText-2 raw test and PTB "
         f"validation; {wiki_windows} and {ptb_windows} windows"
         + (f" (the first {args.eval_windows} of each corpus, a subset)." if args.eval_windows else " (all)."),
-        ("- sparsity: fraction of zeros in the decoder Linear weights (embeddings and lm_head excluded and "
-        "untouched); for LLM-Pruner the weights are removed, not zeroed, so its reduction shows in params."),
+        ("- sparsity: fraction of zeros in the decoder Linear weights (embeddings and lm_head excluded; only "
+        "channel-wise LLM-Pruner changes them); for LLM-Pruner the weights are removed, not zeroed, so its "
+        "reduction shows in params."),
         "- no recovery fine-tuning: these are the pruned models the recovery stage starts from.",
     ]
     Path(args.out).write_text("\n".join(lines) + "\n")

@@ -9,7 +9,7 @@ from tests.conftest import ROOT
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "run.py", *args], check=False, cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
 
 

@@ -6,8 +6,15 @@ import json
 
 import pytest
 
-from paser.data import (PROMPT_NO_INPUT, alpaca_prompt, calibration_windows, encode_sample, load_pool,
-                        ppl_corpus_text, resolve_budget)
+from paser.data import (
+    PROMPT_NO_INPUT,
+    alpaca_prompt,
+    calibration_windows,
+    encode_sample,
+    load_pool,
+    ppl_corpus_text,
+    resolve_budget,
+)
 from paser.errors import ConfigError, DataError
 from paser.models import tiny_tokenizer
 from tests.conftest import DATA_DIR, requires_shared_data
@@ -91,7 +98,7 @@ def test_calibration_windows_are_seeded_slices_of_c4():
 @requires_shared_data()
 def test_ppl_corpora_follow_llm_pruner():
     wiki = ppl_corpus_text("wikitext2", str(DATA_DIR))
-    rows = [json.loads(line)["text"] for line in open(DATA_DIR / "wikitext2" / "test.rows.jsonl")]
+    rows = [json.loads(line)["text"] for line in (DATA_DIR / "wikitext2" / "test.rows.jsonl").read_text().splitlines()]
     assert wiki == "\n\n".join(rows)
     ptb = ppl_corpus_text("ptb", str(DATA_DIR))
     assert ptb.startswith("consumers may want to move") and "\n\n" in ptb

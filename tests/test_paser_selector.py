@@ -56,7 +56,7 @@ def make_ctx(models, tmp_path, seed=0, calls=None):
                             seed=seed, run_dir=tmp_path / "run", cutoff=64, batch_size=4)
 
 
-SMALL = dict(n_components=4, n_neighbors=5, k_range=(2, 6))
+SMALL = {"n_components": 4, "n_neighbors": 5, "k_range": (2, 6)}
 
 
 def test_end_to_end_diagnostics_and_files(models, tmp_path):

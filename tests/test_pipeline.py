@@ -71,6 +71,18 @@ def test_no_recovery_and_no_pruning(compose_cfg, tmp_path):
     assert results["prune"]["sparsity"] == 0.0
 
 
+def test_cached_dense_only_run_loads_no_model(compose_cfg, tmp_path, monkeypatch):
+    overrides = [o for o in TINY_RUN if not o.startswith("recovery.")] + ["recovery=none", "pruner=none"]
+    first = pipeline.run(compose_cfg(overrides), run_dir=tmp_path / "a")
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a fully cached run loaded the model")
+
+    monkeypatch.setattr(pipeline, "load_model", no_loading)
+    again = pipeline.run(compose_cfg(overrides), run_dir=tmp_path / "b")
+    assert again["prune"] == first["prune"] and again["metrics"] == first["metrics"]
+
+
 @pytest.mark.parametrize("budget,message", [(0, "must be > 0"), (-3, "must be > 0"),
                                             (1000, "larger than the pool"), (2.5, "neither a fraction")])
 def test_impossible_budget_is_a_clear_error(compose_cfg, tmp_path, budget, message):

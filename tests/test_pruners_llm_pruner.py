@@ -145,3 +145,89 @@ def test_bad_layer_range_and_missing_calibration():
         LLMPruner(attention_layers=[2, 9]).prune(model, _calib(tok))
     with pytest.raises(ConfigError, match="calibration"):
         LLMPruner(attention_layers=[1, 2], mlp_layers=[1, 2]).prune(model, None)
+
+
+# ---------------------------------------------------------------- channel-wise (hidden size) strategy
+
+def _untied_tiny_llama():
+    from transformers import LlamaForCausalLM
+
+    model, tok = tiny_llama()
+    config = copy.deepcopy(model.config)
+    config.tie_word_embeddings = False
+    torch.manual_seed(3)
+    return LlamaForCausalLM(config).eval(), tok
+
+
+def test_channel_wise_param_count_and_shapes():
+    model, tok = tiny_llama()
+    vocab = model.config.vocab_size
+    report = LLMPruner(ratio=0.25, strategy="channel").prune(model, _calib(tok))
+    h = 72  # 96 hidden channels, 24 removed; heads (6 q / 2 kv of 16) and MLP width 128 unchanged
+    per_layer = 2 * h * 6 * HD + 2 * h * 2 * HD + 3 * h * 128 + 2 * h
+    expected = vocab * h + 4 * per_layer + h  # tied embeddings/lm_head, 4 layers, final norm
+    assert report["params"] == expected == sum(p.numel() for p in model.parameters())
+    assert report["hidden_size"] == model.config.hidden_size == h
+    assert model.config.head_dim == HD and model.config.num_attention_heads == 6
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert all(s == {"q_heads": 6, "kv_heads": 2, "intermediate": 128} for s in report["layer_shapes"])
+
+
+def test_channel_wise_matches_independent_group_taylor_importance():
+    model, tok = tiny_llama()
+    calib = _calib(tok)
+    dense = copy.deepcopy(model)
+    dense.zero_grad()
+    dense(calib, labels=calib).loss.backward()
+
+    def taylor(p):
+        return (p * p.grad).abs()
+
+    imp = taylor(dense.model.embed_tokens.weight).sum(0) + taylor(dense.model.norm.weight)
+    for layer in dense.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        for lin in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj):
+            imp = imp + taylor(lin.weight).sum(0)           # columns read the hidden state
+        for lin in (a.o_proj, m.down_proj):
+            imp = imp + taylor(lin.weight).sum(1)           # rows write it
+        imp = imp + taylor(layer.input_layernorm.weight) + taylor(layer.post_attention_layernorm.weight)
+    keep = imp.argsort(descending=True)[:72].sort().values
+    LLMPruner(ratio=0.25, strategy="channel").prune(model, calib)
+    d = dense.model.layers[3]
+    assert torch.equal(model.model.embed_tokens.weight, dense.model.embed_tokens.weight.detach()[:, keep])
+    assert torch.equal(model.model.layers[3].self_attn.k_proj.weight, d.self_attn.k_proj.weight.detach()[:, keep])
+    assert torch.equal(model.model.layers[3].mlp.down_proj.weight, d.mlp.down_proj.weight.detach()[keep])
+    assert torch.equal(model.model.layers[3].input_layernorm.weight, d.input_layernorm.weight.detach()[keep])
+
+
+@pytest.mark.parametrize("untied", [False, True])
+@pytest.mark.parametrize("importance", ["param_second", "vectorize", "l2", "random"])
+def test_channel_wise_forward_generate_save_load(untied, importance, tmp_path):
+    model, tok = _untied_tiny_llama() if untied else tiny_llama()
+    calib = _calib(tok)
+    pruner = LLMPruner(ratio=0.5, importance=importance, strategy="channel")
+    pruner.prune(model, calib if pruner.needs_calibration else None)
+    assert model.lm_head.weight.shape == (model.config.vocab_size, 48)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) != untied
+    with torch.no_grad():
+        logits = model(calib).logits
+    assert torch.isfinite(logits).all()
+    assert model.generate(calib[:1, :6], max_new_tokens=4, min_new_tokens=4, do_sample=False).shape == (1, 10)
+    save_model(model, tok, tmp_path / "m")
+    reloaded, _ = load_saved(tmp_path / "m")
+    assert reloaded.config.hidden_size == 48
+    with torch.no_grad():
+        assert torch.equal(reloaded(calib).logits, logits)
+
+
+def test_channel_wise_bad_input_changes_nothing():
+    with pytest.raises(ConfigError, match="pruner.strategy"):
+        LLMPruner(strategy="element")
+    with pytest.raises(ConfigError, match="must be null"):
+        LLMPruner(strategy="channel", attention_layers=[1, 3])
+    model, _tok = tiny_llama()
+    decoder_layers(model)[1].mlp.extra = torch.nn.Linear(HIDDEN, 8)  # a layout the pruner does not know
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(ConfigError, match=r"layers\.1\.mlp\.extra\.weight"):
+        LLMPruner(strategy="channel", importance="l1").prune(model, None)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())

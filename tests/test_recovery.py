@@ -17,8 +17,8 @@ SAMPLES = [{"instruction": f"Repeat the word number {k}.", "input": "" if k % 2 
 
 
 def recovery(**kw):
-    args = dict(r=4, alpha=8, dropout=0.0, lr=1e-3, epochs=1, batch_size=4, micro_batch_size=2, cutoff=512,
-                dtype="float32", checkpoint_every=1, seed=0)
+    args = {"r": 4, "alpha": 8, "dropout": 0.0, "lr": 1e-3, "epochs": 1, "batch_size": 4, "micro_batch_size": 2, "cutoff": 512,
+                "dtype": "float32", "checkpoint_every": 1, "seed": 0}
     args.update(kw)
     return LoraRecovery(**args)
 

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import DATA_DIR, requires_shared_data
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
@@ -14,8 +15,6 @@ from paser.errors import ConfigError, DataError
 from paser.evaluation.shared_context_lm import SharedContextHFLM
 from paser.evaluation.zeroshot import ACCURACY_TASKS, DEFAULT_METRICS, ZeroShotEvaluator
 from paser.models import tiny_llama
-
-from conftest import DATA_DIR, requires_shared_data
 
 
 @pytest.fixture(scope="module")

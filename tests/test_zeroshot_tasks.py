@@ -14,14 +14,13 @@ from pathlib import Path
 import datasets
 import lm_eval
 import pytest
+from conftest import DATA_DIR, requires_shared_data
 from lm_eval.api.task import ConfigurableTask
 from lm_eval.tasks import TaskManager
 from lm_eval.tasks._yaml_loader import load_yaml
 
 from paser.evaluation.offline_tasks import split_hellaswag_ctx, wikitext_pages
 from paser.evaluation.zeroshot import TASKS_DIR
-
-from conftest import DATA_DIR, requires_shared_data
 
 pytestmark = requires_shared_data()
 
@@ -59,8 +58,8 @@ HELLASWAG_HUB = [
      "endings": ["are then shown paddling down a river in a boat while a woman talks.",
                  "are driving the canoe, they go down the river flowing side to side.",
                  "sit in a canoe while the man paddles.",
-                 "walking go down the rapids, while the man in his helicopter almost falls and goes out of "
-                 "canoehood."]},
+                 ("walking go down the rapids, while the man in his helicopter almost falls and goes out of "
+                 "canoehood.")]},
 ]
 
 

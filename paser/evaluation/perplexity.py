@@ -4,8 +4,10 @@ window scored on its own; ppl = exp(mean NLL over all predicted tokens)."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import weakref
 
 import torch
 from tqdm.auto import tqdm
@@ -23,13 +25,21 @@ def corpus_windows(tokenizer, text: str, seq_len: int) -> torch.Tensor:
 
 
 _WINDOWS: dict[tuple, torch.Tensor] = {}
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of the tokenizer's full definition, computed once per tokenizer object (it serialises MBs)."""
+    if tokenizer not in _FINGERPRINTS:
+        spec = tokenizer.backend_tokenizer.to_str() if hasattr(tokenizer, "backend_tokenizer") else repr(tokenizer)
+        _FINGERPRINTS[tokenizer] = hashlib.sha256(spec.encode()).hexdigest()
+    return _FINGERPRINTS[tokenizer]
 
 
 def cached_corpus_windows(tokenizer, name: str, data_dir: str, seq_len: int) -> torch.Tensor:
     """corpus_windows of a named corpus, tokenised once per process (a run evaluates up to three
     model states with the same tokenizer)."""
-    key = (tokenizer.name_or_path, len(tokenizer), tokenizer.backend_tokenizer.to_str().__hash__()
-           if hasattr(tokenizer, "backend_tokenizer") else id(tokenizer), name, str(data_dir), seq_len)
+    key = (tokenizer.name_or_path, len(tokenizer), _tokenizer_fingerprint(tokenizer), name, str(data_dir), seq_len)
     if key not in _WINDOWS:
         _WINDOWS[key] = corpus_windows(tokenizer, ppl_corpus_text(name, data_dir), seq_len)
     return _WINDOWS[key]

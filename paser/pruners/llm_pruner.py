@@ -18,6 +18,14 @@ Per layer (not global), the ``ratio`` of units with the lowest importance is rem
 nearest whole unit (the reference floors, which for SmolLM2's 3 KV heads would prune no attention at all).
 Gradients are computed in fp32 (a bf16 model is upcast for the backward pass and cast back).
 
+Channel-wise (``strategy: channel``, the reference's ``--channel_wise``): removes the ``ratio`` of the
+hidden (residual-stream) channels of the whole model instead. A hidden channel's coupled group is its column
+of the embeddings, of every q/k/v/gate/up projection and of an untied lm_head, its row of every o/down
+projection and its entry of every RMSNorm; its importance is the sum over that group (the same scores as
+above; norms contribute elementwise). Heads, KV groups and MLP widths stay; the hidden size shrinks, so this
+is the one strategy that changes the embeddings and lm_head and that cannot be restricted to a layer range.
+It is what the LLM-Pruner paper compares block-wise pruning against ("channel" strategy).
+
 GQA (``gqa``): with fewer KV heads than query heads a head cannot be removed alone without breaking the
 query-to-KV mapping. ``kv_groups`` (default, as the reference's llama3.py which roots groups at k_proj)
 removes whole KV groups: a KV head (k/v rows) together with its query heads (q rows, o columns).
@@ -41,6 +49,10 @@ log = logging.getLogger(__name__)
 TAYLOR = ("param_first", "param_second", "param_mix", "vectorize")
 IMPORTANCES = TAYLOR + ("l1", "l2", "random")
 GQA_MODES = ("kv_groups", "query_heads")
+STRATEGIES = ("block", "channel")
+# Linear layers of a decoder layer that read the hidden state (pruned along columns) or write it (rows).
+READS_HIDDEN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+WRITES_HIDDEN = ("o_proj", "down_proj")
 
 
 def default_layer_range(depth: int) -> tuple[int, int]:
@@ -73,16 +85,18 @@ class _Scorer:
 
     def __call__(self, weight: torch.Tensor, dim: int) -> torch.Tensor:
         w = weight.detach().float()
+        if w.dim() == 1:  # a norm's weight: one entry per channel, scored elementwise
+            w, dim = w.unsqueeze(0), 0
         if self.kind == "l1":
             return w.abs().sum(dim)
         if self.kind == "l2":
             return w.pow(2).sum(dim)
-        first = w * self.grads[weight]
+        first = w * self.grads[weight].view_as(w)
         if self.kind == "vectorize":
             return first.sum(dim).abs()
         if self.kind == "param_first":
             return first.abs().sum(dim)
-        second = 0.5 * w.pow(2) * self.fisher[weight]
+        second = 0.5 * w.pow(2) * self.fisher[weight].view_as(w)
         if self.kind == "param_second":
             return second.abs().sum(dim)
         return (first - second).abs().sum(dim)  # param_mix
@@ -119,14 +133,20 @@ class LLMPruner:
     needs_calibration = True
 
     def __init__(self, ratio: float = 0.25, importance: str = "param_first", gqa: str = "kv_groups",
-                 attention_layers=None, mlp_layers=None, seed: int = 0):
+                 attention_layers=None, mlp_layers=None, seed: int = 0, strategy: str = "block"):
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
             raise ConfigError(f"pruner.ratio={ratio!r} must be a fraction strictly between 0 and 1")
         if importance not in IMPORTANCES:
             raise ConfigError(f"pruner.importance='{importance}' is unknown; allowed: {list(IMPORTANCES)}")
         if gqa not in GQA_MODES:
             raise ConfigError(f"pruner.gqa='{gqa}' is unknown; allowed: {list(GQA_MODES)}")
+        if strategy not in STRATEGIES:
+            raise ConfigError(f"pruner.strategy='{strategy}' is unknown; allowed: {list(STRATEGIES)}")
+        if strategy == "channel" and (attention_layers is not None or mlp_layers is not None):
+            raise ConfigError("pruner.strategy=channel prunes the hidden size, which every layer shares: "
+                              "pruner.attention_layers and pruner.mlp_layers must be null")
         self.ratio, self.importance, self.gqa, self.seed = float(ratio), importance, gqa, seed
+        self.strategy = strategy
         self.attention_layers, self.mlp_layers = attention_layers, mlp_layers
         self.needs_calibration = importance in TAYLOR  # l1/l2/random use no data
 
@@ -200,7 +220,32 @@ class LLMPruner:
         mlp.up_proj = _keep_rows(mlp.up_proj, keep)
         mlp.down_proj = _keep_cols(mlp.down_proj, keep)
 
+    def _scorer(self, model, calib: torch.Tensor | None, weights: list[torch.Tensor]) -> _Scorer:
+        """Importance scorer for ``weights``; the Taylor kinds first take gradients in fp32."""
+        grads, fisher = {}, {}
+        if self.needs_calibration:
+            if calib is None:
+                raise ConfigError(f"pruner.importance='{self.importance}' needs calibration windows "
+                                  "(pruner.calibration)")
+            dtype = next(model.parameters()).dtype
+            model.float()
+            try:
+                grads, fisher = self._gradients(model, calib, weights)
+            finally:
+                model.to(dtype)
+        return _Scorer(self.importance, grads, fisher)
+
     def prune(self, model, calib: torch.Tensor | None) -> dict:
+        before = parameter_count(model)
+        if self.strategy == "channel":
+            report = {"hidden_size": self._prune_hidden(model, calib)}
+        else:
+            report = self._prune_blocks(model, calib)
+        report.update(sparsity_report(model, before))
+        report.update(param_reduction=1 - report["params"] / before, layer_shapes=layer_shapes(model))
+        return report
+
+    def _prune_blocks(self, model, calib: torch.Tensor | None) -> dict:
         layers = decoder_layers(model)
         attn_range = _layer_range(self.attention_layers, len(layers), "pruner.attention_layers")
         mlp_range = _layer_range(self.mlp_layers, len(layers), "pruner.mlp_layers")
@@ -211,30 +256,74 @@ class LLMPruner:
         for i in attn_idx:
             if not all(hasattr(layers[i].self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
                 raise ConfigError(f"layer {i} has no q/k/v/o_proj attention: LLM-Pruner needs a Llama-family layout")
-        before = parameter_count(model)
-
-        grads, fisher = {}, {}
-        if self.needs_calibration:
-            if calib is None:
-                raise ConfigError(f"pruner.importance='{self.importance}' needs calibration windows "
-                                  "(pruner.calibration)")
-            weights = [getattr(layers[i].self_attn, n).weight for i in attn_idx
-                       for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
-            weights += [getattr(layers[i].mlp, n).weight for i in mlp_idx for n in ("gate_proj", "up_proj", "down_proj")]
-            dtype = next(model.parameters()).dtype
-            model.float()
-            try:
-                grads, fisher = self._gradients(model, calib, weights)
-            finally:
-                model.to(dtype)
-        score = _Scorer(self.importance, grads, fisher)
-
+        weights = [getattr(layers[i].self_attn, n).weight for i in attn_idx
+                   for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        weights += [getattr(layers[i].mlp, n).weight for i in mlp_idx for n in ("gate_proj", "up_proj", "down_proj")]
+        score = self._scorer(model, calib, weights)
         rng = torch.Generator().manual_seed(self.seed)
         for i in attn_idx:
             self._prune_attention(layers[i].self_attn, score, rng)
         for i in mlp_idx:
             self._prune_mlp(layers[i].mlp, score, rng)
-        report = sparsity_report(model, before)
-        report.update(param_reduction=1 - report["params"] / before, layer_shapes=layer_shapes(model),
-                      attention_layers=list(attn_range), mlp_layers=list(mlp_range))
-        return report
+        return {"attention_layers": list(attn_range), "mlp_layers": list(mlp_range)}
+
+    # ------------------------------------------------------------------ channel-wise
+    @staticmethod
+    def _hidden_groups(model) -> tuple[list, list, list]:
+        """The modules that carry the hidden dimension: Linear layers that read it (columns), that write it
+        (rows), and RMSNorms. Raises if any other parameter has a hidden-size axis (e.g. fused MoE experts),
+        so that nothing is pruned half-way."""
+        hidden = model.config.hidden_size
+        reads, writes, norms = [], [], []
+        for name, module in model.named_modules():
+            leaf = name.rsplit(".", 1)[-1]
+            if isinstance(module, torch.nn.Linear) and leaf in READS_HIDDEN:
+                reads.append((name, module))
+            elif isinstance(module, torch.nn.Linear) and leaf in WRITES_HIDDEN:
+                writes.append((name, module))
+            elif "norm" in type(module).__name__.lower() and getattr(module, "weight", None) is not None \
+                    and tuple(module.weight.shape) == (hidden,):
+                norms.append((name, module))
+        embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+        known = {id(m.weight) for _, m in reads + writes + norms} | {id(embed.weight), id(head.weight)}
+        for name, param in model.named_parameters():
+            if id(param) not in known and hidden in param.shape:
+                raise ConfigError(f"channel-wise LLM-Pruner does not know how to prune '{name}' "
+                                  f"{tuple(param.shape)} along the hidden size {hidden}: it supports dense "
+                                  f"Llama-family layouts ({', '.join(READS_HIDDEN + WRITES_HIDDEN)}, RMSNorm)")
+        return reads, writes, norms
+
+    def _prune_hidden(self, model, calib: torch.Tensor | None) -> int:
+        """Remove the least important hidden channels everywhere; returns the new hidden size."""
+        reads, writes, norms = self._hidden_groups(model)
+        embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+        tied = head.weight is embed.weight
+        # (weight, dim along which a channel's scores are summed): readers' columns, writers' rows
+        scored = [(m.weight, 0) for _, m in reads] + [(m.weight, 1) for _, m in writes]
+        scored += [(m.weight, 0) for _, m in norms] + [(embed.weight, 0)] + ([] if tied else [(head.weight, 0)])
+        hidden = model.config.hidden_size
+        if self.importance == "random":
+            imp = torch.rand(hidden, generator=torch.Generator().manual_seed(self.seed))
+        else:
+            score = self._scorer(model, calib, [w for w, _ in scored])
+            imp = sum(score(w, dim) for w, dim in scored)
+        keep = torch.sort(torch.topk(imp, hidden - n_pruned(self.ratio, hidden)).indices).values
+
+        if getattr(model.config, "head_dim", None) is None:  # it would otherwise be re-derived from hidden_size
+            model.config.head_dim = decoder_layers(model)[0].self_attn.head_dim
+        with torch.no_grad():
+            for group, cut in ((reads, _keep_cols), (writes, _keep_rows)):
+                for name, module in group:
+                    parent, _, leaf = name.rpartition(".")
+                    setattr(model.get_submodule(parent), leaf, cut(module, keep))
+            for _, norm in norms:
+                norm.weight = torch.nn.Parameter(norm.weight.data[keep].clone())
+            embed.weight = torch.nn.Parameter(embed.weight.data[:, keep].clone())
+            embed.embedding_dim = len(keep)
+            head.weight = embed.weight if tied else torch.nn.Parameter(head.weight.data[:, keep].clone())
+            head.in_features = len(keep)
+        for module in model.modules():  # cached copies of the size (e.g. LlamaMLP.hidden_size)
+            if isinstance(getattr(module, "hidden_size", None), int):
+                module.hidden_size = len(keep)
+        model.config.hidden_size = len(keep)
+        return len(keep)

@@ -22,7 +22,7 @@ Reduction over positions: mean (default) or sum (the official code).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

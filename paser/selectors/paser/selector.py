@@ -28,8 +28,15 @@ from paser.errors import ConfigError
 from paser.selectors.paser.allocation import RULES, allocate_budget
 from paser.selectors.paser.clustering import DEFAULT_K_RANGE, REDUCERS, nmf_clusters, reduce_embeddings
 from paser.selectors.paser.concepts import ConceptGraph, sample_concepts
-from paser.selectors.paser.divergence import (DIVERGENCES, REDUCTIONS, SPANS, check_choice, make_divergence,
-                                              sample_divergences, span_bounds)
+from paser.selectors.paser.divergence import (
+    DIVERGENCES,
+    REDUCTIONS,
+    SPANS,
+    check_choice,
+    make_divergence,
+    sample_divergences,
+    span_bounds,
+)
 
 log = logging.getLogger(__name__)
 IES_LENGTHS = ("tokens", "official")
