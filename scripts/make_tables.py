@@ -257,11 +257,13 @@ def plot_all(runs: list[dict], out: Path) -> list[Path]:
             fig.legend(loc="upper right", fontsize=8)
             written.append(_save(fig, out / "cluster_cds_budget.png"))
             plt.close(fig)
-            png = Path(r["_path"]) / "paser_clusters.png"
-            if png.exists():
-                shutil.copy(png, out / "cluster_map.png")
-                written.append(out / "cluster_map.png")
             break
+    # PASER's cluster map (drawn by the selector into its run folder): the first run that has one
+    maps = [Path(r["_path"]) / "paser_clusters.png" for r in runs]
+    png = next((m for m in maps if m.exists()), None)
+    if png is not None:
+        shutil.copy(png, out / "cluster_map.png")
+        written.append(out / "cluster_map.png")
     return written
 
 

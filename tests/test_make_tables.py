@@ -32,6 +32,7 @@ def test_table_from_a_sweep(tmp_path):
     for k, r in enumerate(runs):
         (tmp_path / str(k)).mkdir()
         (tmp_path / str(k) / "results.json").write_text(json.dumps(r))
+    (tmp_path / "3" / "paser_clusters.png").write_bytes(b"cluster map of run 3")  # only a later PASER run has one
     out = subprocess.run([sys.executable, "scripts/make_tables.py", str(tmp_path), "--out", str(tmp_path / "t")],
                          check=False, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -51,3 +52,4 @@ def test_table_from_a_sweep(tmp_path):
     tex = (tmp_path / "t" / "table.tex").read_text()
     assert r"\textbf{15.50 $\pm$ 0.71}" in tex and r"\begin{tabular}" in tex
     assert (tmp_path / "t" / "recovery_loss.png").stat().st_size > 1000
+    assert (tmp_path / "t" / "cluster_map.png").read_bytes() == b"cluster map of run 3"
