@@ -6,9 +6,12 @@
 
 Arguments of the form key=value are Hydra overrides of conf/config.yaml (model, paths, evaluator). The
 table gives acc and acc_norm with their standard errors, the headline metric, the mean, the wall time per
-task and an extrapolation to all examples. Because wall time depends on what else runs on the machine, a
-plain bf16 forward pass (8 x 128 tokens) is timed before and after, and the extrapolation is also given
-rescaled to this machine's idle throughput (REFERENCE_TOK_S, measured when it was idle).
+task and an extrapolation to all examples. Because wall time depends on the host and on what else runs on
+it, a plain bf16 forward pass (8 x 128 tokens) is timed before and after, the CPU and load are recorded,
+and the time is also given scaled to the reference host of docs/PLATFORM.md (REFERENCE_TOK_S).
+
+    python scripts/eval_table.py evaluator=full --from-json experiments/zeroshot_dense_full.json \
+        --out experiments/zeroshot_dense_full.md      # re-render a table from saved results, no evaluation
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import shlex
 import statistics
 import sys
@@ -25,7 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-REFERENCE_TOK_S = 2700  # SmolLM2-135M bf16 forward, batch 8x128, this 2-core CPU idle (docs/PLATFORM.md)
+# SmolLM2-135M bf16 forward, batch 8x128, on the 2-core AMX-BF16 host that docs/PLATFORM.md measured idle
+REFERENCE_TOK_S = 2700
 
 
 def forward_throughput(model, reps: int = 3) -> float:
@@ -41,6 +46,19 @@ def forward_throughput(model, reps: int = 3) -> float:
             model(x, use_cache=False)
             times.append(time.perf_counter() - t0)
     return x.numel() / statistics.median(times)
+
+
+def cpu_description() -> str:
+    """CPU model and whether it has AMX (bf16 matrix units), which sets bf16 throughput more than anything."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    lines = info.splitlines()
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    bf16 = "AMX-BF16" if "amx_bf16" in flags else "AVX512-BF16, no AMX" if "avx512_bf16" in flags else "no bf16 units"
+    return f"{name} ({bf16}), {os.cpu_count()} cores"
 
 
 def pct(v) -> str:
@@ -80,53 +98,38 @@ def markdown(cfg, res: dict, command: str, calib: dict) -> str:
                  for k, v in res["ppl"].items()]
         lines += ["", f"Perplexity (LLM-Pruner protocol, 128-token windows, {res['ppl_wall_s']:.0f} s): "
                   + "; ".join(parts) + "."]
-    slow = calib["tok_s_now"] / REFERENCE_TOK_S
+    scale = calib["tok_s_now"] / REFERENCE_TOK_S
     lines += [
         "", "## Time", "",
-        (f"- Zero-shot wall time of this run: {zs['wall_time_s']:.0f} s for {sum(t['n'] for t in zs['tasks'].values())} "
-        f"documents; load average {calib['load_before']} before, {calib['load_after']} after "
-        f"({os.cpu_count()} cores)."),
-        (f"- Plain bf16 forward (8 x 128 tokens) during this run: {calib['tok_s_before']:.0f} tok/s before, "
-        f"{calib['tok_s_after']:.0f} tok/s after; on this machine idle it is about {REFERENCE_TOK_S} tok/s, "
-        f"so the machine ran at about {100 * slow:.0f}% of its idle speed."),
-        (f"- All examples of the seven tasks at the speed of this run: about {est_total / 60:.0f} min "
-        "(each task's time scaled by n_total / n)."),
-        (f"- Rescaled to the idle machine (times x {slow:.2f}): about **{est_total * slow / 60:.0f} min**. "
-        "This assumes the evaluation slows down as much as the plain forward pass does; a full run on an "
-        "idle machine is the real check."),
+        f"- Host: {calib.get('cpu', '?')}; load average {calib['load_before']} before, {calib['load_after']} after.",
+        f"- Zero-shot wall time of this run: {zs['wall_time_s']:.0f} s ({zs['wall_time_s'] / 60:.0f} min) for "
+        f"{sum(t['n'] for t in zs['tasks'].values())} documents"
+        + (f"; perplexity {res['ppl_wall_s']:.0f} s." if res.get("ppl") else "."),
+        (f"- Plain bf16 forward (8 x 128 tokens) on this host during the run: {calib['tok_s_before']:.0f} tok/s "
+        f"before, {calib['tok_s_after']:.0f} tok/s after."),
+        (f"- All examples of the seven tasks at this run's speed: about {est_total / 60:.0f} min (each task's "
+        "time scaled by n_total / n)."),
+        (f"- Scaled to the reference host of docs/PLATFORM.md ({REFERENCE_TOK_S} tok/s for the same forward; "
+        f"times x {scale:.2f}): about **{est_total * scale / 60:.0f} min**. This assumes the evaluation speeds up "
+        "as much as the plain forward pass does; only a run on that host measures it."),
     ]
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. evaluator=full")
-    parser.add_argument("--out", default="experiments/zeroshot_dense.md")
-    parser.add_argument("--json", default=None, help="also write the raw results here")
-    args = parser.parse_args()
-
+def evaluate(cfg, preset: str) -> tuple[dict, dict]:
+    """Evaluate the dense model with the composed evaluator; (results, host and speed calibration)."""
     import hydra
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
 
     from paser.cache import StageCache
     from paser.models import load_model
 
-    overrides = list(args.overrides)
-    if not any(o.startswith("evaluator=") for o in overrides):
-        overrides.insert(0, "evaluator=quick")
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    if cfg.evaluator.get("zeroshot") is None:
-        raise SystemExit("this evaluator preset has no zero-shot part; use evaluator=quick, zeroshot or full")
     model, tok = load_model(cfg.model, StageCache(cfg.paths.cache_dir))
 
     def load() -> str:
         return open("/proc/loadavg").read().split()[0] if Path("/proc/loadavg").exists() else "?"
 
-    calib = {"preset": next(o for o in overrides if o.startswith("evaluator=")).split("=", 1)[1],
-             "batch_size": cfg.evaluator.zeroshot.batch_size, "load_before": load(),
-             "tok_s_before": forward_throughput(model)}
+    calib = {"preset": preset, "batch_size": cfg.evaluator.zeroshot.batch_size, "load_before": load(),
+             "cpu": cpu_description(), "tok_s_before": forward_throughput(model)}
     results = {}
     if cfg.evaluator.get("ppl") is not None:
         t0 = time.perf_counter()
@@ -135,15 +138,44 @@ def main() -> None:
     results["zeroshot"] = hydra.utils.instantiate(cfg.evaluator.zeroshot).evaluate(model, tok)
     calib.update(tok_s_after=forward_throughput(model), load_after=load())
     calib["tok_s_now"] = (calib["tok_s_before"] + calib["tok_s_after"]) / 2
+    return results, calib
 
-    command = "python scripts/eval_table.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. evaluator=full")
+    parser.add_argument("--out", default="experiments/zeroshot_dense.md")
+    parser.add_argument("--json", default=None, help="also write the raw results here")
+    parser.add_argument("--from-json", default=None, help="re-render the table from results saved with --json")
+    args = parser.parse_args()
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    overrides = list(args.overrides)
+    if not any(o.startswith("evaluator=") for o in overrides):
+        overrides.insert(0, "evaluator=quick")
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    if cfg.evaluator.get("zeroshot") is None:
+        raise SystemExit("this evaluator preset has no zero-shot part; use evaluator=quick, zeroshot or full")
+    # the command that produces the results (a re-rendering names the evaluation that made them)
+    command = ["python", "scripts/eval_table.py", *args.overrides, "--out", args.out]
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        results, calib = saved["results"], saved["calibration"]
+        command += ["--json", args.from_json]
+    else:
+        preset = next(o for o in overrides if o.startswith("evaluator=")).split("=", 1)[1]
+        results, calib = evaluate(cfg, preset)
+        if args.json:
+            command += ["--json", args.json]
+            Path(args.json).write_text(json.dumps({"results": results, "calibration": calib,
+                                                   "config": OmegaConf.to_container(cfg.evaluator, resolve=True)},
+                                                  indent=1))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(markdown(cfg, results, command.strip(), calib))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"results": results, "calibration": calib,
-                                               "config": OmegaConf.to_container(cfg.evaluator, resolve=True)},
-                                              indent=1))
+    out.write_text(markdown(cfg, results, " ".join(shlex.quote(a) for a in command), calib))
     print(out.read_text())
 
 
