@@ -106,12 +106,12 @@ class LoraRecovery:
             order = self._epoch_order(len(encoded), epoch)
             batch = order[in_epoch * self.batch_size:(in_epoch + 1) * self.batch_size]
             loss = self._optimizer_step(peft_model, optimizer, [encoded[i] for i in batch], pad, accum)
-            scheduler.step()
             if not math.isfinite(loss):
                 raise TrainingError(
                     f"recovery loss became {loss} at step {step + 1}; training stopped. The last good "
                     f"checkpoint (step {state['step']}) is kept in {ckpt}. Lower recovery.lr or use "
                     "float32/bfloat16.")
+            scheduler.step()
             state["losses"].append({"step": step + 1, "epoch": epoch, "loss": loss,
                                     "lr": scheduler.get_last_lr()[0]})
             bar.update(1)
