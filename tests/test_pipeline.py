@@ -71,6 +71,16 @@ def test_no_recovery_and_no_pruning(compose_cfg, tmp_path):
     assert results["prune"]["sparsity"] == 0.0
 
 
+def test_channel_wise_llm_pruner_through_the_pipeline(compose_cfg, tmp_path):
+    """A model with a smaller hidden size is cached, reloaded, LoRA-recovered and evaluated."""
+    overrides = [o for o in TINY_RUN if not o.startswith("pruner=")] + ["pruner=llm_pruner_channel"]
+    results = pipeline.run(compose_cfg(overrides), run_dir=tmp_path / "a")
+    assert results["prune"]["hidden_size"] == 72  # tiny Llama: 96 hidden channels, 25% removed
+    assert results["metrics"]["recovered"]["ppl"]["wikitext2"]["ppl"] > 1
+    again = pipeline.run(compose_cfg(overrides + ["seed=1"]), run_dir=tmp_path / "b")  # pruned model from cache
+    assert again["timings"]["prune"]["reused"] and again["metrics"]["pruned"] == results["metrics"]["pruned"]
+
+
 def test_cached_dense_only_run_loads_no_model(compose_cfg, tmp_path, monkeypatch):
     overrides = [o for o in TINY_RUN if not o.startswith("recovery.")] + ["recovery=none", "pruner=none"]
     first = pipeline.run(compose_cfg(overrides), run_dir=tmp_path / "a")
