@@ -53,3 +53,18 @@ def test_table_from_a_sweep(tmp_path):
     assert r"\textbf{15.50 $\pm$ 0.71}" in tex and r"\begin{tabular}" in tex
     assert (tmp_path / "t" / "recovery_loss.png").stat().st_size > 1000
     assert (tmp_path / "t" / "cluster_map.png").read_bytes() == b"cluster map of run 3"
+
+
+def test_budget_curve_when_the_budget_varies(tmp_path):
+    runs = [result(sel, 0, wiki, 0.6, 0.01, budget=b) for sel, b, wiki in
+            [("RandomSelector", 0.05, 25.0), ("RandomSelector", 0.2, 21.0),
+             ("PaserSelector", 0.05, 24.0), ("PaserSelector", 0.2, 19.0)]]
+    for k, r in enumerate(runs):
+        (tmp_path / str(k)).mkdir()
+        (tmp_path / str(k) / "results.json").write_text(json.dumps(r))
+    out = subprocess.run([sys.executable, "scripts/make_tables.py", str(tmp_path), "--out", str(tmp_path / "t")],
+                         check=False, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "t" / "budget_curve.png").stat().st_size > 1000
+    md = (tmp_path / "t" / "table.md").read_text()
+    assert "budget=0.05" in md and "budget=0.2" in md  # the varying knob labels the rows
