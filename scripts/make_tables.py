@@ -3,7 +3,8 @@
     python scripts/make_tables.py outputs/multirun/table1_cpu [--out experiments/table1_cpu] [--wandb]
 
 Rows are the recovery methods (labelled by the config values that differ between runs: the selector,
-and any knob that varies, e.g. `budget=0.05`), plus "Dense" and "w/o recovery" taken from every run's
+and any knob that varies, e.g. `budget=0.05`; an option present in only some runs with a single value is
+a config addition, not a knob), plus "Dense" and "w/o recovery" taken from every run's
 dense and pruned metrics. Columns: WikiText-2 and PTB perplexity, each zero-shot task's headline metric
 and their mean. Cells are mean ± std over seeds. The best value of a column is bold; a dagger marks
 values within two standard errors of the best (not distinguishable from it: the standard error combines
@@ -56,6 +57,12 @@ def short(value) -> str:
     return text.rsplit(".", 1)[-1] if text.startswith("paser.") else text
 
 
+def varies(configs: list[dict], key: str) -> bool:
+    """Whether ``key`` takes more than one value. A key that only some runs have, with one value wherever
+    present, is a config option added between the runs (its default keeps the old behaviour), not a knob."""
+    return len({str(c[key]) for c in configs if key in c}) > 1
+
+
 def labels(runs: list[dict]) -> list[str]:
     """A row label per run: the selector's name plus the config values that vary inside its group."""
     configs = [flat(r["config"]) for r in runs]
@@ -64,8 +71,7 @@ def labels(runs: list[dict]) -> list[str]:
     for i, c in enumerate(configs):
         peers = [configs[j] for j in range(len(runs)) if base[j] == base[i]]
         keys = sorted({k for p in peers for k in set(p) | set(c)
-                       if not k.startswith(IGNORED) and k != "selector._target_"
-                       and len({str(p.get(k)) for p in peers}) > 1})
+                       if not k.startswith(IGNORED) and k != "selector._target_" and varies(peers, k)})
         extra = ", ".join(f"{k.removeprefix('selector.')}={short(c.get(k))}" for k in keys)
         out.append(f"{base[i]} ({extra})" if extra else base[i])
     return out

@@ -29,6 +29,7 @@ def test_table_from_a_sweep(tmp_path):
             result("PaserSelector", 0, 15.0, 0.63, 0.01, use_ntm=True),
             result("PaserSelector", 1, 16.0, 0.65, 0.01, use_ntm=True),
             result("PaserSelector", 0, 18.0, 0.50, 0.01, use_ntm=False)]
+    runs[1]["config"]["pruner"]["strategy"] = "block"  # an option added to the config between two runs
     for k, r in enumerate(runs):
         (tmp_path / str(k)).mkdir()
         (tmp_path / str(k) / "results.json").write_text(json.dumps(r))
