@@ -10,8 +10,8 @@ n_k = ⌊B · w_k / Σ_j w_j⌋, capped at the cluster's size, where w_k comes f
                                                scale of c; ln(1 + c) alone is ≈ c for small JSDs)
 
 If every weight is zero (e.g. the pruned model equals the original) the cluster sizes are used instead.
-``redistribute=False`` is the paper's floor: the samples lost to flooring and to the caps are not given
-out, so Σ n_k ≤ B. ``redistribute=True`` hands the remainder to clusters that still have room, in
+``redistribute=False`` is the paper's bare formula: the samples lost to flooring and to the caps are not
+given out, so Σ n_k ≤ B (at most K short at the paper's scale, but 20% short on a small pool). ``redistribute=True`` hands the remainder to clusters that still have room, in
 proportion to their weights, then one by one by largest fractional share, until B or the pool is used up.
 """
 

@@ -102,7 +102,7 @@ class PaserSelector:
                  embed_input: bool = True, reducer: str = "diffusion", n_components: int = 16,
                  n_neighbors: int = 10, n_clusters: int | str = "auto", k_range=DEFAULT_K_RANGE,
                  diffusion_time: int | str = "auto", divergence: str = "jsd", span: str = "full",
-                 reduction: str = "mean", allocation: str = "proportional", redistribute: bool = False,
+                 reduction: str = "mean", allocation: str = "proportional", redistribute: bool = True,
                  ies_log: bool = True, ies_length: str = "tokens", cluster_order: str = "index",
                  concept_top_k: int | None = 5, concept_max_words: int | None = 3,
                  concept_fields=FIELDS, plot: bool = True):
