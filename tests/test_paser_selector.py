@@ -93,6 +93,15 @@ def test_same_seed_same_selection_and_cached_scores(models, tmp_path):
     assert a.indices == c.indices
 
 
+def test_budget_is_filled_by_default_and_short_with_the_bare_formula(models, tmp_path):
+    pool = make_pool()  # three clusters of 12; a budget of 10 floors to 3 per cluster (9)
+    kw = {**SMALL, "use_ntm": False}
+    filled = PaserSelector(**kw).select(pool, 10, make_ctx(models, tmp_path))
+    assert len(filled.indices) == 10 and filled.diagnostics["unfilled"] == 0
+    bare = PaserSelector(**kw, redistribute=False).select(pool, 10, make_ctx(models, tmp_path))
+    assert sum(c["n_k"] for c in bare.diagnostics["clusters"]) < 10 and len(bare.indices) < 10
+
+
 def test_ablation_switches(models, tmp_path):
     pool = make_pool()
     calls: list[str] = []
