@@ -39,8 +39,11 @@ LAYERWISE = {"wanda", "wanda_2-4", "sparsegpt", "sparsegpt_2-4"}
 
 
 def pruner_config(name: str, data_dir: str):
-    cfg = OmegaConf.create({"paths": {"data_dir": data_dir},
-                            "pruner": OmegaConf.load(ROOT / "conf" / "pruner" / f"{name}.yaml")})
+    """conf/pruner/<name>.yaml composed by Hydra (presets inherit from others through their defaults list)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"pruner={name}", f"paths.data_dir={data_dir}"])
     return OmegaConf.to_container(cfg.pruner, resolve=True)
 
 
