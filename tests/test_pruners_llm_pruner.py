@@ -25,6 +25,14 @@ def _calib(tok, n=2, seqlen=16):
     return torch.randint(3, len(tok), (n, seqlen), generator=torch.Generator().manual_seed(1))
 
 
+def _dense_with_gradients(model, calib):
+    """An independent copy of ``model`` holding the LM-loss gradients on ``calib`` (the reference values)."""
+    dense = copy.deepcopy(model)
+    dense.zero_grad()
+    dense(calib, labels=calib).loss.backward()
+    return dense
+
+
 @pytest.mark.parametrize("gqa, ratio, shape", [("kv_groups", 0.5, (3, 1, 64)),
                                                 ("query_heads", 0.34, (4, 2, 84))])
 def test_param_count_and_layout(gqa, ratio, shape):
@@ -79,9 +87,7 @@ def test_query_heads_mode_keeps_every_kv_head():
 def test_param_first_matches_independent_taylor_importance():
     model, tok = tiny_llama()
     calib = _calib(tok)
-    dense = copy.deepcopy(model)
-    dense.zero_grad()
-    dense(calib, labels=calib).loss.backward()
+    dense = _dense_with_gradients(model, calib)
     mlp = decoder_layers(dense)[2].mlp
     imp = ((mlp.gate_proj.weight * mlp.gate_proj.weight.grad).abs().sum(1)
            + (mlp.up_proj.weight * mlp.up_proj.weight.grad).abs().sum(1)
@@ -176,9 +182,7 @@ def test_channel_wise_param_count_and_shapes():
 def test_channel_wise_matches_independent_group_taylor_importance():
     model, tok = tiny_llama()
     calib = _calib(tok)
-    dense = copy.deepcopy(model)
-    dense.zero_grad()
-    dense(calib, labels=calib).loss.backward()
+    dense = _dense_with_gradients(model, calib)
 
     def taylor(p):
         return (p * p.grad).abs()
