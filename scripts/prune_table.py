@@ -38,12 +38,14 @@ PRUNERS = ["magnitude", "wanda", "wanda_2-4", "sparsegpt", "sparsegpt_2-4", "llm
 LAYERWISE = {"wanda", "wanda_2-4", "sparsegpt", "sparsegpt_2-4"}
 
 
-def pruner_config(name: str, data_dir: str):
-    """conf/pruner/<name>.yaml composed by Hydra (presets inherit from others through their defaults list)."""
+def pruner_config(name: str, data_dir: str, sets: list[str] = ()):
+    """conf/pruner/<name>.yaml composed by Hydra (presets inherit from others through their defaults list),
+    with ``sets`` (KEY=VALUE) applied to it."""
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"pruner={name}", f"paths.data_dir={data_dir}"])
+        cfg = compose(config_name="config", overrides=[f"pruner={name}", f"paths.data_dir={data_dir}",
+                                                          *(f"pruner.{kv}" for kv in sets)])
     return OmegaConf.to_container(cfg.pruner, resolve=True)
 
 
@@ -57,6 +59,8 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--data-dir", default=os.environ.get("PASER_DATA_DIR", "../shared/data"))
     p.add_argument("--cache-dir", default=os.environ.get("PASER_CACHE_DIR", ".cache/paser"))
+    p.add_argument("--set", dest="sets", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override every pruner's config, e.g. --set ratio=0.1 importance=random")
     p.add_argument("--out", default="experiments/pruners.md")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -78,7 +82,7 @@ def main(argv=None) -> None:
     rows.append(("dense", "-", report, 0.0, *evaluate(dense)))
     write(args, rows, command)
     for name in args.pruners:
-        cfg = pruner_config(name, args.data_dir)
+        cfg = pruner_config(name, args.data_dir, args.sets)
         calib_cfg = cfg.pop("calibration", None)
         pruner = instantiate(cfg)
         calib, calib_desc = None, "none"
