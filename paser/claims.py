@@ -33,6 +33,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Self
 
 log = logging.getLogger(__name__)
 
@@ -136,10 +137,10 @@ class Claim:
         token = uuid.uuid4().hex
         content = json.dumps({"host": HOST, "pid": os.getpid(), "started": time.time(), "what": what,
                               "token": token})
-        if not _create(path, content):
-            # Lost the race, or the holder is gone: then remove its claim and race again for the place.
-            if not (is_stale(path, stale_after) and remove_stale(path, stale_after) and _create(path, content)):
-                return None
+        # Lost the race, or the holder is gone: then remove its claim and race again for the place.
+        if not _create(path, content) and not (
+                is_stale(path, stale_after) and remove_stale(path, stale_after) and _create(path, content)):
+            return None
         return cls(path, token, stale_after)
 
     def _is_mine(self) -> bool:
@@ -168,7 +169,7 @@ class Claim:
         finally:
             mutex.release()
 
-    def __enter__(self) -> Claim:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -78,13 +78,13 @@ def test_racing_for_stale_claim_exactly_one_wins(tmp_path):
         barrier = threading.Barrier(6)
         won = []
 
-        def race():
+        def race(path, barrier, won):
             barrier.wait()
             claim = Claim.acquire(path)
             if claim is not None:
                 won.append(claim)
 
-        threads = [threading.Thread(target=race) for _ in range(6)]
+        threads = [threading.Thread(target=race, args=(path, barrier, won)) for _ in range(6)]
         for t in threads:
             t.start()
         for t in threads:
