@@ -84,11 +84,19 @@ def is_stale(path, stale_after: float | None = None) -> bool:
     return info.get("host") == HOST and isinstance(info.get("pid"), int) and not _pid_exists(info["pid"])
 
 
-def _create(path: Path, content: str) -> bool:
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        return False
+def _create(path: Path, content: str, make_parents: bool = False) -> bool:
+    """Create ``path`` unless it exists. ``make_parents``: also (re)create its folder, which another
+    process may remove meanwhile (a finished computation's folder of chunks)."""
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            return False
+        except FileNotFoundError:
+            if not make_parents:
+                raise
+            path.parent.mkdir(parents=True, exist_ok=True)
     with os.fdopen(fd, "w") as f:
         f.write(content)
     return True
@@ -101,9 +109,14 @@ class _Mutex:
         self.path = claim.with_name(claim.name + ".takeover")
 
     def acquire(self, wait: bool) -> bool:
+        """False when ``wait`` is false and another process holds it, or when the claim's folder is gone
+        (then so is the claim: nothing to guard)."""
         while True:
-            if _create(self.path, f"{HOST}:{os.getpid()}"):
-                return True
+            try:
+                if _create(self.path, f"{HOST}:{os.getpid()}"):
+                    return True
+            except FileNotFoundError:
+                return False
             try:
                 if time.time() - os.stat(self.path).st_mtime > MUTEX_STALE_S:
                     self.path.unlink(missing_ok=True)
@@ -133,13 +146,13 @@ class Claim:
         """The claim, or None when a live process holds it (or is taking it over right now)."""
         path = Path(path)
         stale_after = default_stale_after() if stale_after is None else stale_after
-        path.parent.mkdir(parents=True, exist_ok=True)
         token = uuid.uuid4().hex
         content = json.dumps({"host": HOST, "pid": os.getpid(), "started": time.time(), "what": what,
                               "token": token})
         # Lost the race, or the holder is gone: then remove its claim and race again for the place.
-        if not _create(path, content) and not (
-                is_stale(path, stale_after) and remove_stale(path, stale_after) and _create(path, content)):
+        if not _create(path, content, make_parents=True) and not (
+                is_stale(path, stale_after) and remove_stale(path, stale_after)
+                and _create(path, content, make_parents=True)):
             return None
         return cls(path, token, stale_after)
 
@@ -149,7 +162,8 @@ class Claim:
     def _heartbeat(self, interval: float) -> None:
         while not self._stop.wait(interval):
             if not self._is_mine():
-                log.warning("claim %s was taken over by another process (judged stale)", self.path)
+                log.warning("claim %s was removed, or taken over by another process that judged it stale",
+                            self.path)
                 return
             try:
                 os.utime(self.path)
@@ -162,7 +176,8 @@ class Claim:
         self._stop.set()
         self._thread.join()
         mutex = _Mutex(self.path)
-        mutex.acquire(wait=True)
+        if not mutex.acquire(wait=True):
+            return  # its folder was removed, with the claim
         try:
             if self._is_mine():
                 self.path.unlink()
