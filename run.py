@@ -5,6 +5,7 @@ import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from paser import pipeline
@@ -16,7 +17,9 @@ log = logging.getLogger("paser")
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     try:
-        pipeline.run(cfg, run_dir=HydraConfig.get().runtime.output_dir)
+        hydra_cfg = HydraConfig.get()
+        job = hydra_cfg.job.num if hydra_cfg.mode == RunMode.MULTIRUN else None  # one GPU per sweep job
+        pipeline.run(cfg, run_dir=hydra_cfg.runtime.output_dir, job_index=job)
     except PaserError as e:  # a user-facing problem: the message says what to change
         log.error("%s: %s", type(e).__name__, e)
         sys.exit(2)

@@ -1,14 +1,28 @@
 """The protocol of each component kind. Concrete components live in pruners/, selectors/, recovery.py and
 evaluation/, and are built from the Hydra config through ``_target_``.
 
-    Pruner.prune(model, calib) -> report            (modifies the model in place)
+    Pruner.prune(model, calib) -> report                     (modifies the model in place)
     Selector.select(pool, budget, ctx) -> Selection
-    Recovery.recover(model, tokenizer, samples, workdir) -> model
+    Recovery.recover(model, tokenizer, samples, workdir) -> (model, report)
     Evaluator.evaluate(model, tokenizer) -> metrics
+
+Besides its method, a component *declares* (class attributes; ``declared`` gives the defaults):
+    neutral_knobs       config keys of its node that only move memory or speed (batch sizes, checkpoint
+                        intervals): left out of its cache key, so changing them reuses the result
+    needs_calibration   (pruners) whether ``prune`` needs calibration windows
+    changes_model       (pruners) False for pruner=none: the pruned model *is* the dense one
+    uses_budget         (selectors) whether the selection depends on the budget (``full`` does not)
+    uses_scoring        (selectors) whether the shared ``scoring`` block (cutoff, embedder) changes it
+and may define ``environment() -> dict``: facts of this machine that change its result (e.g. a reward
+model that is not available offline); they become part of its cache key and of results.json.
+
+The cache key of each stage is built by the pipeline from these declarations, the config values, the
+content of input files and the source of the implementing code (paser.fingerprint).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -20,12 +34,29 @@ import torch
 from paser.data import Pool
 
 
+DEFAULTS = {"neutral_knobs": (), "needs_calibration": False, "changes_model": True, "uses_budget": True,
+            "uses_scoring": True}
+
+
+def declared(component, name: str):
+    """A component's declaration ``name`` (see the module docstring), or its default."""
+    return getattr(component, name, DEFAULTS[name])
+
+
+def environment(component) -> dict:
+    """The component's environment facts that change its result (empty for most)."""
+    facts = getattr(component, "environment", None)
+    return dict(facts()) if callable(facts) else {}
+
+
 class Pruner(Protocol):
+    neutral_knobs: tuple[str, ...]
+    needs_calibration: bool
+    changes_model: bool
+
     def prune(self, model: torch.nn.Module, calib: torch.Tensor | None) -> dict:
         """Prune ``model`` in place; ``calib`` is a LongTensor [nsamples, seqlen] of calibration windows
         (None for pruners that need none, see ``needs_calibration``). Returns a JSON-able report."""
-
-    needs_calibration: bool
 
 
 @dataclass
@@ -44,13 +75,15 @@ class SelectionContext:
     """What a selector may use, built lazily: a selector that needs no model pays nothing.
 
     ``original_model`` / ``pruned_model`` / ``embedder`` are factories run on first access.
-    ``cache_key`` holds the fingerprints of the model, the pruner config and the pool, so that selectors
-    can cache per-sample scores (``ctx.cached_scores``) across runs that share them.
+    ``cache_key`` holds the fingerprints of the model, the pruner (config, calibration, code) and the pool,
+    so that selectors can cache per-sample scores (``ctx.cached_scores``) across runs that share them.
+    ``device`` is where the models are (kNN and other tensor work goes there too).
     """
 
     def __init__(self, *, tokenizer, original_model: Callable[[], torch.nn.Module],
                  pruned_model: Callable[[], torch.nn.Module], embedder: Callable[[], Any],
-                 embedder_name: str, cache, cache_key: dict, seed: int, run_dir, cutoff: int = 256, batch_size: int = 8):
+                 embedder_name: str, cache, cache_key: dict, seed: int, run_dir, cutoff: int = 256,
+                 batch_size: int = 8, device: torch.device | str = "cpu", world_size: int = 1):
         self.tokenizer = tokenizer
         self._factories = {"original_model": original_model, "pruned_model": pruned_model,
                            "embedder": embedder}
@@ -61,6 +94,8 @@ class SelectionContext:
         self.run_dir = run_dir
         self.cutoff = cutoff
         self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.world_size = world_size
 
     def _build(self, name: str):
         # Selectors often first touch a model inside torch.inference_mode(); weights loaded there would
@@ -83,23 +118,54 @@ class SelectionContext:
     def cached_scores(self, name: str, depends_on: tuple[str, ...], params: dict, n_items: int,
                       compute: Callable[[int, int], np.ndarray], chunk_size: int = 1024) -> np.ndarray:
         """Per-sample scores, computed by ``compute(start, end)`` in chunks that persist (a killed run
-        resumes), and cached under (name, the chosen parts of cache_key, params).
+        resumes; concurrent processes and torchrun ranks share the chunks), and cached under (name, the
+        chosen parts of cache_key, params, the source of the code that defines ``compute``).
 
         ``depends_on`` names the parts of ``cache_key`` the scores depend on, e.g. ("model", "pool") for
         scores of the original model or ("model", "pruner", "pool") for ones that use the pruned model.
         """
-        key = {"name": name, "params": params, **{k: self.cache_key[k] for k in depends_on}}
+        from paser.fingerprint import code_version
+
+        key = {"name": name, "params": params, **{k: self.cache_key[k] for k in depends_on},
+               "code": code_version(compute)}
+        if self.world_size > 1:  # enough chunks for every rank to take some
+            chunk_size = max(1, min(chunk_size, -(-n_items // (4 * self.world_size))))
         return self.cache.array(f"scores/{name}", key, n_items, compute, chunk_size=chunk_size)
+
+    def cached_result(self, name: str, depends_on: tuple[str, ...], params: dict, compute: Callable[[], dict]) -> dict:
+        """A JSON-able result (e.g. cluster labels with their diagnostics), computed once and cached like
+        ``cached_scores``; a cold and a warm run get the identical dict."""
+        from paser.fingerprint import code_version
+
+        key = {"name": name, "params": params, **{k: self.cache_key[k] for k in depends_on},
+               "code": code_version(compute)}
+        box = {}
+
+        def write(folder):
+            box["value"] = compute()
+            (folder / "result.json").write_text(json.dumps(box["value"]))
+
+        entry, _ = self.cache.get_or_create(f"results/{name}", key, write)
+        return box["value"] if "value" in box else json.loads((entry / "result.json").read_text())
 
 
 class Selector(Protocol):
+    neutral_knobs: tuple[str, ...]
+    uses_budget: bool
+    uses_scoring: bool
+
     def select(self, pool: Pool, budget: int, ctx: SelectionContext) -> Selection: ...
 
 
 class Recovery(Protocol):
-    def recover(self, model: torch.nn.Module, tokenizer, samples: list[dict], workdir) -> torch.nn.Module:
-        """Fine-tune ``model`` on ``samples`` (checkpointing into ``workdir``) and return it."""
+    neutral_knobs: tuple[str, ...]
+
+    def recover(self, model: torch.nn.Module, tokenizer, samples: list[dict], workdir) -> tuple[torch.nn.Module, dict]:
+        """Fine-tune ``model`` on ``samples`` (checkpointing into ``workdir``); returns (model, JSON-able
+        report). Under torchrun every rank calls it with the same samples (data parallel)."""
 
 
 class Evaluator(Protocol):
+    neutral_knobs: tuple[str, ...]
+
     def evaluate(self, model: torch.nn.Module, tokenizer) -> dict: ...

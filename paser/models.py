@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SHAPES_FILE = "pruned_shapes.json"
 KINDS = ("gguf_package", "hub", "local", "tiny")
+# model config keys that do not change the weights (so not the cache keys): its label and where it runs
+NEUTRAL_KNOBS = ("name", "device", "device_map")
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -27,15 +29,16 @@ def torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_model(cfg: DictConfig, cache=None):
-    """(model, tokenizer) for a ``model`` config; the model is in eval mode in ``cfg.dtype``."""
+def load_model(cfg: DictConfig, cache=None, device: torch.device | str = "cpu"):
+    """(model, tokenizer) for a ``model`` config; the model is in eval mode in ``cfg.dtype`` on ``device``
+    (or wherever ``cfg.device_map`` spreads it)."""
     from transformers import AutoModelForCausalLM
 
     if cfg.kind == "tiny":
         model, tok = tiny_llama(**OmegaConf.to_container(cfg.get("tiny", {}), resolve=True))
     elif cfg.kind == "local":
         model, tok = load_saved(_source(cfg, cache), dtype=cfg.dtype, trust_remote_code=_remote_code(cfg),
-                                device_map=cfg.get("device_map"))
+                                device_map=cfg.get("device_map"), device=device)
     else:
         source = _source(cfg, cache)
         tok = load_tokenizer(cfg, cache)
@@ -47,7 +50,7 @@ def load_model(cfg: DictConfig, cache=None):
         except OSError as e:
             raise ConfigError(_unreachable(source, e)) from None
     if cfg.get("device_map") is None:
-        model.to(torch_dtype(cfg.dtype))
+        model.to(device=device, dtype=torch_dtype(cfg.dtype))
     model.eval()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -231,9 +234,10 @@ def save_model(model, tokenizer, folder: str | Path) -> None:
 
 
 def load_saved(folder: str | Path, dtype: str = "float32", trust_remote_code: bool = False,
-               device_map: str | None = None):
+               device_map: str | None = None, device: torch.device | str = "cpu"):
     """Inverse of save_model: structured-pruned checkpoints are rebuilt with their recorded shapes.
-    ``device_map`` as in from_pretrained (None: CPU; "auto": accelerate spreads it over the GPUs)."""
+    The model goes to ``device``, unless ``device_map`` (as in from_pretrained: "auto" lets accelerate
+    spread it over every visible GPU) places it."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -242,7 +246,8 @@ def load_saved(folder: str | Path, dtype: str = "float32", trust_remote_code: bo
     shapes_file = folder / SHAPES_FILE
     if not shapes_file.exists():
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(dtype),
-                                                     trust_remote_code=trust_remote_code, device_map=device_map)
+                                                     trust_remote_code=trust_remote_code,
+                                                     device_map=device_map if device_map is not None else device)
         return model.eval(), tok
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype),
@@ -258,8 +263,10 @@ def load_saved(folder: str | Path, dtype: str = "float32", trust_remote_code: bo
                            f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     if config.tie_word_embeddings:
         model.tie_weights()
-    model.to(torch_dtype(dtype))
-    if device_map is not None:
+    if device_map is None:
+        model.to(device=device, dtype=torch_dtype(dtype))
+    else:
+        model.to(torch_dtype(dtype))
         from accelerate import dispatch_model, infer_auto_device_map
 
         model = dispatch_model(model, infer_auto_device_map(model) if device_map == "auto" else device_map)

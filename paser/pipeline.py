@@ -1,8 +1,10 @@
 """One run: prune -> select -> recover -> evaluate.
 
-Every stage's output is cached under a hash of the config slice that produced it (paser.cache), so a
-sweep over selectors prunes once and a rerun of a finished config loads results instead of recomputing.
-Models are loaded lazily: a stage whose result is cached never touches a model.
+Every stage's output is cached (paser.cache) under a key of exactly what determines it (``Keys``), so a
+sweep over selectors prunes once, a rerun of a finished config loads results instead of recomputing, and
+concurrent jobs that share a stage compute it once between them. Models are loaded lazily, on the run's
+device (``model.device``): a stage whose result is cached never touches a model. Under torchrun the stages
+split their work across ranks as paser.distributed describes.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,26 +24,32 @@ import torch
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
+from paser import distributed
 from paser.cache import StageCache, config_hash, library_versions, to_plain
-from paser.components import Selection, SelectionContext
+from paser.components import Selection, SelectionContext, declared, environment
 from paser.data import Pool, calibration_windows, load_pool, resolve_budget
 from paser.embedding import load_embedder
-from paser.errors import ConfigError, PaserError
+from paser.errors import ConfigError, DataError, PaserError
+from paser.fingerprint import code_version, file_fingerprint
+from paser.hardware import host_facts, peak_memory_gib, resolve_device
+from paser.models import NEUTRAL_KNOBS as NEUTRAL_MODEL_KNOBS
 from paser.models import load_model, load_saved, load_tokenizer, save_model
-from paser.pruners.common import NoPruner, parameter_count, sparsity_report
-from paser.tracking import git_commit, write_results
+from paser.pruners.common import parameter_count, sparsity_report
+from paser.tracking import NullLogger, git_commit, write_results
 
 log = logging.getLogger(__name__)
 
 
 class Models:
-    """Lazy holder of the dense and pruned models. Pruning consumes the dense instance (it prunes in
-    place); whoever needs the original model afterwards gets a fresh copy from disk."""
+    """The dense and pruned models of one run, on the run's device, loaded when first needed. Pruning
+    consumes the dense instance (it prunes in place); whoever needs the original model afterwards gets
+    a fresh copy from disk. The pruned model is handed over by the prune stage (``pruned``) or loaded
+    from its cache entry (``load_pruned``)."""
 
-    def __init__(self, cfg: DictConfig, cache: StageCache):
-        self.cfg, self.cache = cfg, cache
+    def __init__(self, cfg: DictConfig, cache: StageCache, device: torch.device):
+        self.cfg, self.cache, self.device = cfg, cache, device
         self._dense = None
-        self.pruned = None  # set by the prune stage, or loaded from its cache entry
+        self.pruned = None
         self.tokenizer = None
 
     def dense(self):
@@ -54,7 +63,13 @@ class Models:
         return model
 
     def fresh_dense(self):
-        return load_model(self.cfg.model, self.cache)[0]
+        return load_model(self.cfg.model, self.cache, self.device)[0]
+
+    def load_pruned(self, entry: Path):
+        if self.pruned is None:
+            self.pruned, _ = load_saved(entry / "model", dtype=self.cfg.model.dtype,
+                                        device_map=self.cfg.model.get("device_map"), device=self.device)
+        return self.pruned
 
     def tok(self):
         if self.tokenizer is None:
@@ -69,14 +84,15 @@ class Timer:
     @contextmanager
     def stage(self, name: str):
         start = time.time()
-        entry = {"reused": False}
+        entry = {"reused": False, "source": "computed"}
         try:
             yield entry
         finally:
             entry["seconds"] = round(time.time() - start, 3)
             self.stages[name] = entry
-            log.info("stage %-10s %7.1f s%s", name, entry["seconds"], " (reused from cache)" if entry["reused"]
-                     else "")
+            log.info("stage %-14s %7.1f s%s", name, entry["seconds"],
+                     {"computed": "", "cache": " (reused from cache)",
+                      "other": " (computed by another process)"}[entry["source"]])
 
 
 def _json(path: Path):
@@ -135,158 +151,276 @@ def build_components(cfg: DictConfig) -> Components:
         budget=resolve_budget(cfg.budget, len(pool)))
 
 
-class Run:
-    """The four stages of one composed config, sharing the cache, the lazily loaded models and the timer.
-    Each stage returns a cached result when one exists for the config slice that determines it."""
+# ---------------------------------------------------------------------------------------- cache keys
 
-    def __init__(self, cfg: DictConfig, parts: Components, run_dir: Path):
-        self.cfg, self.parts, self.run_dir = cfg, parts, run_dir
+SCORING_NEUTRAL_KNOBS = ("batch_size", "embedder_device")  # the scoring block's memory/speed knobs
+
+
+def knobs(node, neutral=()) -> dict:
+    """A config node as plain data without its ``neutral`` keys (knobs that only move memory or speed)."""
+    return {k: v for k, v in to_plain(node).items() if k not in neutral}
+
+
+def calibration_key(c: DictConfig) -> dict:
+    """The calibration windows by what determines them: the file's content (not its path), the recipe
+    and the code that draws them."""
+    if not Path(c.path).is_file():
+        raise DataError(f"calibration text not found at {c.path}; set pruner.calibration.path to a JSONL "
+                        "file with a 'text' field (e.g. a C4 shard)")
+    return {"file": file_fingerprint(c.path), "nsamples": c.nsamples, "seqlen": c.seqlen, "seed": c.seed,
+            "code": code_version(calibration_windows)}
+
+
+@dataclass
+class Keys:
+    """Every stage's cache key, written once: exactly what determines the artifact (config values the
+    component does not declare neutral, input file contents, the source of the implementing code, and
+    environment facts that change the result)."""
+
+    model: dict           # the dense model
+    pruner: dict | None   # None for pruner=none
+    pruned: dict          # the pruned model's state (the dense key for pruner=none)
+    selection: dict
+    adapter: dict | None
+
+    @classmethod
+    def build(cls, cfg: DictConfig, parts: Components) -> Keys:
+        model = {"model": knobs(cfg.model, NEUTRAL_MODEL_KNOBS)}
+        pruner = None
+        if declared(parts.pruner, "changes_model"):
+            p = parts.pruner
+            pruner = {"config": knobs(cfg.pruner, declared(p, "neutral_knobs") + ("calibration",)),
+                      "calibration": calibration_key(cfg.pruner.calibration)
+                      if declared(p, "needs_calibration") else None,
+                      "code": code_version(type(p))}
+        pruned = {**model, "pruner": pruner} if pruner else model
+        s = parts.selector
+        selection = {"state": pruned, "pool": parts.pool.fingerprint,
+                     "selector": knobs(cfg.selector, declared(s, "neutral_knobs")),
+                     "environment": environment(s),
+                     "budget": parts.budget if declared(s, "uses_budget") else None,
+                     "seed": cfg.seed,
+                     "scoring": knobs(cfg.scoring, SCORING_NEUTRAL_KNOBS) if declared(s, "uses_scoring") else None,
+                     "code": code_version(type(s))}
+        adapter = None
+        if parts.recovery is not None:
+            adapter = {"selection": selection,
+                       "recovery": knobs(cfg.recovery, declared(parts.recovery, "neutral_knobs")),
+                       "code": code_version(type(parts.recovery))}
+        return cls(model=model, pruner=pruner, pruned=pruned, selection=selection, adapter=adapter)
+
+    def metrics(self, state: dict, kind: str, node: DictConfig, evaluator) -> dict:
+        """One entry per evaluator kind and model state: adding an evaluator reuses the others."""
+        return {"state": state, "evaluator": kind, "config": knobs(node, declared(evaluator, "neutral_knobs")),
+                "code": code_version(type(evaluator))}
+
+
+# ---------------------------------------------------------------------------------------- stages
+
+
+class Run:
+    """The four stages of one composed config, sharing the cache, the models and the timer. Every stage
+    goes through ``cached``: a result is looked up, or computed once (concurrent jobs of configs that share
+    the stage wait for each other instead of computing it twice) and stored."""
+
+    def __init__(self, cfg: DictConfig, parts: Components, run_dir: Path, device: torch.device):
+        self.cfg, self.parts, self.run_dir, self.device = cfg, parts, run_dir, device
         self.cache = StageCache(cfg.paths.cache_dir)
-        self.models = Models(cfg, self.cache)
+        self.models = Models(cfg, self.cache, device)
+        self.keys = Keys.build(cfg, parts)
         self.timer = Timer()
 
-    def evaluate(self, name: str, key: dict, get_model) -> dict:
-        """Metrics of one model state under every configured evaluator (cached per state and evaluator)."""
-        slice_ = {"state": key, "evaluator": self.cfg.evaluator}
-        with self.timer.stage(f"eval_{name}") as t:
-            hit = self.cache.lookup("metrics", slice_)
-            if hit is not None:
-                t["reused"] = True
-                return _json(hit / "metrics.json")
-            model, tokenizer = get_model(), self.models.tok()
-            metrics = {kind: ev.evaluate(model, tokenizer) for kind, ev in self.parts.evaluators.items()}
-            self.cache.store("metrics", slice_,
-                             lambda d: (d / "metrics.json").write_text(json.dumps(metrics, indent=1)))
-            return metrics
+    def cached(self, name: str, stage: str, key: dict, compute, save, load, ranks: str = "main"):
+        """The stage's value: ``load(entry)`` of a cached entry, or ``compute()`` stored with
+        ``save(value, folder)``. Under torchrun (``ranks``): "main", rank 0 computes and stores while the
+        other ranks wait for its entry; "all", every rank runs ``compute`` (it is data parallel inside) and
+        the others then take rank 0's stored entry; "only_main", only rank 0 calls this at all."""
+        box = {}
+        collective = ranks != "only_main"
+        with self.timer.stage(name) as t:
+            before = {k: dict(v) for k, v in self.cache.counts.items()}
+            if not distributed.is_main():
+                if distributed.broadcast(None) is None and ranks == "all":  # rank 0 found no entry
+                    compute()
+                entry, source = self._wait_for(stage, key), "other"
+            else:
+                hit = self.cache.lookup(stage, key)
+                if collective:
+                    distributed.broadcast(hit)
+                if hit is not None:
+                    entry, source = hit, "cache"
+                else:
+                    def write(folder: Path):
+                        box["value"] = compute()
+                        save(box["value"], folder)
+
+                    entry, source = self.cache.get_or_create(stage, key, write)
+            t["source"], t["reused"] = source, source != "computed"
+            chunks = _count_diff(before, self.cache.counts)
+            if chunks:
+                t["chunks"] = chunks
+            t["peak_gpu_memory_gib"] = peak_memory_gib(self.device)
+            return box["value"] if "value" in box else load(entry)
+
+    def _wait_for(self, stage: str, key: dict) -> Path:
+        """Another rank computes this entry: poll the shared cache until it is there."""
+        while (hit := self.cache.lookup(stage, key)) is None:
+            time.sleep(1.0)
+        return hit
+
+    def evaluate(self, name: str, state: dict, get_model) -> dict:
+        """Metrics of one model state under every configured evaluator (rank 0 only)."""
+        if not distributed.is_main():
+            return {}
+        metrics = {}
+        for kind, ev in self.parts.evaluators.items():
+            metrics[kind] = self.cached(
+                f"eval_{name}" if len(self.parts.evaluators) == 1 else f"eval_{name}_{kind}", "metrics",
+                self.keys.metrics(state, kind, self.cfg.evaluator[kind], ev),
+                compute=lambda ev=ev: ev.evaluate(get_model(), self.models.tok()),
+                save=lambda m, d: (d / "metrics.json").write_text(json.dumps(m, indent=1)),
+                load=lambda d: _json(d / "metrics.json"), ranks="only_main")
+        return metrics
 
     def prune(self) -> tuple[Path, dict]:
-        cfg, models = self.cfg, self.models
-        slice_ = {"model": cfg.model, "pruner": cfg.pruner}
-        with self.timer.stage("prune") as t:
-            hit = self.cache.lookup("pruned", slice_)
-            if hit is not None:
-                t["reused"] = True
-                return hit, _json(hit / "report.json")
-            model, tokenizer = models.take_dense(), models.tok()
+        def compute():
+            model, tokenizer = self.models.take_dense(), self.models.tok()
             calib = None
-            if getattr(self.parts.pruner, "needs_calibration", False):
-                c = cfg.pruner.calibration
+            if declared(self.parts.pruner, "needs_calibration"):
+                c = self.cfg.pruner.calibration
                 calib = calibration_windows(tokenizer, c.path, c.nsamples, c.seqlen, c.seed)
             params_before = parameter_count(model)
             start = time.time()
             report = self.parts.pruner.prune(model, calib)
             report.update(params_before=params_before, params_after=parameter_count(model),
                           prune_time_s=round(time.time() - start, 3))
+            self.models.pruned = model
+            return report
 
-            def write(d: Path):
-                save_model(model, tokenizer, d / "model")
-                (d / "report.json").write_text(json.dumps(report, indent=1))
+        def save(report, d: Path):
+            save_model(self.models.pruned, self.models.tok(), d / "model")
+            (d / "report.json").write_text(json.dumps(report, indent=1))
 
-            entry = self.cache.store("pruned", slice_, write)
-            models.pruned = model
-            return entry, report
+        report = self.cached("prune", "pruned", self.keys.pruned, compute, save,
+                             load=lambda d: _json(d / "report.json"))
+        return self.cache.entry_dir("pruned", self.keys.pruned), report
 
     def dense_report(self) -> dict:
         """pruner=none: the dense model's sparsity report, cached so that a fully cached run loads no model."""
-        def write(d: Path):
-            (d / "report.json").write_text(json.dumps(sparsity_report(self.models.dense()), indent=1))
+        return self.cached("prune", "dense_report", self.keys.model,
+                           compute=lambda: sparsity_report(self.models.dense()),
+                           save=lambda r, d: (d / "report.json").write_text(json.dumps(r, indent=1)),
+                           load=lambda d: _json(d / "report.json"))
 
-        entry, _ = self.cache.get_or_create("dense_report", {"model": self.cfg.model}, write)
-        return _json(entry / "report.json")
+    def selection_context(self, pruned_fn) -> SelectionContext:
+        cfg = self.cfg
+        embedder_device = cfg.scoring.get("embedder_device") or str(self.device)
+        # ranks other than 0 take part in the scoring; their copies of the selector's files are thrown away
+        run_dir = self.run_dir if distributed.is_main() else Path(tempfile.mkdtemp(prefix="paser-rank"))
+        return SelectionContext(
+            tokenizer=self.models.tok(), original_model=self.models.fresh_dense, pruned_model=pruned_fn,
+            embedder=lambda: load_embedder(cfg.scoring.embedder, device=embedder_device),
+            embedder_name=cfg.scoring.embedder, cache=self.cache, seed=cfg.seed, run_dir=run_dir,
+            cutoff=cfg.scoring.cutoff, batch_size=cfg.scoring.batch_size, device=self.device,
+            world_size=distributed.world_size(),
+            cache_key={"model": config_hash(self.keys.model), "pruner": config_hash(self.keys.pruner),
+                       "pool": self.parts.pool.fingerprint})
 
     def select(self, pruned_fn) -> tuple[dict, list[dict]]:
-        cfg, pool, budget, selector = self.cfg, self.parts.pool, self.parts.budget, self.parts.selector
-        slice_ = {"model": cfg.model, "pruner": cfg.pruner, "pool": pool.fingerprint, "selector": cfg.selector,
-                  "budget": budget, "seed": cfg.seed, "scoring": cfg.scoring}
-        with self.timer.stage("select") as t:
-            hit = self.cache.lookup("selection", slice_)
-            if hit is not None:
-                t["reused"] = True
-                record = _json(hit / "selection.json")
-                for f in (hit / "artifacts").glob("*"):  # the selector's plots, for this run's folder too
+        pool, budget, selector = self.parts.pool, self.parts.budget, self.parts.selector
+
+        def compute():
+            before = set(self.run_dir.iterdir())
+            selection: Selection = selector.select(pool, budget, self.selection_context(pruned_fn))
+            # checked before anything is stored: an over-budget selection must not be cached
+            if declared(selector, "uses_budget") and len(selection.indices) > budget:
+                raise RuntimeError(f"selector returned {len(selection.indices)} samples for a budget of {budget}")
+            record = {"indices": [int(i) for i in selection.indices], "budget": budget,
+                      "pool_size": len(pool), "pool_source": pool.source,
+                      "pool_fingerprint": pool.fingerprint, "environment": self.keys.selection["environment"],
+                      "diagnostics": selection.diagnostics, "stats": selection_stats(pool.rows, selection.indices)}
+            artifacts = [f for f in set(self.run_dir.iterdir()) - before if f.is_file()]
+            return record, artifacts
+
+        def save(value, d: Path):
+            record, artifacts = value
+            (d / "selection.json").write_text(json.dumps(record, indent=1, default=_np_default))
+            (d / "artifacts").mkdir()
+            for f in artifacts:
+                shutil.copy(f, d / "artifacts" / f.name)
+
+        def load(d: Path):
+            for f in (d / "artifacts").glob("*"):  # the selector's plots, for this run's folder too
+                if not (self.run_dir / f.name).exists():
                     shutil.copy(f, self.run_dir / f.name)
-            else:
-                before = set(self.run_dir.iterdir())
-                ctx = SelectionContext(
-                    tokenizer=self.models.tok(), original_model=self.models.fresh_dense, pruned_model=pruned_fn,
-                    embedder=lambda: load_embedder(cfg.scoring.embedder), embedder_name=cfg.scoring.embedder,
-                    cache=self.cache, seed=cfg.seed, run_dir=self.run_dir, cutoff=cfg.scoring.cutoff,
-                    batch_size=cfg.scoring.batch_size,
-                    cache_key={"model": config_hash(cfg.model), "pruner": config_hash(cfg.pruner),
-                               "pool": pool.fingerprint})
-                selection: Selection = selector.select(pool, budget, ctx)
-                record = {"indices": [int(i) for i in selection.indices], "budget": budget,
-                          "pool_size": len(pool), "pool_source": pool.source,
-                          "pool_fingerprint": pool.fingerprint, "diagnostics": selection.diagnostics,
-                          "stats": selection_stats(pool.rows, selection.indices)}
+            return _json(d / "selection.json"), []
 
-                artifacts = [f for f in set(self.run_dir.iterdir()) - before if f.is_file()]
+        value = self.cached("select", "selection", self.keys.selection, compute, save, load, ranks="all")
+        # a fresh computation's record goes through JSON like a cached one, so cold and warm runs agree
+        record = json.loads(json.dumps(value[0], default=_np_default))
+        return record, pool.subset(record["indices"])
 
-                def write(d: Path):
-                    (d / "selection.json").write_text(json.dumps(record, indent=1, default=_np_default))
-                    if selection.scores is not None:
-                        np.save(d / "scores.npy", np.asarray(selection.scores))
-                    (d / "artifacts").mkdir()
-                    for f in artifacts:
-                        shutil.copy(f, d / "artifacts" / f.name)
-
-                self.cache.store("selection", slice_, write)
-        if getattr(selector, "uses_budget", True) and len(record["indices"]) > budget:
-            raise RuntimeError(f"selector returned {len(record['indices'])} samples for a budget of {budget}")
-        return {"slice": slice_, **record}, pool.subset(record["indices"])
-
-    def recover(self, selection: dict, samples: list[dict], pruned_fn):
+    def recover(self, samples: list[dict], pruned_fn):
         """(factory of the recovered model, recovery report), or (None, None) with recovery=none."""
         if self.parts.recovery is None:
             return None, None
-        slice_ = {"selection": selection["slice"], "recovery": self.cfg.recovery, "seed": self.cfg.seed}
-        with self.timer.stage("recover") as t:
-            hit = self.cache.lookup("adapter", slice_)
-            if hit is not None:
-                t["reused"] = True
+        key = self.keys.adapter
+        # checkpoints live beside the entry until it is stored: a rerun finds and resumes them
+        workdir = self.cache.entry_dir("adapter", key).with_suffix(".work")
+        box = {}
 
-                def load_recovered():
-                    from peft import PeftModel
-
-                    return PeftModel.from_pretrained(pruned_fn(), hit / "adapter").eval()
-
-                return load_recovered, _json(hit / "report.json")
-            # checkpoints live beside the entry until it is stored: a rerun finds and resumes them
-            workdir = self.cache.entry_dir("adapter", slice_).with_suffix(".work")
+        def compute():
             model, report = self.parts.recovery.recover(pruned_fn(), self.models.tok(), samples, workdir)
+            box["model"] = model
+            return report
 
-            def write(d: Path):
-                model.save_pretrained(d / "adapter")
-                (d / "report.json").write_text(json.dumps(report, indent=1))
+        def save(report, d: Path):
+            box["model"].save_pretrained(d / "adapter")
+            (d / "report.json").write_text(json.dumps(report, indent=1))
 
-            self.cache.store("adapter", slice_, write)
+        def load(d: Path):
+            return _json(d / "report.json")
+
+        report = self.cached("recover", "adapter", key, compute, save, load, ranks="all")
+        if distributed.is_main():
             shutil.rmtree(workdir, ignore_errors=True)
-            return (lambda: model), report
+        if "model" in box:
+            return (lambda: box["model"]), report
+
+        def load_recovered():
+            from peft import PeftModel
+
+            return PeftModel.from_pretrained(pruned_fn(), self.cache.entry_dir("adapter", key) / "adapter").eval()
+
+        return load_recovered, report
 
     def __call__(self) -> dict:
-        cfg, models = self.cfg, self.models
-        dense_key = {"model": cfg.model}
-        metrics = {"dense": self.evaluate("dense", dense_key, models.dense)}
-
-        if isinstance(self.parts.pruner, NoPruner):  # the pruned model *is* the dense one: no copy
-            prune_report, pruned, pruned_key = self.dense_report(), models.dense, dense_key
+        models, keys = self.models, self.keys
+        metrics = {"dense": self.evaluate("dense", keys.model, models.dense)}
+        if keys.pruner is None:  # the pruned model *is* the dense one: no copy
+            prune_report, pruned = self.dense_report(), models.dense
         else:
             pruned_entry, prune_report = self.prune()
-            pruned_key = {"model": cfg.model, "pruner": cfg.pruner}
 
             def pruned():
-                if models.pruned is None:
-                    models.pruned, _ = load_saved(pruned_entry / "model", dtype=cfg.model.dtype,
-                                                  device_map=cfg.model.get("device_map"))
-                return models.pruned
+                return models.load_pruned(pruned_entry)
 
-        metrics["pruned"] = self.evaluate("pruned", pruned_key, pruned)
+        metrics["pruned"] = self.evaluate("pruned", keys.pruned, pruned)
         selection, samples = self.select(pruned)
-        recovered, recovery_report = self.recover(selection, samples, pruned)
+        recovered, recovery_report = self.recover(samples, pruned)
         if recovered is not None:
-            recovered_key = {"selection": selection["slice"], "recovery": cfg.recovery, "seed": cfg.seed}
-            metrics["recovered"] = self.evaluate("recovered", recovered_key, recovered)
+            metrics["recovered"] = self.evaluate("recovered", keys.adapter, recovered)
         return {"metrics": metrics, "prune": prune_report, "selection": selection, "recovery": recovery_report}
+
+
+def _count_diff(before: dict, after: dict) -> dict:
+    """Per cache stage, the chunks/entries this stage computed, found cached, or took from another process."""
+    out = {}
+    for stage, counts in after.items():
+        diff = {k: v - before.get(stage, {}).get(k, 0) for k, v in counts.items()}
+        if any(diff.values()):
+            out[stage] = diff
+    return out
 
 
 def selection_stats(rows: list[dict], indices) -> dict:
@@ -311,28 +445,43 @@ def _np_default(o):
 # ---------------------------------------------------------------------------------------- the run
 
 
-def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
-    """Run the four stages for a composed config; writes ``results.json`` into ``run_dir``."""
+def run(cfg: DictConfig, run_dir: str | Path | None = None, job_index: int | None = None) -> dict | None:
+    """Run the four stages for a composed config; writes ``results.json`` into ``run_dir``.
+
+    ``job_index``: the job's number in a local parallel sweep (one GPU per job under model.device=auto).
+    Under torchrun every rank calls this; rank 0 returns the results, the other ranks None.
+    """
     started = time.time()
     parts = build_components(cfg)
+    device = resolve_device(cfg.model.get("device", "auto"), job_index)
+    distributed.init(device)
+    host = host_facts(device)
+    log.info("device %s (%s); model dtype %s, recovery dtype %s; %d process(es); GPUs visible: %d%s",
+             device, host.get("gpu") or host["cpu"], cfg.model.dtype, OmegaConf.select(cfg, "recovery.dtype"),
+             host["world_size"], host["gpu_count"], f" ({', '.join(host['gpus'])})" if host.get("gpus") else "")
     run_dir = Path(run_dir or Path(cfg.paths.output_dir) / "runs" / cfg.name / time.strftime("%Y%m%d-%H%M%S"))
+    run_dir = distributed.broadcast(run_dir)  # every rank's Hydra made its own folder: use rank 0's
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    logger = _instantiate(cfg.logger)
+    main = distributed.is_main()
+    logger = _instantiate(cfg.logger) if main else NullLogger()
     tags = [f"model:{cfg.model.name}", f"pruner:{_component_name(cfg.pruner)}",
             f"selector:{_component_name(cfg.selector)}", f"recovery:{_component_name(cfg.recovery)}"]
     logger.start(to_plain(cfg), run_dir, name=run_dir.name, tags=tags)
 
-    stages = Run(cfg, parts, run_dir)
+    stages = Run(cfg, parts, run_dir, device)
     out = stages()
+    if not main:
+        return None
     selection = out["selection"]
     results = {
         "name": cfg.name, "seed": cfg.seed, "run_dir": str(run_dir),
         "config": to_plain(cfg),
+        "host": {**host, "model_dtype": cfg.model.dtype, "recovery_dtype": OmegaConf.select(cfg, "recovery.dtype")},
         "metrics": out["metrics"],
         "prune": out["prune"],
-        "selection": {k: v for k, v in selection.items() if k not in ("slice", "indices")},
+        "selection": {k: v for k, v in selection.items() if k != "indices"},
         "recovery": out["recovery"],
         "timings": {**stages.timer.stages, "total_s": round(time.time() - started, 3)},
         "versions": library_versions(), "git_commit": git_commit(),

@@ -5,6 +5,14 @@ accumulation up to the effective batch, AdamW with linear warm-up and decay (the
 schedule the reference recipe uses). Every ``checkpoint_every`` optimizer steps the adapter, optimizer,
 scheduler and RNG state are saved atomically, so a killed run resumes from the last checkpoint and ends
 with the same weights as an uninterrupted one.
+
+Under torchrun the loop is data parallel (paser.distributed): every rank walks the same batch order, runs
+the micro-batches k ≡ rank (mod world size) of each effective batch, and the gradients and losses are
+summed across ranks before the optimizer step, which every rank then takes identically. The effective
+batch, the loss normalisation (mean over the effective batch's response tokens) and the schedule are those
+of one process. The gradients are summed by one flat all-reduce rather than by wrapping the model in DDP:
+with a small effective batch a rank can get fewer micro-batches than another (or none), which DDP's
+per-backward synchronisation cannot express. Only rank 0 writes checkpoints.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from paser import distributed
 from paser.data import encode_pool
 from paser.errors import ConfigError, TrainingError
 from paser.models import torch_dtype
@@ -31,6 +40,9 @@ CHECKPOINT = "checkpoint"
 
 
 class LoraRecovery:
+    # checkpoints only decide where a killed run resumes; the trained adapter is the same
+    neutral_knobs = ("checkpoint_every",)
+
     def __init__(self, r: int = 8, alpha: int = 16, dropout: float = 0.05,
                  target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
                  lr: float = 1e-4, epochs: int = 2, batch_size: int = 64, micro_batch_size: int = 4,
@@ -84,8 +96,8 @@ class LoraRecovery:
             raise ConfigError("recovery got an empty selection: nothing to train on")
         torch.manual_seed(self.seed)
         peft_model = self.wrap(model)
+        torch.manual_seed(self.seed + distributed.rank())  # dropout masks: each rank draws its own
         encoded = encode_pool(tokenizer, samples, self.cutoff)
-        accum = self.batch_size // self.micro_batch_size
         steps_per_epoch = math.ceil(len(encoded) / self.batch_size)
         total_steps = steps_per_epoch * self.epochs
         params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -100,12 +112,13 @@ class LoraRecovery:
         peft_model.train()
         pad = tokenizer.pad_token_id
         start = time.time()
-        bar = tqdm(total=total_steps, initial=state["step"], desc="LoRA recovery", unit="step")
+        bar = tqdm(total=total_steps, initial=state["step"], desc="LoRA recovery", unit="step",
+                   disable=not distributed.is_main())
         for step in range(state["step"], total_steps):
             epoch, in_epoch = divmod(step, steps_per_epoch)
             order = self._epoch_order(len(encoded), epoch)
             batch = order[in_epoch * self.batch_size:(in_epoch + 1) * self.batch_size]
-            loss = self._optimizer_step(peft_model, optimizer, [encoded[i] for i in batch], pad, accum)
+            loss = self._optimizer_step(peft_model, optimizer, [encoded[i] for i in batch], pad)
             if not math.isfinite(loss):
                 raise TrainingError(
                     f"recovery loss became {loss} at step {step + 1}; training stopped. The last good "
@@ -116,26 +129,29 @@ class LoraRecovery:
                                     "lr": scheduler.get_last_lr()[0]})
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
-            if (step + 1) % self.checkpoint_every == 0 and step + 1 < total_steps:
+            if (step + 1) % self.checkpoint_every == 0 and step + 1 < total_steps and distributed.is_main():
                 state["step"] = step + 1
                 self._save_checkpoint(ckpt, peft_model, optimizer, scheduler, state)
         bar.close()
         peft_model.eval()
         report = {"steps": total_steps, "samples": len(encoded), "epochs": self.epochs,
                   "effective_batch": self.batch_size, "truncated": sum(e.truncated for e in encoded),
+                  "processes": distributed.world_size(),
                   "loss_curve": state["losses"], "final_loss": state["losses"][-1]["loss"],
                   "train_time_s": time.time() - start}
         return peft_model, report
 
-    def _optimizer_step(self, model, optimizer, batch, pad_id: int, accum: int) -> float:
-        """One optimizer step over an effective batch; the loss is the mean over its response tokens."""
+    def _optimizer_step(self, model, optimizer, batch, pad_id: int) -> float:
+        """One optimizer step over an effective batch; the loss is the mean over its response tokens.
+        Under torchrun this rank runs its share of the micro-batches; gradients are summed over ranks."""
         n_targets = sum(len(e.input_ids) - max(e.prompt_len, 1) for e in batch)
         if n_targets == 0:  # every response truncated away: nothing to learn from this batch
             optimizer.zero_grad(set_to_none=True)
             return 0.0
-        total = 0.0
         device = next(model.parameters()).device
-        for k in range(0, len(batch), self.micro_batch_size):
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        micro_starts = list(range(0, len(batch), self.micro_batch_size))
+        for k in micro_starts[distributed.rank()::distributed.world_size()]:
             micro = batch[k:k + self.micro_batch_size]
             ids, mask = pad_right([e.input_ids for e in micro], pad_id)
             labels = ids.clone()
@@ -147,10 +163,16 @@ class LoraRecovery:
                                                     labels[:, 1:].reshape(-1).to(device), ignore_index=-100,
                                                     reduction="sum")
             (nll / n_targets).backward()
-            total += nll.item()
+            total += nll.detach().double()
+        if distributed.world_size() > 1:
+            params = [p for p in model.parameters() if p.requires_grad]
+            for p in params:
+                if p.grad is None:  # this rank had no micro-batch in this step
+                    p.grad = torch.zeros_like(p)
+            distributed.sum_across_ranks([p.grad for p in params] + [total])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return total / n_targets
+        return total.item() / n_targets
 
     # ---------------------------------------------------------------------- checkpoints
 

@@ -11,6 +11,7 @@ class FullSelector:
     """All of D, whatever the budget (the 'full data' row)."""
 
     uses_budget = False
+    uses_scoring = False
 
     def select(self, pool, budget, ctx) -> Selection:
         return Selection(indices=list(range(len(pool))), diagnostics={"selected": len(pool)})
@@ -20,6 +21,7 @@ class RandomSelector:
     """B samples drawn uniformly without replacement (seeded by the run's seed)."""
 
     uses_budget = True
+    uses_scoring = False
 
     def select(self, pool, budget, ctx) -> Selection:
         rng = np.random.default_rng(ctx.seed)

@@ -93,23 +93,21 @@ def select_within_clusters(rank_key: np.ndarray, labels: np.ndarray, budget: int
 
 
 def s2ric_labels(ctx, pool, clustering: dict) -> tuple[np.ndarray, dict]:
-    """S²RIC cluster labels of the pool's instruction embeddings, cached per (pool, embedder, knobs)."""
+    """S²RIC cluster labels of the pool's instruction embeddings and the clustering's diagnostics, cached
+    together per (pool, embedder, knobs): a warm run reports the same diagnostics as a cold one."""
     from paser.embedding import embed_pool
     from paser.selectors.paser.clustering import cluster_embeddings
 
     knobs = {k: clustering[k] for k in CLUSTERING_KNOBS}
-    info: dict = {}
 
-    def compute(start: int, end: int) -> np.ndarray:
+    def compute() -> dict:
         labels, diag = cluster_embeddings(embed_pool(ctx, pool.rows), seed=ctx.seed,
                                           **{**knobs, "k_range": tuple(knobs["k_range"])})
-        info.update(_json_scalars(diag))
-        return np.asarray(labels, dtype=np.int64)[start:end]
+        return {"labels": np.asarray(labels, dtype=np.int64).tolist(), "diagnostics": _json_scalars(diag)}
 
-    n = len(pool)
-    labels = ctx.cached_scores("s2ric_labels", ("pool",), {"embedder": ctx.embedder_name, "seed": ctx.seed,
-                                                           **knobs}, n, compute, chunk_size=max(n, 1))
-    return np.asarray(labels, dtype=np.int64), info
+    out = ctx.cached_result("s2ric_labels", ("pool",), {"embedder": ctx.embedder_name, "seed": ctx.seed,
+                                                         **knobs}, compute)
+    return np.asarray(out["labels"], dtype=np.int64), out["diagnostics"]
 
 
 def _json_scalars(d) -> dict:

@@ -1,0 +1,89 @@
+"""Where a run computes: the device policy (``model.device``), and the host facts recorded beside every
+timing in results.json (CPU model, AMX or not, GPUs)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import re
+from pathlib import Path
+
+import torch
+
+from paser import distributed
+from paser.errors import ConfigError
+
+log = logging.getLogger(__name__)
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N"
+
+
+def resolve_device(spec: str | None = "auto", job_index: int | None = None) -> torch.device:
+    """The device a run's models live on.
+
+    auto   the GPU of this process when CUDA is present, else the CPU. "This process's GPU" is
+           cuda:<LOCAL_RANK> under torchrun, cuda:<job number mod GPUs> for a job of a local parallel sweep
+           (hydra joblib: one GPU per job, not every job on every GPU), else cuda:0. SLURM jobs see only
+           their own GPUs (CUDA_VISIBLE_DEVICES), so they get cuda:0 of their allocation.
+    cuda   the same choice, but an error when no GPU is visible;  cuda:N  exactly that GPU;  cpu.
+    """
+    spec = "auto" if spec is None else str(spec)
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    match = re.fullmatch(r"cuda(?::(\d+))?", spec)
+    if spec == "cpu" or (spec == "auto" and count == 0):
+        return torch.device("cpu")
+    if spec != "auto" and match is None:
+        raise ConfigError(f"model.device='{spec}' is unknown; allowed: {DEVICE_CHOICES}")
+    if count == 0:
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise ConfigError(f"model.device='{spec}' but no CUDA GPU is visible (torch {torch.__version__}, "
+                          f"{build}); use model.device=cpu or model.device=auto")
+    if match is not None and match.group(1) is not None:
+        index = int(match.group(1))
+        if index >= count:
+            raise ConfigError(f"model.device='{spec}' but only {count} GPU(s) are visible (cuda:0..cuda:{count - 1})")
+        return torch.device("cuda", index)
+    local = distributed.local_rank()
+    index = local if local is not None else (job_index or 0)
+    return torch.device("cuda", index % count)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def has_amx() -> bool:
+    try:
+        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def host_facts(device: torch.device) -> dict:
+    """What a reader needs beside a time: the device, CPU model and AMX, GPUs, torch and CUDA versions."""
+    facts = {"device": str(device), "cpu": cpu_model(), "amx_bf16": has_amx(), "cpu_cores": os.cpu_count(),
+             "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "cuda": torch.version.cuda,
+             "world_size": distributed.world_size()}
+    if torch.cuda.is_available():
+        facts["gpu_count"] = torch.cuda.device_count()
+        facts["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if device.type == "cuda":
+            props = torch.cuda.get_device_properties(device)
+            facts["gpu"] = props.name
+            facts["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+    else:
+        facts["gpu_count"] = 0
+    return facts
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    """Peak memory allocated by torch on ``device`` so far (GPUs only; None on the CPU)."""
+    if device.type != "cuda":
+        return None
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 3)

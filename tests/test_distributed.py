@@ -1,0 +1,77 @@
+"""Many processes, one experiment or several: `torchrun --nproc_per_node=2` on the CPU (gloo) selects what
+one process selects and trains the same adapter; two concurrent runs of one config compute each stage once.
+These start real processes through run.py, as a user does."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import DATA_DIR, ROOT, TINY_RUN, requires_shared_data
+
+pytestmark = requires_shared_data()
+# PASER (chunked JSD and embedding scores) and LoRA with an effective batch of 4 in micro-batches of 1, so
+# that each rank runs a share of every step; no dropout, so that both runs draw the same computation.
+RUN = [o for o in TINY_RUN if not o.startswith(("selector=", "recovery."))] + [
+    "selector=paser", "recovery.batch_size=4", "recovery.micro_batch_size=1", "recovery.epochs=2",
+    "recovery.cutoff=128", "recovery.warmup_steps=0", "recovery.dropout=0.0", f"paths.data_dir={DATA_DIR}"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "1"}
+
+
+def launch(prefix: list[str], root, name: str, extra=()) -> subprocess.Popen:
+    args = RUN + [f"paths.cache_dir={root / 'cache'}", f"hydra.run.dir={root / name}", *extra]
+    return subprocess.Popen(prefix + [str(ROOT / "run.py"), *args], cwd=ROOT, env=ENV, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def finish(proc: subprocess.Popen) -> str:
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def adapter(root) -> dict:
+    (path,) = (root / "cache" / "adapter").glob("*/adapter/adapter_model.safetensors")
+    return load_file(path)
+
+
+def test_torchrun_two_ranks_match_one_process(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    finish(launch([sys.executable], one, "run"))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    finish(launch(torchrun, two, "run"))
+    assert json.loads((two / "run" / "selected_indices.json").read_text()) == \
+        json.loads((one / "run" / "selected_indices.json").read_text())
+    a, b = adapter(one), adapter(two)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=name)
+    results = json.loads((two / "run" / "results.json").read_text())
+    assert results["host"]["world_size"] == 2 and results["recovery"]["processes"] == 2
+    # the scoring was split: rank 0 computed only part of the chunks and took the rest from rank 1
+    chunks = results["timings"]["select"]["chunks"]
+    jsd = next(v for k, v in chunks.items() if k.startswith("scores/jsd"))
+    assert jsd["computed"] < sum(jsd.values()), chunks
+    assert not (two / "run" / "results.json.rank1").exists()
+
+
+def test_two_concurrent_runs_of_one_config_compute_each_stage_once(tmp_path):
+    procs = [launch([sys.executable], tmp_path, f"job{i}") for i in range(2)]
+    for p in procs:
+        finish(p)
+    runs = [json.loads((tmp_path / f"job{i}" / "results.json").read_text()) for i in range(2)]
+    assert runs[0]["metrics"] == runs[1]["metrics"]
+    for stage in ("eval_dense", "prune", "eval_pruned", "select", "recover", "eval_recovered"):
+        sources = sorted(r["timings"][stage]["source"] for r in runs)
+        assert sources.count("computed") == 1, (stage, sources)
+    computed = {}
+    for r in runs:
+        for stage, counts in r["timings"]["select"].get("chunks", {}).items():
+            computed[stage] = computed.get(stage, 0) + counts["computed"]
+    assert computed and all(n == 1 for n in computed.values()), computed  # one chunk per score array
