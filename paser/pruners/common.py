@@ -12,6 +12,7 @@ class NoPruner:
     """pruner=none: the dense model goes on unchanged (the 'dense' rows of a table)."""
 
     needs_calibration = False
+    changes_model = False
 
     def prune(self, model, calib=None) -> dict:
         return sparsity_report(model)
