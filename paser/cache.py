@@ -541,7 +541,11 @@ def main(argv: list[str] | None = None) -> int:
     if not root.is_dir():
         print(f"no cache at {root}: nothing to do", file=sys.stderr)
         return 0
-    commands[args.command][0](root, args)
+    try:
+        commands[args.command][0](root, args)
+    except OSError as e:  # e.g. no permission to remove another user's entry
+        print(f"paser.cache {args.command}: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -7,8 +7,9 @@ imports, directly or transitively (found statically, by parsing the import state
 includes it changes whenever any of that source changes, so a fix to an algorithm invalidates the entries
 the old code computed, and nobody can forget to bump a version. The price is in the safe direction: any
 edit to an implementing module, even to a comment, makes its entries unreachable and they are recomputed;
-``python -m paser.cache gc`` removes them. Parent packages count only when imported by name, third-party
-code is covered by the library versions of each manifest, not here.
+``python -m paser.cache gc`` removes them. Parent packages count only when imported by name; third-party
+code is covered by the library versions of each manifest, not here; data files a module reads (a word
+list beside it) are not source: key them with ``file_fingerprint``.
 
 Hashes are memoized per process: a long run keeps the identity of the code it started with even if the
 files change on disk meanwhile. ``clear_memo()`` forgets them (for tests that edit modules).
