@@ -4,6 +4,7 @@ tests, and pruned checkpoints whose per-layer shapes differ from the config (str
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -21,6 +22,29 @@ SHAPES_FILE = "pruned_shapes.json"
 KINDS = ("gguf_package", "hub", "local", "tiny")
 # model config keys that do not change the weights (so not the cache keys): its label and where it runs
 NEUTRAL_KNOBS = ("name", "device", "device_map")
+
+
+def model_identity(cfg: DictConfig) -> dict:
+    """The dense model's part of every cache key: its config without the neutral knobs, and for
+    ``kind: local`` the folder's content instead of its path (so the same checkpoint copied elsewhere hits
+    and a checkpoint replaced in place misses). Weight files count by size and their first and last MiB,
+    small files by their full hash: cheap for a 140 GB folder, and any re-save changes them."""
+    plain = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in NEUTRAL_KNOBS}
+    if cfg.kind == "local":
+        folder = Path(_source(cfg, None))
+        plain["path"] = {str(f.relative_to(folder)): _file_digest(f) for f in sorted(folder.rglob("*"))
+                         if f.is_file() and not f.name.startswith(".")}
+    return plain
+
+
+def _file_digest(path: Path, edge: int = 1 << 20) -> str:
+    h = hashlib.sha256(str(path.stat().st_size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(edge))
+        if path.stat().st_size > 2 * edge:
+            f.seek(-edge, 2)
+        h.update(f.read())  # the rest of a small file, or the last MiB of a large one
+    return h.hexdigest()[:16]
 
 
 def torch_dtype(name: str) -> torch.dtype:

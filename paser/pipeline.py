@@ -32,8 +32,7 @@ from paser.embedding import load_embedder
 from paser.errors import ConfigError, DataError, PaserError
 from paser.fingerprint import code_version, file_fingerprint
 from paser.hardware import host_facts, peak_memory_gib, resolve_device
-from paser.models import NEUTRAL_KNOBS as NEUTRAL_MODEL_KNOBS
-from paser.models import load_model, load_saved, load_tokenizer, save_model
+from paser.models import load_model, load_saved, load_tokenizer, model_identity, save_model
 from paser.pruners.common import parameter_count, sparsity_report
 from paser.tracking import NullLogger, git_commit, write_results
 
@@ -185,7 +184,7 @@ class Keys:
 
     @classmethod
     def build(cls, cfg: DictConfig, parts: Components) -> Keys:
-        model = {"model": knobs(cfg.model, NEUTRAL_MODEL_KNOBS)}
+        model = {"model": model_identity(cfg.model)}
         pruner = None
         if declared(parts.pruner, "changes_model"):
             p = parts.pruner

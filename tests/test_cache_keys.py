@@ -137,3 +137,20 @@ def test_over_budget_selection_is_not_stored(compose_cfg, tmp_path, monkeypatch)
         pipeline.run(compose_cfg(TINY_RUN), run_dir=tmp_path / "r")
     assert not (tmp_path / "cache" / "selection").exists() or not any(
         (tmp_path / "cache" / "selection").glob("*/manifest.json"))
+
+
+def test_a_local_model_is_keyed_by_its_files_not_its_folder(compose_cfg, tmp_path):
+    from paser.models import save_model, tiny_llama
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    save_model(*tiny_llama(seed=0), a)
+    shutil.copytree(a, b)
+    run = [o for o in TINY_RUN if not o.startswith("model=")] + ["model=local", "model.dtype=float32",
+                                                                  "recovery=none"]
+    run = [o for o in run if not o.startswith("recovery.")]
+    pipeline.run(compose_cfg(run + [f"model.path={a}"]), run_dir=tmp_path / "r1")
+    moved = pipeline.run(compose_cfg(run + [f"model.path={b}"]), run_dir=tmp_path / "r2")
+    assert moved["timings"]["prune"]["reused"] and moved["timings"]["eval_dense"]["reused"]
+    save_model(*tiny_llama(seed=1), b)  # another checkpoint in the same folder
+    replaced = pipeline.run(compose_cfg(run + [f"model.path={b}"]), run_dir=tmp_path / "r3")
+    assert not replaced["timings"]["eval_dense"]["reused"]
