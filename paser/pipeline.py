@@ -383,15 +383,20 @@ class Run:
         report = self.cached("recover", "adapter", key, compute, save, load, ranks="all")
         if distributed.is_main():
             shutil.rmtree(workdir, ignore_errors=True)
-        if "model" in box:
-            return (lambda: box["model"]), report
 
-        def load_recovered():
-            from peft import PeftModel
+        def recovered():
+            """The recovered model for evaluation, with the adapter merged into the weights: it runs at
+            the pruned model's speed. The stored adapter is untouched (it was saved before)."""
+            if "model" not in box:
+                from peft import PeftModel
 
-            return PeftModel.from_pretrained(pruned_fn(), self.cache.entry_dir("adapter", key) / "adapter").eval()
+                box["model"] = PeftModel.from_pretrained(pruned_fn(),
+                                                         self.cache.entry_dir("adapter", key) / "adapter")
+            if not box.get("merged"):
+                box["model"], box["merged"] = merged(box["model"]), True
+            return box["model"]
 
-        return load_recovered, report
+        return recovered, report
 
     def __call__(self) -> dict:
         models, keys = self.models, self.keys
@@ -410,6 +415,12 @@ class Run:
         if recovered is not None:
             metrics["recovered"] = self.evaluate("recovered", keys.adapter, recovered)
         return {"metrics": metrics, "prune": prune_report, "selection": selection, "recovery": recovery_report}
+
+
+def merged(peft_model):
+    """The base model with the LoRA weights folded in (W + BA·α/r), in eval mode. Consumes ``peft_model``:
+    its base modules are modified in place, so this is only for the last use of the recovered model."""
+    return peft_model.merge_and_unload().eval()
 
 
 def _count_diff(before: dict, after: dict) -> dict:

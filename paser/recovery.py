@@ -143,25 +143,20 @@ class LoraRecovery:
 
     def _optimizer_step(self, model, optimizer, batch, pad_id: int) -> float:
         """One optimizer step over an effective batch; the loss is the mean over its response tokens.
-        Under torchrun this rank runs its share of the micro-batches; gradients are summed over ranks."""
+
+        The batch's samples are grouped by length into micro-batches (HF Trainer's ``group_by_length``
+        inside one step: the same samples and the same loss, less padding). Under torchrun this rank runs
+        its share of the micro-batches and the gradients are summed over ranks."""
         n_targets = sum(len(e.input_ids) - max(e.prompt_len, 1) for e in batch)
         if n_targets == 0:  # every response truncated away: nothing to learn from this batch
             optimizer.zero_grad(set_to_none=True)
             return 0.0
         device = next(model.parameters()).device
         total = torch.zeros((), dtype=torch.float64, device=device)
+        batch = sorted(batch, key=lambda e: -len(e.input_ids))
         micro_starts = list(range(0, len(batch), self.micro_batch_size))
         for k in micro_starts[distributed.rank()::distributed.world_size()]:
-            micro = batch[k:k + self.micro_batch_size]
-            ids, mask = pad_right([e.input_ids for e in micro], pad_id)
-            labels = ids.clone()
-            labels[mask == 0] = -100
-            for row, e in enumerate(micro):
-                labels[row, :e.prompt_len] = -100
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
-            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                    labels[:, 1:].reshape(-1).to(device), ignore_index=-100,
-                                                    reduction="sum")
+            nll = response_nll(model, batch[k:k + self.micro_batch_size], pad_id, device)
             (nll / n_targets).backward()
             total += nll.detach().double()
         if distributed.world_size() > 1:
@@ -209,3 +204,28 @@ class LoraRecovery:
         scheduler.load_state_dict(trainer["scheduler"])
         torch.set_rng_state(trainer["torch_rng"])
         return json.loads((path / "state.json").read_text())
+
+
+def response_nll(model, micro: list, pad_id: int, device) -> torch.Tensor:
+    """Summed next-token NLL over the response tokens of a micro-batch of EncodedSamples.
+
+    Only the positions that predict a response token go through the LM head and the fp32 log-softmax:
+    the prompt positions' full-vocabulary logits (often half the tokens; 262K columns for Gemma) are never
+    formed. Models that post-process their logits (soft-capping, a logit scale) take the plain path.
+    """
+    ids, mask = pad_right([e.input_ids for e in micro], pad_id)
+    targets = ids[:, 1:].clone()
+    targets[mask[:, 1:] == 0] = -100
+    for row, e in enumerate(micro):
+        targets[row, :max(e.prompt_len - 1, 0)] = -100
+    ids, mask, targets = ids.to(device), mask.to(device), targets.to(device)
+    keep = targets != -100
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None) \
+            or not hasattr(base, "model"):
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1][keep]
+    else:
+        hidden = base.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
+        logits = base.get_output_embeddings()(hidden[keep])
+    return torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")

@@ -99,3 +99,46 @@ def test_unsafe_or_impossible_settings_are_refused():
         recovery(dtype="float16")
     with pytest.raises(ConfigError, match="multiple of"):
         recovery(batch_size=5, micro_batch_size=2)
+
+
+def test_merged_adapter_evaluates_like_the_unmerged_model():
+    """The recovered model is evaluated with its adapter merged (pruned-model speed): same perplexity."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from paser.evaluation.perplexity import perplexity
+    from paser.pipeline import merged
+
+    model, tok = tiny_llama()
+    model.to(torch.bfloat16)
+    windows = torch.randint(3, len(tok), (4, 32), generator=torch.Generator().manual_seed(0))
+    base = perplexity(model, windows, batch_size=2)["ppl"]
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))  # B starts at zero
+    unmerged = perplexity(peft.eval(), windows, batch_size=2)["ppl"]
+    folded = perplexity(merged(copy.deepcopy(peft)), windows, batch_size=2)["ppl"]
+    assert abs(unmerged - base) > 1e-3 * base  # the adapter matters, so the comparison means something
+    assert folded == pytest.approx(unmerged, rel=1e-2)  # bf16 rounding of W + BA
+
+
+def test_response_only_logits_match_the_full_forward_in_bf16():
+    from paser.data import encode_pool
+    from paser.recovery import response_nll
+
+    model, tok = tiny_llama()
+    model.to(torch.bfloat16)
+    micro = encode_pool(tok, SAMPLES[:4], 512)
+    got = response_nll(model, micro, tok.pad_token_id, "cpu")
+    ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(e.input_ids) for e in micro], batch_first=True,
+                                          padding_value=tok.pad_token_id)
+    mask = (torch.arange(ids.shape[1])[None] < torch.tensor([len(e.input_ids) for e in micro])[:, None]).long()
+    logits = model(input_ids=ids, attention_mask=mask).logits.float()
+    want = 0.0
+    for row, e in enumerate(micro):
+        for t in range(e.prompt_len, len(e.input_ids)):
+            want -= torch.log_softmax(logits[row, t - 1], -1)[e.input_ids[t]].item()
+    assert got.item() == pytest.approx(want, rel=1e-2)
