@@ -3,15 +3,31 @@
 
 Samples are sorted by length and padded on the right, so a batch wastes little compute on padding; the
 results come back in the caller's order.
+
+Device rule of every scorer: batches are built on the host and moved once to the model's device, every
+tensor derived from them is created there, and numbers come back through ``to_host`` (one transfer per
+batch), the one place where device work ends.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+
+def model_device(model) -> torch.device:
+    """Where a model's inputs go: the device of its first parameter (the embeddings, also when accelerate
+    spreads the model over several devices)."""
+    return next(model.parameters()).device
+
+
+def to_host(t: torch.Tensor) -> np.ndarray:
+    """A device tensor's values as a numpy array: the single host transfer at the end of device work."""
+    return t.detach().cpu().numpy()
 
 
 def length_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
@@ -43,21 +59,24 @@ def pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
 
 
 def iter_batches(seqs: Sequence[Sequence[int]], batch_size: int, pad_id: int, max_tokens: int | None = None,
-                 desc: str | None = None) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
-    """Yield (indices, input_ids, attention_mask) batches, grouped by length, with a progress bar."""
+                 desc: str | None = None, device: torch.device | str | None = None) \
+        -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    """Yield (indices, input_ids, attention_mask) batches, grouped by length, with a progress bar; the
+    tensors are on ``device`` (default: the host)."""
     batches = length_batches([len(s) for s in seqs], batch_size, max_tokens)
     with tqdm(total=len(seqs), desc=desc, disable=desc is None, unit="sample") as bar:
         for idx in batches:
             ids, mask = pad_right([seqs[i] for i in idx], pad_id)
-            yield idx, ids, mask
+            yield idx, ids.to(device), mask.to(device)
             bar.update(len(idx))
 
 
 def target_mask(attention_mask: torch.Tensor, starts: Sequence[int] | torch.Tensor) -> torch.Tensor:
     """Boolean [B, T-1] mask over next-token *targets*: target t+1 is scored iff it is a real token at
     position >= starts[b] (e.g. the response start, to score only the answer)."""
-    starts = torch.as_tensor(list(starts) if not torch.is_tensor(starts) else starts).view(-1, 1)
-    positions = torch.arange(1, attention_mask.shape[1]).view(1, -1)
+    device = attention_mask.device
+    starts = torch.as_tensor(list(starts) if not torch.is_tensor(starts) else starts, device=device).view(-1, 1)
+    positions = torch.arange(1, attention_mask.shape[1], device=device).view(1, -1)
     return attention_mask[:, 1:].bool() & (positions >= starts)
 
 

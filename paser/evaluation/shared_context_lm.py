@@ -9,7 +9,9 @@ the tokens on HellaSwag and ARC, and the vocabulary projection is applied only w
 is predicted. Log-probabilities are taken in fp32 (HFLM takes them in the model's dtype).
 
 Requests the packing cannot express (a context plus continuation longer than the model's window, which
-HFLM truncates on the left) and models other than a plain decoder stack go through HFLM's own code.
+HFLM truncates on the left) and models other than a plain decoder stack go through HFLM's own code. A model
+split over several devices is not supported (ZeroShotEvaluator uses plain HFLM for it); every tensor here
+is on the model's device, and each batch's scores come back to the host in one transfer.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from lm_eval.models.huggingface import HFLM
 from tqdm.auto import tqdm
+
+from paser.scoring import model_device, to_host
 
 # logits rows put through log_softmax at once: bounds the fp32 [rows, vocab] buffer (~200 MB at 49k vocab)
 _LOGIT_CHUNK = 1024
@@ -93,12 +97,12 @@ class SharedContextHFLM(HFLM):
                 pred_cols += [lc - 1, *range(off, off + k)]
                 targets += cont
                 off += k
-        dtype = self._model.dtype
-        mask = torch.zeros((n, 1, width, width), dtype=dtype)
-        mask.masked_fill_(~allowed.unsqueeze(1), torch.finfo(dtype).min)
-        dev = self.device
-        hidden = self._model.get_decoder()(input_ids=ids.to(dev), attention_mask=mask.to(dev),
-                                           position_ids=pos.to(dev), use_cache=False).last_hidden_state
+        # the layout is built on the host (many small writes), then moved to the model's device once
+        dev, dtype = model_device(self._model), self._model.dtype
+        mask = torch.zeros((n, 1, width, width), dtype=dtype, device=dev)
+        mask.masked_fill_(~allowed.to(dev).unsqueeze(1), torch.finfo(dtype).min)
+        hidden = self._model.get_decoder()(input_ids=ids.to(dev), attention_mask=mask, position_ids=pos.to(dev),
+                                           use_cache=False).last_hidden_state
         picked = hidden[torch.tensor(pred_rows, device=dev), torch.tensor(pred_cols, device=dev)]
         head = self._model.get_output_embeddings()
         target = torch.tensor(targets, device=dev)
@@ -108,5 +112,7 @@ class SharedContextHFLM(HFLM):
             t = target[s:s + _LOGIT_CHUNK]
             logp.append(F.log_softmax(logits, dim=-1).gather(-1, t[:, None]).squeeze(-1))
             greedy.append(logits.argmax(-1) == t)
-        logp, greedy = torch.cat(logp).cpu(), torch.cat(greedy).cpu()
-        return [(float(logp[a:b].sum()), bool(greedy[a:b].all())) for a, b in spans]
+        logp, greedy = torch.cat(logp), torch.cat(greedy)
+        sums = to_host(torch.stack([logp[a:b].sum() for a, b in spans]))
+        all_greedy = to_host(torch.stack([greedy[a:b].all() for a, b in spans]))
+        return [(float(v), bool(g)) for v, g in zip(sums, all_greedy)]

@@ -50,7 +50,19 @@ def _plain(value):
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
+def split_over_devices(model) -> bool:
+    """Whether accelerate spread the model over more than one device (``hf_device_map``)."""
+    return len(set((getattr(model, "hf_device_map", None) or {}).values())) > 1
+
+
 class ZeroShotEvaluator:
+    """lm-eval on the in-memory model. ``batch_size`` and ``share_context`` only move memory and speed: in
+    bf16 they change results at most in the last digits (padding, packed rows), so they are neutral knobs
+    that the cache key ignores. A model split over devices is scored by lm-eval's plain HFLM (the packed
+    scorer needs one device); the metrics say which scorer ran (``lm``)."""
+
+    neutral_knobs: tuple[str, ...] = ("batch_size", "share_context")
+
     def __init__(self, tasks=ACCURACY_TASKS, source: str = "local", metrics: dict | None = None,
                  limit: int | None = None, limit_mode: str = "first", seed: int = 0, batch_size: int = 16,
                  share_context: bool = True, bootstrap_iters: int = 1000, data_dir: str = "../shared/data"):
@@ -127,6 +139,10 @@ class ZeroShotEvaluator:
         outputs, seconds = {}, {}
         try:
             lm_class = SharedContextHFLM if self.share_context else HFLM
+            if lm_class is SharedContextHFLM and split_over_devices(model):
+                log.info("zero-shot: the model is split over several devices; scoring with lm-eval's HFLM "
+                         "instead of the shared-context scorer")
+                lm_class = HFLM
             lm = lm_class(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size)
             for name, task in tasks.items():  # one task at a time, to time each
                 t0 = time.perf_counter()
@@ -141,6 +157,7 @@ class ZeroShotEvaluator:
         finally:
             model.train(was_training)
         result = self._summarise(outputs, seconds)
+        result["lm"] = lm_class.__name__
         result["wall_time_s"] = round(time.perf_counter() - start, 1)
         log.info("zero-shot (%s%s): mean %s in %.0f s", self.source,
                  f", {self.limit_mode} {self.limit}/task" if result["subset"] else "",

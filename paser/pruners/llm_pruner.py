@@ -16,7 +16,14 @@ Importance of a unit = sum over the weights of its group (``group_reduction='sum
   l1 / l2       sum |w| / sum w^2;   random: a seeded random score
 Per layer (not global), the ``ratio`` of units with the lowest importance is removed, rounding to the
 nearest whole unit (the reference floors, which for SmolLM2's 3 KV heads would prune no attention at all).
-Gradients are computed in fp32 (a bf16 model is upcast for the backward pass and cast back).
+
+Precision of the gradient pass, as the reference's hf_prune.py (``model.half()`` on a GPU, fp32 on the CPU):
+on the CPU a bf16/fp16 model is upcast to fp32 for the forward and backward passes and cast back; on an
+accelerator the passes run in the model's own dtype, since an fp32 copy would not fit (~50 GB at 7B), and the
+gradients are kept in that dtype. Either way the importance maths is fp32, one weight at a time; the Fisher
+sum is kept in the gradients' dtype, except fp16, whose range squared gradients would underflow (fp32).
+Every index (kept heads, channels) is created on the device of the weights it selects from, and random
+importances come from a seeded host generator, so every device prunes the same units.
 
 Channel-wise (``strategy: channel``, the reference's ``--channel_wise``): removes the ``ratio`` of the
 hidden (residual-stream) channels of the whole model instead. A hidden channel's coupled group is its column
@@ -43,6 +50,7 @@ import torch
 from paser.errors import ConfigError
 from paser.models import decoder_layers, layer_shapes
 from paser.pruners.common import parameter_count, sparsity_report
+from paser.scoring import to_host
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +99,12 @@ class _Scorer:
             return w.abs().sum(dim)
         if self.kind == "l2":
             return w.pow(2).sum(dim)
-        first = w * self.grads[weight].view_as(w)
+        first = w * self.grads[weight].float().view_as(w)
         if self.kind == "vectorize":
             return first.sum(dim).abs()
         if self.kind == "param_first":
             return first.abs().sum(dim)
-        second = 0.5 * w.pow(2) * self.fisher[weight].view_as(w)
+        second = 0.5 * w.pow(2) * self.fisher[weight].float().view_as(w)
         if self.kind == "param_second":
             return second.abs().sum(dim)
         return (first - second).abs().sum(dim)  # param_mix
@@ -105,6 +113,7 @@ class _Scorer:
 def _keep_rows(linear: torch.nn.Linear, idx: torch.Tensor) -> torch.nn.Linear:
     new = torch.nn.Linear(linear.in_features, len(idx), bias=linear.bias is not None,
                           dtype=linear.weight.dtype, device=linear.weight.device)
+    idx = idx.to(linear.weight.device)  # a model split over devices has its layers on several
     new.weight.data.copy_(linear.weight.data[idx])
     if linear.bias is not None:
         new.bias.data.copy_(linear.bias.data[idx])
@@ -114,14 +123,19 @@ def _keep_rows(linear: torch.nn.Linear, idx: torch.Tensor) -> torch.nn.Linear:
 def _keep_cols(linear: torch.nn.Linear, idx: torch.Tensor) -> torch.nn.Linear:
     new = torch.nn.Linear(len(idx), linear.out_features, bias=linear.bias is not None,
                           dtype=linear.weight.dtype, device=linear.weight.device)
-    new.weight.data.copy_(linear.weight.data[:, idx])
+    new.weight.data.copy_(linear.weight.data[:, idx.to(linear.weight.device)])
     if linear.bias is not None:
         new.bias.data.copy_(linear.bias.data)
     return new
 
 
 def _channels(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
-    return (heads.unsqueeze(1) * head_dim + torch.arange(head_dim)).flatten()
+    return (heads.unsqueeze(1) * head_dim + torch.arange(head_dim, device=heads.device)).flatten()
+
+
+def _random_importance(n: int, rng: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Seeded scores from the host generator (the same on every device), moved to ``device``."""
+    return torch.rand(n, generator=rng).to(device)
 
 
 def _has_mlp(layer) -> bool:
@@ -168,13 +182,14 @@ class LLMPruner:
                     window = window.unsqueeze(0)
                     model(window, labels=window, use_cache=False).loss.backward()
                     for w in weights:
-                        sq = w.grad.float().pow(2) / len(calib)
+                        g = w.grad if w.grad.dtype != torch.float16 else w.grad.float()
+                        sq = g.pow(2) / len(calib)
                         fisher[w] = fisher[w] + sq if w in fisher else sq
                         w.grad = None
             loss = model(calib, labels=calib, use_cache=False).loss
             loss.backward()
-            log.info("llm_pruner: calibration loss %.4f over %d windows", loss.item(), len(calib))
-            grads = {w: w.grad.float() for w in weights}
+            log.info("llm_pruner: calibration loss %.4f over %d windows", float(to_host(loss)), len(calib))
+            grads = {w: w.grad for w in weights}
         finally:
             for p, flag in flags.items():
                 p.grad = None
@@ -187,8 +202,9 @@ class LLMPruner:
         hd = attn.head_dim
         nq, nkv = attn.q_proj.out_features // hd, attn.k_proj.out_features // hd
         group = nq // nkv
+        device = attn.q_proj.weight.device
         if self.importance == "random":
-            q_imp, kv_imp = torch.rand(nq, generator=rng), torch.rand(nkv, generator=rng)
+            q_imp, kv_imp = _random_importance(nq, rng, device), _random_importance(nkv, rng, device)
         else:
             q_imp = (score(attn.q_proj.weight, 1) + score(attn.o_proj.weight, 0)).view(nq, hd).sum(1)
             kv_imp = (score(attn.k_proj.weight, 1) + score(attn.v_proj.weight, 1)).view(nkv, hd).sum(1)
@@ -198,9 +214,9 @@ class LLMPruner:
             keep_q = _channels(keep_kv, group)  # the query heads of the kept KV heads, in order
         else:
             drop = n_pruned(self.ratio, group)
-            keep_kv = torch.arange(nkv)
+            keep_kv = torch.arange(nkv, device=device)
             within = torch.sort(torch.topk(q_imp.view(nkv, group), group - drop, dim=1).indices, dim=1).values
-            keep_q = (within + torch.arange(nkv).unsqueeze(1) * group).flatten()
+            keep_q = (within + keep_kv.unsqueeze(1) * group).flatten()
         q_ch, kv_ch = _channels(keep_q, hd), _channels(keep_kv, hd)
         attn.q_proj = _keep_rows(attn.q_proj, q_ch)
         attn.k_proj = _keep_rows(attn.k_proj, kv_ch)
@@ -212,7 +228,7 @@ class LLMPruner:
     def _prune_mlp(self, mlp, score, rng) -> None:
         width = mlp.gate_proj.out_features
         if self.importance == "random":
-            imp = torch.rand(width, generator=rng)
+            imp = _random_importance(width, rng, mlp.gate_proj.weight.device)
         else:
             imp = score(mlp.gate_proj.weight, 1) + score(mlp.up_proj.weight, 1) + score(mlp.down_proj.weight, 0)
         keep = torch.sort(torch.topk(imp, width - n_pruned(self.ratio, width)).indices).values
@@ -221,18 +237,22 @@ class LLMPruner:
         mlp.down_proj = _keep_cols(mlp.down_proj, keep)
 
     def _scorer(self, model, calib: torch.Tensor | None, weights: list[torch.Tensor]) -> _Scorer:
-        """Importance scorer for ``weights``; the Taylor kinds first take gradients in fp32."""
+        """Importance scorer for ``weights``; the Taylor kinds first take gradients (in fp32 on the CPU, in
+        the model's dtype on an accelerator: see the module docstring)."""
         grads, fisher = {}, {}
         if self.needs_calibration:
             if calib is None:
                 raise ConfigError(f"pruner.importance='{self.importance}' needs calibration windows "
                                   "(pruner.calibration)")
-            dtype = next(model.parameters()).dtype
-            model.float()
+            param = next(model.parameters())
+            dtype, upcast = param.dtype, param.device.type == "cpu"
+            if upcast:
+                model.float()
             try:
                 grads, fisher = self._gradients(model, calib, weights)
             finally:
-                model.to(dtype)
+                if upcast:
+                    model.to(dtype)
         return _Scorer(self.importance, grads, fisher)
 
     def prune(self, model, calib: torch.Tensor | None) -> dict:
@@ -301,12 +321,12 @@ class LLMPruner:
         # (weight, dim along which a channel's scores are summed): readers' columns, writers' rows
         scored = [(m.weight, 0) for _, m in reads] + [(m.weight, 1) for _, m in writes]
         scored += [(m.weight, 0) for _, m in norms] + [(embed.weight, 0)] + ([] if tied else [(head.weight, 0)])
-        hidden = model.config.hidden_size
+        hidden, device = model.config.hidden_size, embed.weight.device
         if self.importance == "random":
-            imp = torch.rand(hidden, generator=torch.Generator().manual_seed(self.seed))
+            imp = _random_importance(hidden, torch.Generator().manual_seed(self.seed), device)
         else:
             score = self._scorer(model, calib, [w for w, _ in scored])
-            imp = sum(score(w, dim) for w, dim in scored)
+            imp = sum(score(w, dim).to(device) for w, dim in scored)
         keep = torch.sort(torch.topk(imp, hidden - n_pruned(self.ratio, hidden)).indices).values
 
         if getattr(model.config, "head_dim", None) is None:  # it would otherwise be re-derived from hidden_size
@@ -317,10 +337,11 @@ class LLMPruner:
                     parent, _, leaf = name.rpartition(".")
                     setattr(model.get_submodule(parent), leaf, cut(module, keep))
             for _, norm in norms:
-                norm.weight = torch.nn.Parameter(norm.weight.data[keep].clone())
+                norm.weight = torch.nn.Parameter(norm.weight.data[keep.to(norm.weight.device)].clone())
             embed.weight = torch.nn.Parameter(embed.weight.data[:, keep].clone())
             embed.embedding_dim = len(keep)
-            head.weight = embed.weight if tied else torch.nn.Parameter(head.weight.data[:, keep].clone())
+            head.weight = embed.weight if tied else \
+                torch.nn.Parameter(head.weight.data[:, keep.to(head.weight.device)].clone())
             head.in_features = len(keep)
         for module in model.modules():  # cached copies of the size (e.g. LlamaMLP.hidden_size)
             if isinstance(getattr(module, "hidden_size", None), int):

@@ -24,5 +24,5 @@ class MagnitudePruner:
     def prune(self, model, calib=None) -> dict:
         before = parameter_count(model)
         for _, w in prunable_weights(model):
-            w[prune_mask(w.abs().float(), self.sparsity, self.nm)] = 0
+            w.masked_fill_(prune_mask(w.abs().float(), self.sparsity, self.nm), 0)
         return sparsity_report(model, before)

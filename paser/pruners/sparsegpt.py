@@ -72,8 +72,8 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
         raise ConfigError(f"pruner.pattern='{nm[0]}:{nm[1]}' needs the input width ({cols}) and "
                           f"pruner.blocksize ({blocksize}) divisible by {nm[1]}")
     dead = h.diagonal() == 0  # inputs that are always zero: their weights can go at no cost
-    h[dead, dead] = 1
-    w[:, dead] = 0
+    h.diagonal().masked_fill_(dead, 1)
+    w.masked_fill_(dead.unsqueeze(0), 0)
     hinv = inverse_cholesky(h, percdamp, name)
 
     for i1 in range(0, cols, blocksize):
@@ -105,7 +105,11 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
 
 
 class SparseGPTPruner:
+    """Neutral knob: ``batch_size`` (windows per calibration pass) changes bf16 results at most in the last
+    digits (kernels block batches differently), so the cache key ignores it."""
+
     needs_calibration = True
+    neutral_knobs: tuple[str, ...] = ("batch_size",)
 
     def __init__(self, sparsity: float | None = 0.5, pattern: str | None = "unstructured",
                  blocksize: int = 128, percdamp: float = 0.01, batch_size: int = 8):

@@ -33,7 +33,11 @@ def wanda_score(weight: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
 
 
 class WandaPruner:
+    """Neutral knob: ``batch_size`` (windows per calibration pass) changes bf16 results at most in the last
+    digits (kernels block batches differently), so the cache key ignores it."""
+
     needs_calibration = True
+    neutral_knobs: tuple[str, ...] = ("batch_size",)
 
     def __init__(self, sparsity: float | None = 0.5, pattern: str | None = "unstructured", batch_size: int = 8):
         self.sparsity, self.nm = resolve_sparsity(sparsity, pattern)
@@ -46,7 +50,7 @@ class WandaPruner:
             log.warning("%s received no calibration tokens; pruning it by magnitude", target.name)
             norms = torch.ones_like(norms)
         mask = prune_mask(wanda_score(target.weight, norms), self.sparsity, self.nm)
-        target.weight[mask] = 0
+        target.weight.masked_fill_(mask, 0)
 
     def prune(self, model, calib: torch.Tensor | None) -> dict:
         if calib is None:

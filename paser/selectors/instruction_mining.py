@@ -45,6 +45,7 @@ from paser.embedding import embed_pool, instruction_text
 from paser.errors import ConfigError
 from paser.selectors.clustered import Scored, ScoredSelector, describe
 from paser.selectors.lm_scores import answer_losses, check_model_choice
+from paser.selectors.paser.clustering import knn_graph
 
 log = logging.getLogger(__name__)
 
@@ -91,19 +92,16 @@ def _reward(sel, pool, ctx) -> np.ndarray:
     return reward_scores(ctx, pool.rows, sel.reward_model)
 
 
-def knn_distance(embeddings: np.ndarray, k: int, block: int = 2048) -> np.ndarray:
-    """Euclidean distance of each row to its k-th nearest other row, computed in blocks of rows."""
+def knn_distance(embeddings: np.ndarray, k: int, block: int = 2048,
+                 device: torch.device | str | None = None) -> np.ndarray:
+    """Euclidean distance of each row to its k-th nearest other row, in blocks of ``block`` rows on
+    ``device``: S²RIC's kNN graph with fp32 candidates, so the neighbours are exact."""
     x = np.asarray(embeddings, dtype=np.float32)
     n = len(x)
     if not 1 <= k < n:
         raise ConfigError(f"a knn{k} indicator needs 1 <= k < pool size ({n})")
-    sq = (x * x).sum(1)
-    out = np.empty(n)
-    for s in range(0, n, block):
-        d2 = sq[s:s + block, None] + sq[None, :] - 2.0 * x[s:s + block] @ x.T
-        d2[np.arange(len(d2)), np.arange(s, s + len(d2))] = np.inf  # not its own neighbour
-        out[s:s + block] = np.sqrt(np.maximum(np.partition(d2, k - 1, axis=1)[:, k - 1], 0.0))
-    return out
+    _, dist = knn_graph(x, k, block_elems=block * n, device=device, candidate_dtype=torch.float32)
+    return dist[:, k - 1].astype(np.float64)
 
 
 @torch.no_grad()
@@ -162,7 +160,7 @@ def _resolve(name: str) -> Callable:
     m = re.fullmatch(r"knn(\d+)", name)
     if m:
         k = int(m.group(1))
-        return lambda sel, pool, ctx: knn_distance(embed_pool(ctx, pool.rows), k)
+        return lambda sel, pool, ctx: knn_distance(embed_pool(ctx, pool.rows), k, device=ctx.device)
     if ":" in name:
         module, _, attr = name.partition(":")
         try:

@@ -12,7 +12,7 @@ import torch
 
 from paser.data import alpaca_prompt
 from paser.errors import ConfigError
-from paser.scoring import iter_batches, masked_mean_nll, target_mask
+from paser.scoring import iter_batches, masked_mean_nll, model_device, target_mask, to_host
 
 MODELS = ("pruned", "original")
 
@@ -74,20 +74,14 @@ def answer_sequences(tokenizer, rows: list[dict], cutoff: int, conditioned: bool
     return seqs, starts
 
 
-def model_device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
 def mean_answer_nll(model, seqs: list[list[int]], starts: list[int], batch_size: int, pad_id: int,
                     desc: str | None = None) -> np.ndarray:
     """Mean next-token NLL over positions >= starts[i] of each sequence (NaN where there are none)."""
     out = np.full(len(seqs), np.nan, dtype=np.float64)
-    device = model_device(model)
-    for idx, ids, mask in iter_batches(seqs, batch_size, pad_id, desc=desc):
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-        targets = target_mask(mask, [starts[i] for i in idx]).to(device)
-        out[idx] = masked_mean_nll(logits, ids.to(device), targets).double().cpu().numpy()
+    for idx, ids, mask in iter_batches(seqs, batch_size, pad_id, desc=desc, device=model_device(model)):
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        out[idx] = to_host(masked_mean_nll(logits, ids, target_mask(mask, [starts[i] for i in idx])).double())
     return out
 
 

@@ -29,11 +29,10 @@ from tqdm.auto import tqdm
 from paser.data import alpaca_prompt
 from paser.embedding import embed_pool
 from paser.errors import ConfigError
-from paser.scoring import iter_batches, pad_right, target_mask, token_nll
+from paser.scoring import iter_batches, model_device, pad_right, target_mask, to_host, token_nll
 from paser.selectors.clustered import Scored, ScoredSelector, describe
 from paser.selectors.lm_scores import (
     check_model_choice,
-    model_device,
     score_dependencies,
     scoring_model,
     special_prefix,
@@ -141,21 +140,22 @@ class AnchorSet:
             cache = DynamicCache([(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in kv])
             full_mask = torch.cat([torch.ones(n, len(demo), dtype=mask.dtype, device=device), mask], dim=1)
             logits = model(input_ids=ids, attention_mask=full_mask, use_cache=True, **{kw: cache}).logits
-            targets = target_mask(mask.cpu(), [self.starts[i] for i in idx]).to(device)
-            out[idx] = (-(token_nll(logits, ids) * targets).sum(-1)).double().cpu().numpy()
+            out[idx] = to_host(answer_logprobs(logits, ids, mask, [self.starts[i] for i in idx]))
         return out
+
+
+def answer_logprobs(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, starts: list[int]) -> torch.Tensor:
+    """Summed log-probability [B] (float64, on the logits' device) of the targets at positions >= starts."""
+    return (-(token_nll(logits, ids) * target_mask(mask, starts)).sum(-1)).double()
 
 
 @torch.no_grad()
 def answer_logprob_sums(model, seqs, starts, batch_size: int, pad_id: int) -> np.ndarray:
     """Summed log-probability of the tokens at positions >= starts[i] of each sequence."""
     out = np.empty(len(seqs))
-    device = model_device(model)
-    for idx, ids, mask in iter_batches(seqs, batch_size, pad_id):
-        ids, mask = ids.to(device), mask.to(device)
+    for idx, ids, mask in iter_batches(seqs, batch_size, pad_id, device=model_device(model)):
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        targets = target_mask(mask.cpu(), [starts[i] for i in idx]).to(device)
-        out[idx] = (-(token_nll(logits, ids) * targets).sum(-1)).double().cpu().numpy()
+        out[idx] = to_host(answer_logprobs(logits, ids, mask, [starts[i] for i in idx]))
     return out
 
 

@@ -5,6 +5,10 @@ chunks so memory is O(N·k) plus one chunk × N block → a dimension reducer (d
 sparse graph) → NMF clustering of the reduced coordinates, with K fixed or chosen by the elbow of the NMF
 error curve.
 
+Device: the kNN graph, the one O(N²) step, runs on ``device`` (the caller passes the model's; default the
+CPU), and only its [N, k] result comes to the host. The eigensolver (scipy, sparse) and the reducers other
+than the diffusion map stay on the host, and so does NMF: it factors the N×2d reduced coordinates, small.
+
 Diffusion map: Gaussian affinity W_ij = exp(-‖x_i − x_j‖² / ε) on the symmetrised kNN graph, ε = median of
 the squared kNN distances; symmetric normalisation A = D^-1/2 W D^-1/2; the top d non-trivial eigenvectors
 v_i of A (LOBPCG orthogonal to the trivial one, ∝ D^1/2·1), mapped to right eigenvectors ψ_i = D^-1/2 v_i of the
@@ -37,6 +41,7 @@ from scipy.sparse.linalg import lobpcg
 from tqdm.auto import tqdm
 
 from paser.errors import ConfigError
+from paser.scoring import to_host
 
 log = logging.getLogger(__name__)
 REDUCERS = ("diffusion", "umap", "pca", "tsne")
@@ -45,36 +50,47 @@ DENSE_MAX = 512  # pools up to this size get a dense eigendecomposition
 K_SEARCH_ROWS = 10000  # rows used for the NMF error curve of the auto-K rule
 
 
-def knn_graph(x: np.ndarray, n_neighbors: int, block_elems: int = 1 << 25,
-              margin: int = 16) -> tuple[np.ndarray, np.ndarray]:
+def _fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls beat fp32 on ``device``: CUDA with native bf16, and the CPU (where bf16
+    candidates have always been used; CPUs without bf16 units lose little)."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    return device.type == "cpu"
+
+
+def knn_graph(x: np.ndarray, n_neighbors: int, block_elems: int = 1 << 25, margin: int = 16,
+              device: torch.device | str | None = None,
+              candidate_dtype: torch.dtype | None = None) -> tuple[np.ndarray, np.ndarray]:
     """k nearest neighbours (Euclidean, self excluded): (indices [N,k] int64, distances [N,k] float32).
 
-    Candidates come from a bf16 matmul (‖a−b‖² = ‖a‖² + ‖b‖² − 2a·b, 2-3x faster than fp32 on CPUs with
-    bf16 units) in row chunks of about ``block_elems`` entries of the N×N matrix; the best k + ``margin``
-    candidates are then re-ranked with exact fp32 distances, so only neighbours that bf16 rounding pushes
-    more than ``margin`` places down could be missed.
+    Candidates come from a matmul (‖a−b‖² = ‖a‖² + ‖b‖² − 2a·b) in ``candidate_dtype`` (default: bf16
+    where it is fast, 2-3x faster than fp32 on CPUs with bf16 units; else fp32) in row chunks of about
+    ``block_elems`` entries of the N×N matrix; the best k + ``margin`` candidates are then re-ranked with
+    exact fp32 distances, so only neighbours that bf16 rounding pushes more than ``margin`` places down
+    could be missed. Runs on ``device`` (default: the CPU); the results come back to the host once.
     """
     n = len(x)
     if not 1 <= n_neighbors < n:
         raise ConfigError(f"selector.n_neighbors={n_neighbors} must be in 1..{n - 1} (pool of {n} samples)")
-    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    xb = xt.bfloat16()
+    device = torch.device(device or "cpu")
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
+    xb = xt.to(candidate_dtype or (torch.bfloat16 if _fast_bf16(device) else torch.float32))
     sq = (xt * xt).sum(1)
     n_cand = min(n - 1, n_neighbors + margin)
     chunk = max(1, block_elems // n)
-    idx = np.empty((n, n_neighbors), dtype=np.int64)
-    dist = np.empty((n, n_neighbors), dtype=np.float32)
+    idx, dist = [], []
     with torch.no_grad():
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
             score = (xb[s:e] @ xb.T).float().mul_(-2.0).add_(sq[None, :])  # ‖b‖² − 2a·b: ‖a‖² is constant
-            score[torch.arange(e - s), torch.arange(s, e)] = float("inf")  # never your own neighbour
+            rows = torch.arange(e - s, device=device)
+            score[rows, rows + s] = float("inf")  # never your own neighbour
             cand = torch.topk(score, n_cand, dim=1, largest=False).indices
             d2 = ((xt[s:e, None, :] - xt[cand]) ** 2).sum(-1)  # exact, [rows, n_cand]
             vals, pos = torch.topk(d2, n_neighbors, dim=1, largest=False)
-            idx[s:e] = cand.gather(1, pos).numpy()
-            dist[s:e] = vals.sqrt().numpy()
-    return idx, dist
+            idx.append(cand.gather(1, pos))
+            dist.append(vals.sqrt())
+    return to_host(torch.cat(idx)), to_host(torch.cat(dist))
 
 
 def gaussian_affinity(idx: np.ndarray, dist: np.ndarray) -> tuple[sp.csr_matrix, float]:
@@ -132,15 +148,17 @@ def diffusion_map(w: sp.csr_matrix, n_components: int, diffusion_time: int | str
 
 
 def reduce_embeddings(embeddings: np.ndarray, reducer: str = "diffusion", n_components: int = 16,
-                      n_neighbors: int = 10, seed: int = 0, diffusion_time: int | str = "auto") -> tuple[np.ndarray, dict]:
-    """Reduced coordinates [N, d'] and diagnostics (with per-step timings in seconds)."""
+                      n_neighbors: int = 10, seed: int = 0, diffusion_time: int | str = "auto",
+                      device: torch.device | str | None = None) -> tuple[np.ndarray, dict]:
+    """Reduced coordinates [N, d'] and diagnostics (with per-step timings in seconds); the diffusion
+    map's kNN graph is built on ``device``."""
     if reducer not in REDUCERS:
         raise ConfigError(f"selector.reducer='{reducer}' is unknown; allowed: {list(REDUCERS)}")
     x = np.asarray(embeddings, dtype=np.float32)
     diag: dict = {"reducer": reducer, "n_components": n_components}
     t0 = time.perf_counter()
     if reducer == "diffusion":
-        idx, dist = knn_graph(x, n_neighbors)
+        idx, dist = knn_graph(x, n_neighbors, device=device)
         w, eps = gaussian_affinity(idx, dist)
         diag.update(n_neighbors=n_neighbors, bandwidth=eps, graph_edges=int(w.nnz // 2),
                     time_knn_s=round(time.perf_counter() - t0, 3))
@@ -288,10 +306,11 @@ def nmf_clusters(coords: np.ndarray, n_clusters: int | str = "auto", seed: int =
 
 def cluster_embeddings(embeddings: np.ndarray, reducer: str = "diffusion", n_components: int = 16,
                        n_neighbors: int = 10, n_clusters: int | str = "auto", seed: int = 0,
-                       diffusion_time: int | str = "auto",
-                       k_range: tuple[int, int] = DEFAULT_K_RANGE) -> tuple[np.ndarray, dict]:
+                       diffusion_time: int | str = "auto", k_range: tuple[int, int] = DEFAULT_K_RANGE,
+                       device: torch.device | str | None = None) -> tuple[np.ndarray, dict]:
     """S²RIC: (labels 0..K-1 with cluster 0 the largest, diagnostics). See the module docstring."""
-    coords, diag = reduce_embeddings(embeddings, reducer, n_components, n_neighbors, seed, diffusion_time)
+    coords, diag = reduce_embeddings(embeddings, reducer, n_components, n_neighbors, seed, diffusion_time,
+                                     device)
     labels, cdiag = nmf_clusters(coords, n_clusters, seed, k_range)
     diag.update(cdiag)
     return labels, diag

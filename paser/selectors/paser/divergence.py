@@ -17,6 +17,11 @@ Spans (which positions' distributions are compared):
     response     the predictions of the response tokens only
     instruction  every position of the raw instruction text, untemplated (the official code)
 Reduction over positions: mean (default) or sum (the official code).
+
+Device: everything runs on the original model's device (the pruned model's logits join it there); the
+positions to compare are known on the host from the sequence lengths, so the device work has no
+data-dependent step, and each batch's scores come back with one transfer. The Wasserstein directions are
+drawn by a seeded host generator, so every device uses the same ones.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from paser.errors import ConfigError
-from paser.scoring import iter_batches
+from paser.scoring import iter_batches, model_device, to_host
 
 DIVERGENCES = ("jsd", "kl", "wasserstein")
 SPANS = ("full", "response", "instruction")
@@ -70,15 +75,16 @@ class SlicedWasserstein:
     def __init__(self, token_vectors: torch.Tensor, n_projections: int = N_PROJECTIONS, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
         dirs = torch.randn(token_vectors.shape[1], n_projections, generator=g)
-        dirs /= dirs.norm(dim=0, keepdim=True)
+        dirs = (dirs / dirs.norm(dim=0, keepdim=True)).to(token_vectors.device)
         x = token_vectors.float() @ dirs  # [V, n]
         self.order = x.argsort(dim=0).T.contiguous()  # [n, V]
         self.gaps = torch.stack([x[o, j].diff() for j, o in enumerate(self.order)])  # [n, V-1]
 
     def __call__(self, logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
         diff = _log_probs(logits_p).exp_() - _log_probs(logits_q).exp_()
-        total = torch.zeros(diff.shape[:-1])
-        for order, gaps in zip(self.order, self.gaps):
+        total = torch.zeros(diff.shape[:-1], device=diff.device)
+        # a model split over devices yields logits on its last one, the embeddings sit on its first
+        for order, gaps in zip(self.order.to(diff.device), self.gaps.to(diff.device)):
             cdf_gap = diff[..., order].cumsum_(-1)[..., :-1].abs_()
             total += cdf_gap @ gaps
         return total / len(self.order)
@@ -116,19 +122,21 @@ def sample_divergences(original_model, pruned_model, seqs: Sequence[Sequence[int
     """
     check_choice("reduction", reduction, REDUCTIONS)
     out = np.zeros(len(seqs), dtype=np.float64)
-    for idx, ids, mask in iter_batches(seqs, batch_size, pad_id, desc=desc):
+    device, pruned_device = model_device(original_model), model_device(pruned_model)
+    for idx, ids, mask in iter_batches(seqs, batch_size, pad_id, desc=desc, device=device):
         lo = original_model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        lq = pruned_model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        pos = torch.arange(ids.shape[1]).view(1, -1)
-        first = torch.tensor([bounds[i][0] for i in idx]).view(-1, 1)
-        end = torch.tensor([bounds[i][1] for i in idx]).view(-1, 1)
-        keep = (pos >= first) & (pos < end)
-        rows, cols = keep.nonzero(as_tuple=True)
+        lq = pruned_model(input_ids=ids.to(pruned_device), attention_mask=mask.to(pruned_device),
+                          use_cache=False).logits.to(lo.device)
+        # the (row, position) pairs of the spans, row-major, from host-side bounds
+        spans = [range(*bounds[i]) for i in idx]
+        rows = torch.tensor([r for r, span in enumerate(spans) for _ in span], dtype=torch.long, device=lo.device)
+        cols = torch.tensor([c for span in spans for c in span], dtype=torch.long, device=lo.device)
         values = torch.cat([divergence(lo[rows[s:s + rows_per_chunk], cols[s:s + rows_per_chunk]],
                                        lq[rows[s:s + rows_per_chunk], cols[s:s + rows_per_chunk]])
-                            for s in range(0, len(rows), rows_per_chunk)]) if len(rows) else torch.zeros(0)
-        sums = torch.zeros(len(idx), dtype=torch.float64).index_add_(0, rows, values.double())
+                            for s in range(0, len(rows), rows_per_chunk)]) if len(rows) else \
+            torch.zeros(0, device=lo.device)
+        sums = torch.zeros(len(idx), dtype=torch.float64, device=lo.device).index_add_(0, rows, values.double())
         if reduction == "mean":
-            sums /= keep.sum(1).clamp_min(1).double()
-        out[idx] = sums.numpy()
+            sums /= torch.tensor([max(len(span), 1) for span in spans], dtype=torch.float64, device=lo.device)
+        out[idx] = to_host(sums)
     return out

@@ -1,0 +1,232 @@
+"""Every compute stage keeps its tensors on the model's device, checked on a CPU-only machine.
+
+A test that only sees CPU tensors cannot catch a tensor left on the host while the model sits on an
+accelerator. These tests run each stage under torch's FakeTensorMode with the model on a fake accelerator:
+fake tensors carry shape, dtype and device but no data, and any op that mixes devices raises
+FakeTensorDeviceMismatchError, as CUDA would (CPU scalars excepted, as on CUDA).
+
+The fake accelerator is the ``meta`` device. In a CPU-only build fake *CUDA* tensors exist but can neither
+be indexed (the CUDA device guard is missing: ``t[1:]`` raises) nor take part in autograd (the process
+aborts), so a model cannot run on them; fake meta tensors have a kernel for every op, and FakeTensorMode
+treats meta as a device of its own, distinct from the CPU. ``scripts/gpu_smoke.sh`` checks the same stages
+on a real GPU.
+
+Values do not exist on fake tensors, so data-dependent steps (``.item()``, ``.numpy()``, ``nonzero``) are
+impossible. The stages are written so that the device work has none: results reach the host through
+``paser.scoring.to_host`` only, which these tests replace by a stand-in that asserts that the tensor is on
+the accelerator and returns zeros of its shape. Two host-side decisions are stood in for the same way:
+SparseGPT's Cholesky retry loop (it branches on the factorisation's status) and the pruners' sparsity
+report (it counts zeros).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+from transformers import LlamaForCausalLM
+
+from paser.evaluation import perplexity as perplexity_module
+from paser.evaluation import shared_context_lm
+from paser.evaluation.shared_context_lm import SharedContextHFLM
+from paser.evaluation.zeroshot import split_over_devices
+from paser.models import tiny_llama
+from paser.pruners import common, llm_pruner, magnitude, sparsegpt, wanda
+from paser.pruners.llm_pruner import LLMPruner
+from paser.pruners.magnitude import MagnitudePruner
+from paser.pruners.sparsegpt import SparseGPTPruner
+from paser.pruners.wanda import WandaPruner
+from paser.selectors import lm_scores, nuggets
+from paser.selectors.instruction_mining import knn_distance
+from paser.selectors.nuggets import AnchorSet, golden_scores
+from paser.selectors.paser import clustering, divergence
+from paser.selectors.paser.divergence import DIVERGENCES, make_divergence, sample_divergences, span_bounds
+
+ACCELERATOR = torch.device("meta")
+# every module that hands device results to the host
+HOST_USERS = (divergence, lm_scores, nuggets, clustering, llm_pruner, perplexity_module, shared_context_lm)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """(config, tokenizer) of the tiny Llama."""
+    model, tok = tiny_llama()
+    return model.config, tok
+
+
+@pytest.fixture
+def host(monkeypatch):
+    """Replaces ``to_host``: asserts the result is on the accelerator, returns zeros; records the shapes."""
+    shapes = []
+
+    def to_host(t: torch.Tensor) -> np.ndarray:
+        assert t.device == ACCELERATOR, f"a result reached the host from {t.device}, not the model's device"
+        shapes.append(tuple(t.shape))
+        return np.zeros(t.shape, dtype=np.float64 if t.dtype.is_floating_point else np.int64)
+
+    for module in HOST_USERS:
+        monkeypatch.setattr(module, "to_host", to_host)
+    return shapes
+
+
+def _inputs_on_accelerator(module, args, kwargs) -> None:
+    """Forward pre-hook: every tensor a module receives is on the accelerator. (Fake meta tensors accept host
+    index tensors, as CUDA indexing does, so host input_ids would otherwise reach the embedding unnoticed;
+    CUDA's embedding refuses them.)"""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            assert value.device == ACCELERATOR, f"{type(module).__name__} received a tensor on {value.device}"
+
+
+@pytest.fixture
+def accelerator():
+    """Inside: FakeTensorMode; ``place(config, dtype)`` gives a tiny Llama on the fake accelerator whose
+    modules check that their inputs are there too."""
+    def place(config, dtype=torch.float32):
+        with unset_fake_temporarily(), torch.device("meta"):
+            model = LlamaForCausalLM(copy.deepcopy(config)).to(dtype)  # channel pruning edits the config
+        for module in model.modules():
+            module.register_forward_pre_hook(_inputs_on_accelerator, with_kwargs=True)
+        return model.to_empty(device=ACCELERATOR).eval()
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        yield place
+
+
+def _on_accelerator(model) -> None:
+    devices = {p.device for p in model.parameters()} | {b.device for b in model.buffers()}
+    assert devices == {ACCELERATOR}, devices
+
+
+SEQS = [[1, 5, 9, 13, 17, 21, 25], [4, 8, 12, 16, 20], [7, 11, 15, 19], [3, 6]]
+PROMPTS = [3, 2, 2, 5]  # the last sequence has no response token: its batch compares no position
+
+
+@pytest.mark.parametrize("kind", DIVERGENCES)
+def test_divergences(kind, tiny, host, accelerator):
+    config, _ = tiny
+    original, pruned = accelerator(config), accelerator(config)
+    fn = make_divergence(kind, original, seed=0)
+    for span in ("response", "full"):
+        for reduction in ("mean", "sum"):
+            out = sample_divergences(original, pruned, SEQS, span_bounds([len(s) for s in SEQS], PROMPTS, span),
+                                     fn, reduction, batch_size=3, pad_id=2, rows_per_chunk=4)
+            assert out.shape == (len(SEQS),)
+    assert host == [(3,), (1,)] * 4  # one transfer per batch
+
+
+def test_mean_answer_nll(tiny, host, accelerator):
+    model = accelerator(tiny[0], torch.bfloat16)
+    assert lm_scores.mean_answer_nll(model, SEQS, PROMPTS, batch_size=3, pad_id=2).shape == (len(SEQS),)
+    assert host == [(3,), (1,)]
+
+
+@pytest.mark.parametrize("reuse_prefix_kv", [True, False])
+def test_nuggets_scoring(reuse_prefix_kv, tiny, host, accelerator):
+    config, tok = tiny
+    model = accelerator(config)
+    rows = [{"instruction": f"Name {i} colours", "input": "", "output": "Red, blue and yellow. " * (i + 1)}
+            for i in range(3)]
+    anchors = AnchorSet(tok, rows, cutoff=48, prompt_format="alpaca")
+    zero = anchors.zero_shot(model, batch_size=2)
+    golden = golden_scores(model, tok, rows[:2], anchors, zero, cutoff=48, prompt_format="alpaca", batch_size=2,
+                           reuse_prefix_kv=reuse_prefix_kv)
+    assert zero.shape == (3,) and golden.shape == (2,)
+    assert host == [(2,), (1,)] * 3
+
+
+@pytest.mark.parametrize("strategy", ["block", "block_query_heads", "channel"])
+@pytest.mark.parametrize("importance", ["param_first", "param_mix", "random"])
+def test_llm_pruner(strategy, importance, tiny, host, accelerator, monkeypatch):
+    monkeypatch.setattr(llm_pruner, "sparsity_report", lambda model, before=None: {"params": 1})
+    model = accelerator(tiny[0], torch.bfloat16)
+    dtypes = set()
+    model.register_forward_pre_hook(lambda module, args: dtypes.update(p.dtype for p in module.parameters()))
+    model.float = lambda: pytest.fail("the gradient pass made an fp32 copy of the model on the accelerator")
+    calib = torch.randint(3, 300, (2, 16))  # on the host, as the pipeline hands it over
+    gqa = "query_heads" if strategy == "block_query_heads" else "kv_groups"
+    LLMPruner(ratio=0.5, importance=importance, gqa=gqa, strategy=strategy.split("_")[0]).prune(model, calib)
+    _on_accelerator(model)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    if importance != "random":  # the gradient pass ran in bf16: no fp32 copy of the model
+        assert dtypes == {torch.bfloat16}
+        assert host == [()]  # the calibration loss, for the log
+    if strategy == "channel":
+        assert model.get_input_embeddings().weight.shape[1] == tiny[0].hidden_size // 2
+    else:
+        assert model.model.layers[1].mlp.gate_proj.weight.shape[0] == tiny[0].intermediate_size // 2
+
+
+@pytest.mark.parametrize("pruner", [WandaPruner(0.5, batch_size=1), WandaPruner(None, "2:4"),
+                                    SparseGPTPruner(0.5, blocksize=32), SparseGPTPruner(None, "2:4", blocksize=32),
+                                    MagnitudePruner(0.5)], ids=["wanda", "wanda_2-4", "sparsegpt", "sparsegpt_2-4",
+                                                                "magnitude"])
+def test_unstructured_pruners(pruner, tiny, accelerator, monkeypatch):
+    for module in (wanda, sparsegpt, magnitude):
+        monkeypatch.setattr(module, "sparsity_report", lambda model, before=None: {})
+    monkeypatch.setattr(sparsegpt, "inverse_cholesky",
+                        lambda hessian, percdamp, name="": torch.linalg.cholesky_ex(hessian, upper=True)[0])
+    stats = []
+    for stat in (wanda.SquaredNorms, sparsegpt.Hessian):  # the per-layer input statistics
+        monkeypatch.setattr(stat, "add", lambda self, x, add=stat.add: (stats.append(x.device), add(self, x))[1])
+    model = accelerator(tiny[0], torch.bfloat16)
+    pruner.prune(model, torch.randint(3, 300, (2, 16)))
+    _on_accelerator(model)
+    assert set(stats) <= {ACCELERATOR} and (stats or isinstance(pruner, MagnitudePruner))
+
+
+def test_prune_mask_on_device(accelerator):
+    score = torch.empty(4, 8, device=ACCELERATOR)
+    for nm in (None, (2, 4)):
+        assert common.prune_mask(score, 0.5, nm).device == ACCELERATOR
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_knn_graph(bf16, host, accelerator, monkeypatch):
+    monkeypatch.setattr(clustering, "_fast_bf16", lambda device: bf16)
+    x = np.random.default_rng(0).standard_normal((40, 8)).astype(np.float32)
+    idx, dist = clustering.knn_graph(x, 5, block_elems=300, device=ACCELERATOR)  # several chunks
+    assert idx.shape == dist.shape == (40, 5)
+    assert host == [(40, 5), (40, 5)]  # the [N, k] results, once
+    assert knn_distance(x, 3, block=7, device=ACCELERATOR).shape == (40,)
+
+
+def test_clustering_builds_its_graph_on_the_given_device(monkeypatch):
+    seen = []
+    knn = clustering.knn_graph
+
+    def spy(x, k, device=None, **kw):
+        seen.append(device)
+        return knn(x, k, **kw)
+
+    monkeypatch.setattr(clustering, "knn_graph", spy)
+    x = np.random.default_rng(0).standard_normal((60, 8)).astype(np.float32)
+    clustering.cluster_embeddings(x, n_components=4, n_clusters=3, device=ACCELERATOR)
+    assert seen == [ACCELERATOR]
+
+
+def test_perplexity_loop(tiny, host, accelerator):
+    model = accelerator(tiny[0], torch.bfloat16)
+    result = perplexity_module.perplexity(model, torch.randint(3, 300, (5, 12)), batch_size=2)
+    assert result["windows"] == 5 and result["tokens"] == 5 * 11
+    assert host == [()]  # the NLL is summed on the device and read once
+
+
+def test_shared_context_scorer(tiny, host, accelerator):
+    lm = SharedContextHFLM.__new__(SharedContextHFLM)  # only the packed scorer, without lm-eval's setup
+    lm._model = accelerator(tiny[0], torch.bfloat16)
+    requests = [(None, [1, 5, 9], [4, 8]), (None, [1, 5, 9], [12]), (None, [2, 6], [3, 7, 11])]
+    out = lm._score_packed([((1, 5, 9), [0, 1]), ((2, 6), [2])], requests)
+    assert len(out) == 3 and host == [(3,), (3,)]
+
+
+def test_split_models_go_to_plain_hflm():
+    model = torch.nn.Linear(2, 2)
+    assert not split_over_devices(model)
+    model.hf_device_map = {"model.embed_tokens": 0, "model.layers.0": 0}
+    assert not split_over_devices(model)
+    model.hf_device_map["lm_head"] = 1
+    assert split_over_devices(model)
