@@ -26,6 +26,9 @@ IGNORED = ("seed", "name", "paths.", "recovery.seed", "logger.group")
 NAMES = {"FullSelector": "Full data", "RandomSelector": "Random", "IFDSelector": "IFD",
          "NuggetsSelector": "Nuggets", "InstructionMiningSelector": "Instruction Mining",
          "PaserSelector": "PASER"}
+# names of the methods selectors report in diagnostics["method"] (a variant its environment decided)
+METHOD_NAMES = {"instruction_mining": "Instruction Mining",
+                "instruction_mining_no_reward": "Instruction Mining w/o reward"}
 TASK_NAMES = {"boolq": "BoolQ", "piqa": "PIQA", "hellaswag": "HellaSwag", "winogrande": "WinoGrande",
               "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "openbookqa": "OBQA"}
 
@@ -63,10 +66,20 @@ def varies(configs: list[dict], key: str) -> bool:
     return len({str(c[key]) for c in configs if key in c}) > 1
 
 
+def method_name(run: dict, config: dict) -> str:
+    """The method a run's selection used: the selector's own report (``diagnostics.method``, e.g. Instruction
+    Mining without its reward term) where it gives one, else the selector class."""
+    method = ((run.get("selection") or {}).get("diagnostics") or {}).get("method")
+    if method:
+        return METHOD_NAMES.get(method, method)
+    target = short(config.get("selector._target_"))
+    return NAMES.get(target, target)
+
+
 def labels(runs: list[dict]) -> list[str]:
-    """A row label per run: the selector's name plus the config values that vary inside its group."""
+    """A row label per run: the method's name plus the config values that vary inside its group."""
     configs = [flat(r["config"]) for r in runs]
-    base = [NAMES.get(short(c.get("selector._target_")), short(c.get("selector._target_"))) for c in configs]
+    base = [method_name(r, c) for r, c in zip(runs, configs)]
     out = []
     for i, c in enumerate(configs):
         peers = [configs[j] for j in range(len(runs)) if base[j] == base[i]]

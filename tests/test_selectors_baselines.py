@@ -258,6 +258,20 @@ def test_nuggets_resumes_after_interruption(tmp_path, monkeypatch):
     assert resumed.indices == full.indices
 
 
+def test_nuggets_diagnostics_equal_cold_and_warm(tmp_path):
+    from paser.selectors.nuggets import NuggetsSelector
+
+    ctx = make_ctx(tmp_path)
+    cold = NuggetsSelector(n_anchors=2, chunk_size=4).select(make_pool(), 3, ctx)
+    warm = NuggetsSelector(n_anchors=2, chunk_size=4).select(make_pool(), 3, ctx)  # every score from the cache
+
+    def untimed(diag):
+        return {k: v for k, v in diag.items() if k != "time_s"}
+
+    assert untimed(warm.diagnostics) == untimed(cold.diagnostics)
+    assert cold.diagnostics["anchor_zero_shot_logprob"]["n"] == 2 and warm.indices == cold.indices
+
+
 def test_nuggets_prefilter_is_the_cheap_mode(tmp_path):
     from paser.selectors.nuggets import NuggetsSelector, stratified_prefilter
 
@@ -325,6 +339,25 @@ def test_instruction_mining_paper_rule_offline_skips_reward(tmp_path, caplog):
     expected = 1.0694 + 8.257e-5 * out_len - 0.9350 * knn_distance(emb, 6)
     np.testing.assert_allclose(sel.scores, expected, rtol=1e-5)
     assert sel.indices == sorted(np.argsort(expected, kind="stable")[:4].tolist())
+
+
+def test_instruction_mining_without_reward_model_is_another_method(tmp_path, monkeypatch):
+    from paser.selectors import instruction_mining as im
+
+    checks = []
+    real = im.reward_unavailable
+    monkeypatch.setattr(im, "_hub_reachable", lambda: False)  # offline
+    monkeypatch.setattr(im, "reward_unavailable", lambda model_id: checks.append(model_id) or real(model_id))
+    offline = im.InstructionMiningSelector()  # the paper's rule, with its hub reward model
+    assert offline.environment() == {"method": "instruction_mining_no_reward", "reward_term": False}
+    sel = offline.select(make_pool(), 4, make_ctx(tmp_path))
+    assert sel.diagnostics["method"] == "instruction_mining_no_reward" and "reward" in sel.diagnostics["skipped_indicators"]
+    assert len(checks) == 1  # decided once: the key and the scores agree
+    assert im.InstructionMiningSelector(coefficients={"knn6": -1.0}).environment() == {}
+    local = im.InstructionMiningSelector(reward_model=str(tmp_path))  # a local folder: used, not checked further
+    assert local.environment() == {"method": "instruction_mining", "reward_term": True}
+    with pytest.raises(RuntimeError, match="could not load reward model"):  # never silently without it
+        local.select(make_pool(), 4, make_ctx(tmp_path))
 
 
 def test_instruction_mining_perplexity_shares_ifd_cache(tmp_path):

@@ -21,8 +21,12 @@ recalled here: verify them against the paper before citing results. Assumptions:
 response length in tokens, and Knn6 as the Euclidean distance between unit-normalised MiniLM
 embeddings. A coefficient fitted on another model's loss transfers only roughly; refit for a new model.
 
-An indicator that cannot be computed (e.g. the reward model offline) is skipped with a warning, and the
-rule runs with the rest; ``diagnostics.skipped_indicators`` says which and why.
+An indicator that cannot be computed is skipped with a warning, and the rule runs with the rest;
+``diagnostics.skipped_indicators`` says which and why. The reward term is decided once per selector, before
+any score, by ``environment()``: it is used when the reward model is a local folder, is in the local hub
+cache, or the hub is reachable (it is then downloaded), and it is dropped otherwise (e.g. offline). The rule
+without it is another method: ``instruction_mining_no_reward`` names its cache key, its diagnostics and its
+table rows.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import re
 import socket
 import time
 from collections.abc import Callable
+from functools import cached_property
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -43,6 +48,7 @@ from tqdm.auto import tqdm
 
 from paser.embedding import embed_pool, instruction_text
 from paser.errors import ConfigError
+from paser.scoring import to_host
 from paser.selectors.clustered import Scored, ScoredSelector, describe
 from paser.selectors.lm_scores import answer_losses, check_model_choice
 from paser.selectors.paser.clustering import knn_graph
@@ -89,6 +95,8 @@ def _perplexity(sel, pool, ctx) -> np.ndarray:
 
 @register_indicator("reward")
 def _reward(sel, pool, ctx) -> np.ndarray:
+    if sel.reward_unavailable:
+        raise IndicatorUnavailable(sel.reward_unavailable)
     return reward_scores(ctx, pool.rows, sel.reward_model)
 
 
@@ -104,41 +112,69 @@ def knn_distance(embeddings: np.ndarray, k: int, block: int = 2048,
     return dist[:, k - 1].astype(np.float64)
 
 
-@torch.no_grad()
-def reward_scores(ctx, rows: list[dict], model_id: str | None, batch_size: int = 16) -> np.ndarray:
-    """Reward-model scores of (instruction [+ input], answer) pairs, cached per (pool, reward model)."""
+def reward_unavailable(model_id: str | None) -> str | None:
+    """Why the reward model cannot be used on this machine, or None when it can: a local folder, a
+    snapshot in the local hub cache, or a hub id while the hub is reachable. Reads no weights."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
     if not model_id:
-        raise IndicatorUnavailable("no selector.reward_model configured")
+        return "no selector.reward_model configured"
+    if Path(model_id).is_dir():
+        return None
     try:
-        tok, rm = _load_reward_model(model_id, local_files_only=True)
-    except Exception:  # noqa: BLE001 -- not in the local cache: try the hub if it is reachable
-        if Path(model_id).exists() or not _hub_reachable():
-            raise IndicatorUnavailable(f"reward model '{model_id}' is neither a local folder nor cached, and the "
-                                       "hub is not reachable (offline)") from None
-        try:
-            tok, rm = _load_reward_model(model_id, local_files_only=False)
-        except Exception as e:  # noqa: BLE001 -- offline, gated, or not a reward model: run without it
-            raise IndicatorUnavailable(f"could not load reward model '{model_id}' ({type(e).__name__}: "
-                                       f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        validate_repo_id(model_id)
+    except HFValidationError:
+        return f"reward model '{model_id}' is neither a local folder nor a hub id"
+    try:
+        snapshot_download(model_id, local_files_only=True)
+        return None
+    except OSError:  # not in the local cache
+        pass
+    if _hub_reachable():
+        return None
+    return f"reward model '{model_id}' is neither a local folder nor cached, and the hub is not reachable (offline)"
+
+
+@torch.no_grad()
+def reward_scores(ctx, rows: list[dict], model_id: str, batch_size: int = 16) -> np.ndarray:
+    """Reward-model scores of (instruction [+ input], answer) pairs on ctx.device, cached per (pool, reward
+    model); the model is loaded only when a score has to be computed."""
+    state: dict = {}
 
     def compute(start: int, end: int) -> np.ndarray:
+        if not state:
+            state["tok"], state["rm"] = _load_reward_model(model_id, ctx.device)
+        tok, rm = state["tok"], state["rm"]
         out = []
         for b in tqdm(range(start, end, batch_size), desc=f"reward {start}-{end}", unit="batch"):
             batch = rows[b:min(b + batch_size, end)]
             enc = tok([instruction_text(r) for r in batch], [r["output"] for r in batch], truncation=True,
-                      max_length=512, padding=True, return_tensors="pt")
-            out.append(rm(**enc).logits[:, 0].float().numpy())
+                      max_length=512, padding=True, return_tensors="pt").to(ctx.device)
+            out.append(to_host(rm(**enc).logits[:, 0].float()))
         return np.concatenate(out)
 
     return ctx.cached_scores("reward", ("pool",), {"reward_model": model_id}, len(rows), compute, chunk_size=1024)
 
 
-def _load_reward_model(model_id: str, local_files_only: bool):
+def _load_reward_model(model_id: str, device: torch.device):
+    """The reward model from the local cache, else from the hub (environment() found one of them)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_id, local_files_only=local_files_only)
-    model = AutoModelForSequenceClassification.from_pretrained(model_id, local_files_only=local_files_only)
-    return tok, model.eval()
+    def load(local_files_only: bool):
+        tok = AutoTokenizer.from_pretrained(model_id, local_files_only=local_files_only)
+        model = AutoModelForSequenceClassification.from_pretrained(model_id, local_files_only=local_files_only)
+        return tok, model.to(device).eval()
+
+    for local_files_only in (True, False):
+        try:
+            return load(local_files_only)
+        except Exception as e:  # noqa: BLE001 -- not cached, gated, or not a reward model
+            error = e
+    # the key already says "with the reward term": never fall back silently
+    raise RuntimeError(f"could not load reward model '{model_id}' ({type(error).__name__}: "
+                       f"{str(error).splitlines()[0] if str(error) else ''}); set selector.reward_model=null to "
+                       "run Instruction Mining without its reward term") from None
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -174,6 +210,7 @@ def _resolve(name: str) -> Callable:
 
 class InstructionMiningSelector(ScoredSelector):
     name = "instruction_mining"
+    REDUCED = "instruction_mining_no_reward"  # the rule with a reward coefficient but no reward model
 
     def __init__(self, coefficients: dict | None = None, intercept: float = PAPER_INTERCEPT,
                  reward_model: str | None = PAPER_REWARD_MODEL, model: str = "pruned",
@@ -191,6 +228,22 @@ class InstructionMiningSelector(ScoredSelector):
         self.intercept = float(intercept)
         self.reward_model = reward_model
         self.model = check_model_choice(model)
+
+    @cached_property
+    def reward_unavailable(self) -> str | None:
+        """Why the rule's reward term is dropped here (None: it is used, or the rule has none); decided once."""
+        return reward_unavailable(self.reward_model) if "reward" in self.coefficients else None
+
+    @property
+    def method(self) -> str:
+        return self.REDUCED if self.reward_unavailable else self.name
+
+    def environment(self) -> dict:
+        """Whether this machine can compute the reward term: it changes the result, so the pipeline puts it
+        in the selection's cache key and results."""
+        if "reward" not in self.coefficients:
+            return {}
+        return {"method": self.method, "reward_term": not self.reward_unavailable}
 
     def score(self, pool, ctx) -> Scored:
         predicted = np.full(len(pool), self.intercept)
@@ -213,5 +266,5 @@ class InstructionMiningSelector(ScoredSelector):
             raise ConfigError(f"Instruction Mining: no indicator could be computed ({skipped}); configure "
                               "selector.coefficients with indicators available here")
         return Scored(scores=predicted, rank_key=-predicted, diagnostics={
-            "intercept": self.intercept, "coefficients_used": used, "skipped_indicators": skipped,
+            "method": self.method, "intercept": self.intercept, "coefficients_used": used, "skipped_indicators": skipped,
             "indicators": summary, "predicted_loss": describe(predicted), "time_s": times})

@@ -9,7 +9,8 @@ tokens a sum and a mean give the same comparison.)
 
 Cost: |candidates| x |anchors| forward passes over the anchors. Each candidate's key/value cache is
 computed once and shared by all anchors (``reuse_prefix_kv``), so an anchor pass costs only its own
-tokens. Golden scores persist in chunks of ``chunk_size`` candidates: an interrupted run resumes.
+tokens. Golden scores persist in chunks of ``chunk_size`` candidates: an interrupted run resumes. The anchors'
+zero-shot scores persist too, so that a run on cached scores reports the same diagnostics as the first.
 
 Cheaper mode for CPU runs: fewer anchors (``n_anchors``), and/or ``prefilter: M``, which scores only M
 candidates drawn at random (seeded) in proportion to the anchor clusters' sizes; the others are not
@@ -223,19 +224,26 @@ class NuggetsSelector(ScoredSelector):
             log.warning("Nuggets: %d anchor(s) have no answer token within the cutoff and cannot improve; "
                         "they still count in the denominator", len(anchors) - sum(anchors.has_answer))
         t1 = time.perf_counter()
+        # the anchors' zero-shot log-likelihoods persist on their own: a warm run reports the same statistics
+        anchor_params = {"which": self.model, "cutoff": ctx.cutoff, "format": self.prompt_format,
+                         "anchors": anchor_idx.tolist()}
+
+        def zero_shot(start: int, end: int) -> np.ndarray:
+            return anchors.zero_shot(scoring_model(ctx, self.model), ctx.batch_size)[start:end]
+
+        zero = ctx.cached_scores("nuggets_zero_shot", score_dependencies(self.model), anchor_params, len(anchors),
+                                 zero_shot, chunk_size=len(anchors))
+        t2 = time.perf_counter()
         rows = pool.subset(candidates)
         bar = tqdm(total=len(rows), desc=f"Nuggets golden scores ({len(anchors)} anchors)", unit="cand")
-        state: dict = {}  # the model and the anchors' zero-shot scores, only once something is computed
+        state: dict = {}  # the model and the progress origin, once a chunk is computed in this run
 
         def compute(start: int, end: int) -> np.ndarray:
             if not state:  # first chunk computed in this run; after a resume, bar and projection count what is left
-                t = time.perf_counter()
                 state["model"] = scoring_model(ctx, self.model)
-                state["zero"] = anchors.zero_shot(state["model"], ctx.batch_size)
-                state["zero_shot_s"] = time.perf_counter() - t
                 bar.reset(total=len(rows) - start)
                 state["first"] = (start, time.perf_counter())
-            out = golden_scores(state["model"], ctx.tokenizer, rows[start:end], anchors, state["zero"], ctx.cutoff,
+            out = golden_scores(state["model"], ctx.tokenizer, rows[start:end], anchors, zero, ctx.cutoff,
                                 self.prompt_format, ctx.batch_size, self.reuse_prefix_kv, bar)
             first, since = state["first"]
             per = (time.perf_counter() - since) / (end - first)
@@ -243,21 +251,18 @@ class NuggetsSelector(ScoredSelector):
                      per * (len(rows) - end) / 60)
             return out
 
-        params = {"which": self.model, "cutoff": ctx.cutoff, "format": self.prompt_format,
-                  "anchors": anchor_idx.tolist(), "prefilter": self.prefilter, "seed": ctx.seed,
-                  "embedder": ctx.embedder_name}
+        params = {**anchor_params, "prefilter": self.prefilter, "seed": ctx.seed, "embedder": ctx.embedder_name}
         golden = ctx.cached_scores("nuggets_golden", score_dependencies(self.model), params, len(rows), compute,
                                    chunk_size=self.chunk_size)
         bar.close()
-        t2 = time.perf_counter()
+        t3 = time.perf_counter()
         scores = np.full(len(pool), np.nan)
         scores[candidates] = golden
         return Scored(scores=scores, rank_key=scores.copy(), diagnostics={
             "model": self.model, "n_anchors": len(anchors), "anchors": anchor_idx.tolist(),
             "prefilter": self.prefilter, "candidates_scored": len(candidates),
             "anchor_evaluations": int(len(candidates) * len(anchors)), "prompt_format": self.prompt_format,
-            **({"anchor_zero_shot_logprob": describe(state["zero"])} if state else {"golden_scores": "cached"}),
-            "time_s": {"anchors": round(t1 - t0, 3), "zero_shot": round(state.get("zero_shot_s", 0.0), 3),
-                       "golden": round(t2 - t1, 3),
-                       "golden_per_candidate": round((t2 - t1) / max(len(candidates), 1), 4)},
+            "anchor_zero_shot_logprob": describe(zero),
+            "time_s": {"anchors": round(t1 - t0, 3), "zero_shot": round(t2 - t1, 3), "golden": round(t3 - t2, 3),
+                       "golden_per_candidate": round((t3 - t2) / max(len(candidates), 1), 4)},
         })
