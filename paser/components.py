@@ -14,7 +14,8 @@ Besides its method, a component *declares* (class attributes; ``declared`` gives
     uses_budget         (selectors) whether the selection depends on the budget (``full`` does not)
     uses_scoring        (selectors) whether the shared ``scoring`` block (cutoff, embedder) changes it
 and may define ``environment() -> dict``: facts of this machine that change its result (e.g. a reward
-model that is not available offline); they become part of its cache key and of results.json.
+model that is not available offline), which become part of its cache key and of results.json, and
+``input_files() -> list[Path]``: files it reads, keyed by content (so their folder can be a neutral knob).
 
 The cache key of each stage is built by the pipeline from these declarations, the config values, the
 content of input files and the source of the implementing code (paser.fingerprint).

@@ -284,23 +284,25 @@ def calibration_windows(tokenizer, path: str, nsamples: int, seqlen: int, seed: 
                     "or nsamples")
 
 
-def ppl_corpus_text(name: str, data_dir: str) -> str:
-    """The evaluation text joined as LLM-Pruner does: rows joined with blank lines.
-
-    wikitext2 = WikiText-2 raw *test*; ptb = Penn Treebank *validation* (LLM-Pruner's choice);
-    ptb_test = PTB test.
-    """
+def ppl_corpus_path(name: str, data_dir: str) -> Path:
+    """The file a perplexity corpus is read from: wikitext2 = WikiText-2 raw *test*; ptb = Penn Treebank
+    *validation* (LLM-Pruner's choice); ptb_test = PTB test."""
     root = Path(data_dir)
+    paths = {"wikitext2": root / "wikitext2" / "test.rows.jsonl", "ptb": root / "ptb" / "ptb.valid.txt",
+             "ptb_test": root / "ptb" / "ptb.test.txt"}
+    if name not in paths:
+        raise ConfigError(f"unknown perplexity corpus '{name}'; allowed: {', '.join(paths)}")
+    _require(paths[name], name)
+    return paths[name]
+
+
+def ppl_corpus_text(name: str, data_dir: str) -> str:
+    """The evaluation text joined as LLM-Pruner does: rows joined with blank lines."""
+    path = ppl_corpus_path(name, data_dir)
     if name == "wikitext2":
-        path = root / "wikitext2" / "test.rows.jsonl"
-        _require(path, name)
         return "\n\n".join(r["text"] for r in read_jsonl(path, required=("text",)))
-    if name in ("ptb", "ptb_test"):
-        path = root / "ptb" / ("ptb.valid.txt" if name == "ptb" else "ptb.test.txt")
-        _require(path, name)
-        # the hub's ptb_text_only rows are the stripped lines of this file
-        return "\n\n".join(line.strip() for line in path.read_text().splitlines())
-    raise ConfigError(f"unknown perplexity corpus '{name}'; allowed: wikitext2, ptb, ptb_test")
+    # the hub's ptb_text_only rows are the stripped lines of this file
+    return "\n\n".join(line.strip() for line in path.read_text().splitlines())
 
 
 def _require(path: Path, name: str) -> None:

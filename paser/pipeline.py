@@ -170,6 +170,12 @@ def calibration_key(c: DictConfig) -> dict:
             "code": code_version(calibration_windows)}
 
 
+def input_files(component) -> dict:
+    """Content fingerprints of the files a component declares it reads (``input_files()``), by file name."""
+    files = getattr(component, "input_files", None)
+    return {Path(f).name: file_fingerprint(f) for f in files()} if callable(files) else {}
+
+
 @dataclass
 class Keys:
     """Every stage's cache key, written once: exactly what determines the artifact (config values the
@@ -211,7 +217,7 @@ class Keys:
     def metrics(self, state: dict, kind: str, node: DictConfig, evaluator) -> dict:
         """One entry per evaluator kind and model state: adding an evaluator reuses the others."""
         return {"state": state, "evaluator": kind, "config": knobs(node, declared(evaluator, "neutral_knobs")),
-                "code": code_version(type(evaluator))}
+                "files": input_files(evaluator), "code": code_version(type(evaluator))}
 
 
 # ---------------------------------------------------------------------------------------- stages

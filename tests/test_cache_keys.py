@@ -154,3 +154,19 @@ def test_a_local_model_is_keyed_by_its_files_not_its_folder(compose_cfg, tmp_pat
     save_model(*tiny_llama(seed=1), b)  # another checkpoint in the same folder
     replaced = pipeline.run(compose_cfg(run + [f"model.path={b}"]), run_dir=tmp_path / "r3")
     assert not replaced["timings"]["eval_dense"]["reused"]
+
+
+def test_evaluation_corpora_count_by_content_not_folder(compose_cfg, tmp_path):
+    """The same corpora in another folder hit; a changed corpus file misses."""
+    data = tmp_path / "data"
+    for name in ("wikitext2", "ptb"):
+        shutil.copytree(DATA_DIR / name, data / name)
+    base = [o for o in TINY_RUN if not o.startswith("recovery.")] + ["recovery=none", "pruner=none"]
+    pipeline.run(compose_cfg(base), run_dir=tmp_path / "a")
+    moved = pipeline.run(compose_cfg(base + [f"evaluator.ppl.data_dir={data}"]), run_dir=tmp_path / "b")
+    assert moved["timings"]["eval_dense"]["reused"]
+    ptb = data / "ptb" / "ptb.valid.txt"
+    ptb.chmod(0o644)
+    ptb.write_text("a different corpus\n" + ptb.read_text())
+    changed = pipeline.run(compose_cfg(base + [f"evaluator.ppl.data_dir={data}"]), run_dir=tmp_path / "c")
+    assert not changed["timings"]["eval_dense"]["reused"]

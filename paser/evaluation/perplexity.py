@@ -8,11 +8,12 @@ import hashlib
 import logging
 import math
 import weakref
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from paser.data import ppl_corpus_text
+from paser.data import ppl_corpus_path, ppl_corpus_text
 from paser.scoring import model_device, to_host, token_nll
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ class PerplexityEvaluator:
     (batched kernels block differently), so it is a neutral knob that the cache key ignores.
     """
 
-    neutral_knobs: tuple[str, ...] = ("batch_size",)
+    neutral_knobs: tuple[str, ...] = ("batch_size", "data_dir")  # the corpora count by content: input_files
 
     def __init__(self, corpora=("wikitext2", "ptb"), seq_len: int = 128, batch_size: int = 8,
                  max_windows: int | None = None, data_dir: str = "../shared/data"):
@@ -75,6 +76,9 @@ class PerplexityEvaluator:
         self.batch_size = batch_size
         self.max_windows = max_windows
         self.data_dir = data_dir
+
+    def input_files(self) -> list[Path]:
+        return [ppl_corpus_path(name, self.data_dir) for name in self.corpora]
 
     def evaluate(self, model, tokenizer) -> dict:
         out = {}

@@ -61,7 +61,7 @@ class ZeroShotEvaluator:
     that the cache key ignores. A model split over devices is scored by lm-eval's plain HFLM (the packed
     scorer needs one device); the metrics say which scorer ran (``lm``)."""
 
-    neutral_knobs: tuple[str, ...] = ("batch_size", "share_context")
+    neutral_knobs: tuple[str, ...] = ("batch_size", "share_context", "data_dir")  # files: input_files
 
     def __init__(self, tasks=ACCURACY_TASKS, source: str = "local", metrics: dict | None = None,
                  limit: int | None = None, limit_mode: str = "first", seed: int = 0, batch_size: int = 16,
@@ -114,6 +114,10 @@ class ZeroShotEvaluator:
             rng = random.Random(f"{name}:{self.seed}")
             samples[name] = sorted(rng.sample(range(n), min(self.limit, n)))
         return samples
+
+    def input_files(self) -> list[Path]:
+        """The offline task files (none for source=hub: lm-eval's datasets are versioned by the hub)."""
+        return [f for task in self.tasks for f in data_files(task, self.data_dir)] if self.source == "local" else []
 
     @torch.inference_mode()
     def evaluate(self, model, tokenizer) -> dict:
