@@ -202,7 +202,7 @@ class Keys:
         s = parts.selector
         selection = {"state": pruned, "pool": parts.pool.fingerprint,
                      "selector": knobs(cfg.selector, declared(s, "neutral_knobs")),
-                     "environment": environment(s),
+                     "environment": environment(s), "files": input_files(s),
                      "budget": parts.budget if declared(s, "uses_budget") else None,
                      "seed": cfg.seed,
                      "scoring": knobs(cfg.scoring, SCORING_NEUTRAL_KNOBS) if declared(s, "uses_scoring") else None,

@@ -24,9 +24,12 @@ WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 DELIMITERS = re.compile(r"[.,;:!?()\[\]{}\"“”‘’\n\t|/\\<>=*#…–—-]+")
 
 
+STOPWORDS_FILE = files("paser.selectors.paser").joinpath("stopwords.txt")
+
+
 @lru_cache(maxsize=1)
 def stopwords() -> frozenset[str]:
-    text = files("paser.selectors.paser").joinpath("stopwords.txt").read_text(encoding="utf-8")
+    text = STOPWORDS_FILE.read_text(encoding="utf-8")
     return frozenset(w for w in text.split() if not w.startswith("#") and w)
 
 

@@ -27,7 +27,7 @@ from paser.embedding import embed_pool
 from paser.errors import ConfigError
 from paser.selectors.paser.allocation import RULES, allocate_budget
 from paser.selectors.paser.clustering import DEFAULT_K_RANGE, REDUCERS, nmf_clusters, reduce_embeddings
-from paser.selectors.paser.concepts import ConceptGraph, sample_concepts
+from paser.selectors.paser.concepts import STOPWORDS_FILE, ConceptGraph, sample_concepts
 from paser.selectors.paser.divergence import (
     DIVERGENCES,
     REDUCTIONS,
@@ -132,6 +132,10 @@ class PaserSelector:
         if bad or not self.concept_fields:
             raise ConfigError(f"selector.concept_fields={list(self.concept_fields)}: choose from {list(FIELDS)}")
         self.plot = bool(plot)
+
+    def input_files(self) -> list:
+        """The NTM stop-word list is data, not code: keyed by content."""
+        return [STOPWORDS_FILE] if self.use_ntm else []
 
     # ------------------------------------------------------------------ stages
 
