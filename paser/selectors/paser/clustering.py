@@ -51,8 +51,8 @@ K_SEARCH_ROWS = 10000  # rows used for the NMF error curve of the auto-K rule
 
 
 def _fast_bf16(device: torch.device) -> bool:
-    """Whether bf16 matmuls beat fp32 on ``device``: CUDA with native bf16, and the CPU (where bf16
-    candidates have always been used; CPUs without bf16 units lose little)."""
+    """Whether the kNN candidates are computed in bf16 on ``device``: on a CUDA GPU with native bf16
+    (Ampere or later), and on the CPU, where they always were (2-3x faster on CPUs with bf16 units)."""
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     return device.type == "cpu"
