@@ -101,7 +101,7 @@ def s2ric_labels(ctx, pool, clustering: dict) -> tuple[np.ndarray, dict]:
     knobs = {k: clustering[k] for k in CLUSTERING_KNOBS}
 
     def compute() -> dict:
-        labels, diag = cluster_embeddings(embed_pool(ctx, pool.rows), seed=ctx.seed,
+        labels, diag = cluster_embeddings(embed_pool(ctx, pool.rows), seed=ctx.seed, device=ctx.device,
                                           **{**knobs, "k_range": tuple(knobs["k_range"])})
         return {"labels": np.asarray(labels, dtype=np.int64).tolist(), "diagnostics": _json_scalars(diag)}
 

@@ -145,7 +145,7 @@ class PaserSelector:
             return np.zeros(len(pool), dtype=np.int64), None, {"n_clusters": 1, "reducer": None}
         emb = embed_pool(ctx, pool.rows, with_input=self.embed_input)
         coords, diag = reduce_embeddings(emb, self.reducer, self.n_components, self.n_neighbors, ctx.seed,
-                                         self.diffusion_time)
+                                         self.diffusion_time, device=ctx.device)
         labels, cdiag = nmf_clusters(coords, self.n_clusters, ctx.seed, self.k_range)
         diag.update(cdiag)
         return labels, coords, diag
