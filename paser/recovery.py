@@ -73,7 +73,9 @@ class LoraRecovery:
         model.to(self.dtype)
         config = LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
                             target_modules=self.target_modules, bias="none", task_type="CAUSAL_LM")
-        return get_peft_model(model, config)
+        # adapters in the model's dtype: bf16 LoRA matmuls (fp32 ones cost a cast of every LoRA input and
+        # the slow fp32 path); the optimizer keeps fp32 master weights (MasterWeights)
+        return get_peft_model(model, config, autocast_adapter_dtype=False)
 
     def _schedule(self, total_steps: int):
         def factor(step: int) -> float:
@@ -100,13 +102,13 @@ class LoraRecovery:
         encoded = encode_pool(tokenizer, samples, self.cutoff)
         steps_per_epoch = math.ceil(len(encoded) / self.batch_size)
         total_steps = steps_per_epoch * self.epochs
-        params = [p for p in peft_model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        masters = MasterWeights(peft_model)
+        optimizer = torch.optim.AdamW(masters.tensors(), lr=self.lr, weight_decay=self.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._schedule(total_steps))
         state = {"step": 0, "losses": []}
         ckpt = workdir / CHECKPOINT
         if ckpt.is_dir():
-            state = self._load_checkpoint(ckpt, peft_model, optimizer, scheduler)
+            state = self._load_checkpoint(ckpt, masters, optimizer, scheduler)
             log.info("recovery: resuming from checkpoint at step %d/%d", state["step"], total_steps)
 
         peft_model.train()
@@ -118,7 +120,7 @@ class LoraRecovery:
             epoch, in_epoch = divmod(step, steps_per_epoch)
             order = self._epoch_order(len(encoded), epoch)
             batch = order[in_epoch * self.batch_size:(in_epoch + 1) * self.batch_size]
-            loss = self._optimizer_step(peft_model, optimizer, [encoded[i] for i in batch], pad)
+            loss = self._optimizer_step(peft_model, masters, optimizer, [encoded[i] for i in batch], pad)
             if not math.isfinite(loss):
                 raise TrainingError(
                     f"recovery loss became {loss} at step {step + 1}; training stopped. The last good "
@@ -131,8 +133,9 @@ class LoraRecovery:
             bar.set_postfix(loss=f"{loss:.3f}")
             if (step + 1) % self.checkpoint_every == 0 and step + 1 < total_steps and distributed.is_main():
                 state["step"] = step + 1
-                self._save_checkpoint(ckpt, peft_model, optimizer, scheduler, state)
+                self._save_checkpoint(ckpt, masters, optimizer, scheduler, state)
         bar.close()
+        masters.finish()
         peft_model.eval()
         report = {"steps": total_steps, "samples": len(encoded), "epochs": self.epochs,
                   "effective_batch": self.batch_size, "truncated": sum(e.truncated for e in encoded),
@@ -141,7 +144,7 @@ class LoraRecovery:
                   "train_time_s": time.time() - start}
         return peft_model, report
 
-    def _optimizer_step(self, model, optimizer, batch, pad_id: int) -> float:
+    def _optimizer_step(self, model, masters: MasterWeights, optimizer, batch, pad_id: int) -> float:
         """One optimizer step over an effective batch; the loss is the mean over its response tokens.
 
         The batch's samples are grouped by length into micro-batches (HF Trainer's ``group_by_length``
@@ -159,27 +162,23 @@ class LoraRecovery:
             nll = response_nll(model, batch[k:k + self.micro_batch_size], pad_id, device)
             (nll / n_targets).backward()
             total += nll.detach().double()
-        if distributed.world_size() > 1:
-            params = [p for p in model.parameters() if p.requires_grad]
-            for p in params:
-                if p.grad is None:  # this rank had no micro-batch in this step
-                    p.grad = torch.zeros_like(p)
-            distributed.sum_across_ranks([p.grad for p in params] + [total])
+        grads = masters.collect_grads()  # fp32, zeros where this rank had no micro-batch
+        distributed.sum_across_ranks(grads + [total])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        masters.push()
         return total.item() / n_targets
 
     # ---------------------------------------------------------------------- checkpoints
 
     @staticmethod
-    def _save_checkpoint(path: Path, model, optimizer, scheduler, state: dict) -> None:
+    def _save_checkpoint(path: Path, masters: MasterWeights, optimizer, scheduler, state: dict) -> None:
         from safetensors.torch import save_file
 
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-        save_file(trainable, tmp / "adapter.safetensors")
+        save_file(masters.state(), tmp / "adapter.safetensors")
         # batch order is a function of (seed, epoch); only dropout draws from the torch RNG
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "torch_rng": torch.get_rng_state()}, tmp / "trainer_state.pt")
@@ -191,19 +190,62 @@ class LoraRecovery:
         shutil.rmtree(old, ignore_errors=True)
 
     @staticmethod
-    def _load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    def _load_checkpoint(path: Path, masters: MasterWeights, optimizer, scheduler) -> dict:
         from safetensors.torch import load_file
 
-        weights = load_file(path / "adapter.safetensors")
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, value in weights.items():
-                params[name].copy_(value)
+        masters.load(load_file(path / "adapter.safetensors"))
         trainer = torch.load(path / "trainer_state.pt", weights_only=True)
         optimizer.load_state_dict(trainer["optimizer"])
         scheduler.load_state_dict(trainer["scheduler"])
         torch.set_rng_state(trainer["torch_rng"])
         return json.loads((path / "state.json").read_text())
+
+
+class MasterWeights:
+    """fp32 master copies of the trainable parameters, as mixed-precision training keeps them: forward and
+    backward run in the model's dtype (bf16 matmuls, which the hardware is fast at), while the optimizer
+    updates fp32 copies, so that updates smaller than half a bf16 step of a weight still accumulate. For
+    fp32 parameters the master *is* the parameter."""
+
+    def __init__(self, model):
+        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.masters = [p if p.dtype == torch.float32 else p.detach().float().clone().requires_grad_()
+                        for _, p in self.named]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return self.masters
+
+    def collect_grads(self) -> list[torch.Tensor]:
+        """The fp32 gradients on the masters (zeros for a parameter that got none)."""
+        for (_, p), m in zip(self.named, self.masters):
+            g = p.grad if p.grad is not None else torch.zeros_like(p)
+            if m is not p:
+                m.grad, p.grad = g.float(), None
+            elif p.grad is None:
+                p.grad = g
+        return [m.grad for m in self.masters]
+
+    @torch.no_grad()
+    def push(self) -> None:
+        """Copy the updated masters into the model's parameters."""
+        for (_, p), m in zip(self.named, self.masters):
+            if m is not p:
+                p.copy_(m)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {n: m.detach().cpu().contiguous() for (n, _), m in zip(self.named, self.masters)}
+
+    @torch.no_grad()
+    def load(self, weights: dict[str, torch.Tensor]) -> None:
+        for (n, _), m in zip(self.named, self.masters):
+            m.copy_(weights[n])
+        self.push()
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """The trained adapter keeps its fp32 weights (what is stored and merged for evaluation)."""
+        for (_, p), m in zip(self.named, self.masters):
+            p.data = m.detach()
 
 
 def response_nll(model, micro: list, pad_id: int, device) -> torch.Tensor:

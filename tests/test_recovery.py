@@ -60,9 +60,11 @@ def trainable(model) -> dict:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_resume_after_a_crash_gives_the_same_adapter(tmp_path, monkeypatch):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_resume_after_a_crash_gives_the_same_adapter(tmp_path, monkeypatch, dtype):
+    """Also in bf16, where the optimizer's fp32 master weights are what the checkpoint must keep."""
     model, tok = tiny_llama()
-    clean, _ = recovery(epochs=3, dropout=0.1).recover(model, tok, SAMPLES, tmp_path / "clean")
+    clean, _ = recovery(epochs=3, dropout=0.1, dtype=dtype).recover(model, tok, SAMPLES, tmp_path / "clean")
     expected = trainable(clean)
 
     calls = {"n": 0}
@@ -77,14 +79,28 @@ def test_resume_after_a_crash_gives_the_same_adapter(tmp_path, monkeypatch):
     monkeypatch.setattr(LoraRecovery, "_optimizer_step", crash_on_fourth)
     model, tok = tiny_llama()
     with pytest.raises(KeyboardInterrupt):
-        recovery(epochs=3, dropout=0.1).recover(model, tok, SAMPLES, tmp_path / "crash")
+        recovery(epochs=3, dropout=0.1, dtype=dtype).recover(model, tok, SAMPLES, tmp_path / "crash")
     monkeypatch.setattr(LoraRecovery, "_optimizer_step", original)
     model, tok = tiny_llama()
-    resumed, report = recovery(epochs=3, dropout=0.1).recover(model, tok, SAMPLES, tmp_path / "crash")
+    resumed, report = recovery(epochs=3, dropout=0.1, dtype=dtype).recover(model, tok, SAMPLES, tmp_path / "crash")
     got = trainable(resumed)
     assert got.keys() == expected.keys()
     assert all(torch.equal(got[k], expected[k]) for k in got)
     assert [p["step"] for p in report["loss_curve"]] == list(range(1, 7))
+
+
+def test_bf16_training_keeps_fp32_master_weights(tmp_path):
+    """Updates far below a bf16 step of a weight still accumulate; the stored adapter is fp32."""
+    model, tok = tiny_llama()
+    rec = recovery(epochs=2, lr=1e-6, dtype="bfloat16")  # updates ~1e-6: lost if applied to bf16 weights
+    torch.manual_seed(0)  # the adapter's initialisation, as recover() draws it
+    before = {n: p.detach().float().clone() for n, p in rec.wrap(tiny_llama()[0]).named_parameters()
+              if p.requires_grad}
+    trained, _ = rec.recover(model, tok, SAMPLES, tmp_path)
+    after = trainable(trained)
+    assert all(p.dtype == torch.float32 for p in after.values())
+    moved = [n for n in after if "lora_A" in n and not torch.equal(after[n], before[n])]
+    assert moved and all(float((after[n] - before[n]).abs().max()) < 1e-4 for n in moved)
 
 
 def test_non_finite_loss_stops_with_a_clear_message(tmp_path, monkeypatch):
