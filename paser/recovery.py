@@ -161,6 +161,7 @@ class LoraRecovery:
         for k in micro_starts[distributed.rank()::distributed.world_size()]:
             nll = response_nll(model, batch[k:k + self.micro_batch_size], pad_id, device)
             (nll / n_targets).backward()
+            masters.accumulate()
             total += nll.detach().double()
         grads = masters.collect_grads()  # fp32, zeros where this rank had no micro-batch
         distributed.sum_across_ranks(grads + [total])
@@ -215,14 +216,21 @@ class MasterWeights:
     def tensors(self) -> list[torch.Tensor]:
         return self.masters
 
-    def collect_grads(self) -> list[torch.Tensor]:
-        """The fp32 gradients on the masters (zeros for a parameter that got none)."""
+    def accumulate(self) -> None:
+        """Move the gradients of the last backward into fp32 sums on the masters: accumulating over the
+        micro-batches of a step in bf16 would lose precision (and make the sum depend on how the
+        micro-batches are split across ranks)."""
         for (_, p), m in zip(self.named, self.masters):
-            g = p.grad if p.grad is not None else torch.zeros_like(p)
-            if m is not p:
-                m.grad, p.grad = g.float(), None
-            elif p.grad is None:
-                p.grad = g
+            if m is not p and p.grad is not None:
+                m.grad = p.grad.float() if m.grad is None else m.grad.add_(p.grad)
+                p.grad = None
+
+    def collect_grads(self) -> list[torch.Tensor]:
+        """The step's fp32 gradients on the masters (zeros for a parameter that got none)."""
+        self.accumulate()
+        for m in self.masters:
+            if m.grad is None:
+                m.grad = torch.zeros_like(m)
         return [m.grad for m in self.masters]
 
     @torch.no_grad()
