@@ -49,18 +49,24 @@ def test_a_relevant_change_recomputes_exactly_what_depends_on_it(first, compose_
     assert {k for k, hit in reused(again).items() if not hit} == recomputed
 
 
-def test_new_code_of_a_component_recomputes_its_stage(first, compose_cfg, tmp_path, monkeypatch):
-    from paser.pruners.wanda import WandaPruner
-
+@pytest.mark.parametrize("component, recomputed", [
+    ("paser.pruners.wanda.WandaPruner", {"prune", "eval_pruned", "select", "recover", "eval_recovered"}),
+    ("paser.selectors.basic.RandomSelector", {"select", "recover", "eval_recovered"}),
+    ("paser.recovery.LoraRecovery", {"recover", "eval_recovered"}),
+    ("paser.evaluation.perplexity.PerplexityEvaluator", {"eval_dense", "eval_pruned", "eval_recovered"}),
+])
+def test_new_code_of_a_component_recomputes_its_stage(first, compose_cfg, tmp_path, monkeypatch, component,
+                                                       recomputed):
     real = pipeline.code_version
 
-    def bumped(*objs):  # as if wanda.py had been edited
+    def bumped(*objs):  # as if the component's module had been edited
         version = real(*objs)
-        return {**version, "hash": "edited" + version["hash"][6:]} if WandaPruner in objs else version
+        edited = any(f"{o.__module__}.{o.__qualname__}" == component for o in objs if isinstance(o, type))
+        return {**version, "hash": "edited" + version["hash"][6:]} if edited else version
 
     monkeypatch.setattr(pipeline, "code_version", bumped)
     again = pipeline.run(compose_cfg(WANDA), run_dir=tmp_path / "again")
-    assert not reused(again)["prune"] and reused(again)["eval_dense"]
+    assert {k for k, hit in reused(again).items() if not hit} == recomputed
 
 
 def test_calibration_is_keyed_by_content_not_path(compose_cfg, tmp_path):
