@@ -331,7 +331,7 @@ class Run:
             cache_key={"model": config_hash(self.keys.model), "pruner": config_hash(self.keys.pruner),
                        "pool": self.parts.pool.fingerprint})
 
-    def select(self, pruned_fn) -> tuple[dict, list[dict]]:
+    def select(self, pruned_fn) -> dict:
         pool, budget, selector = self.parts.pool, self.parts.budget, self.parts.selector
 
         def compute():
@@ -362,22 +362,25 @@ class Run:
 
         value = self.cached("select", "selection", self.keys.selection, compute, save, load, ranks="all")
         # a fresh computation's record goes through JSON like a cached one, so cold and warm runs agree
-        record = json.loads(json.dumps(value[0], default=_np_default))
-        return record, pool.subset(record["indices"])
+        return json.loads(json.dumps(value[0], default=_np_default))
 
-    def recover(self, samples: list[dict], pruned_fn):
+    def recover(self, selection: dict, pruned_fn):
         """(factory of the recovered model, recovery report), or (None, None) with recovery=none."""
         if self.parts.recovery is None:
             return None, None
         key = self.keys.adapter
+        train, val, val_source = validation_split(len(self.parts.pool), selection["indices"],
+                                                  getattr(self.parts.recovery, "val_size", 0), self.cfg.seed)
+        samples, val_samples = self.parts.pool.subset(train), self.parts.pool.subset(val)
         # checkpoints live beside the entry until it is stored: a rerun finds and resumes them
         workdir = self.cache.entry_dir("adapter", key).with_suffix(".work")
         box = {}
 
         def compute():
-            model, report = self.parts.recovery.recover(pruned_fn(), self.models.tok(), samples, workdir)
+            model, report = self.parts.recovery.recover(pruned_fn(), self.models.tok(), samples, workdir,
+                                                        val_samples=val_samples)
             box["model"] = model
-            return report
+            return {**report, "val_source": val_source}
 
         def save(report, d: Path):
             box["model"].save_pretrained(d / "adapter")
@@ -416,11 +419,34 @@ class Run:
                 return models.load_pruned(pruned_entry)
 
         metrics["pruned"] = self.evaluate("pruned", keys.pruned, pruned)
-        selection, samples = self.select(pruned)
-        recovered, recovery_report = self.recover(samples, pruned)
+        selection = self.select(pruned)
+        recovered, recovery_report = self.recover(selection, pruned)
         if recovered is not None:
             metrics["recovered"] = self.evaluate("recovered", keys.adapter, recovered)
         return {"metrics": metrics, "prune": prune_report, "selection": selection, "recovery": recovery_report}
+
+
+def validation_split(pool_size: int, selected: list[int], val_size: int, seed: int) \
+        -> tuple[list[int], list[int], str]:
+    """(training indices, validation indices, where the validation samples came from).
+
+    The validation samples are a seeded draw from the pool *outside* the selection, so that every selector
+    trains on its full budget and is validated on data it did not choose. When the pool has fewer samples
+    left than ``val_size`` (``full`` selects everything), they are held out of the selection instead, as
+    the reference recipe splits its training data; the report says which.
+    """
+    if val_size <= 0:
+        return list(selected), [], "none"
+    rng = np.random.default_rng(seed)
+    chosen = set(selected)
+    rest = [i for i in range(pool_size) if i not in chosen]
+    if len(rest) >= val_size:
+        return list(selected), sorted(rng.choice(rest, val_size, replace=False).tolist()), "pool outside the selection"
+    if len(selected) <= val_size:
+        raise ConfigError(f"recovery.val_size={val_size} leaves nothing to train on: the pool has {pool_size} "
+                          f"samples and the selection {len(selected)}; lower recovery.val_size")
+    val = set(rng.choice(list(selected), val_size, replace=False).tolist())
+    return [i for i in selected if i not in val], sorted(val), "held out of the selection"
 
 
 def merged(peft_model):

@@ -33,10 +33,11 @@ from paser import distributed
 from paser.data import encode_pool
 from paser.errors import ConfigError, TrainingError
 from paser.models import torch_dtype
-from paser.scoring import pad_right
+from paser.scoring import pad_right, to_host
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint"
+KEEP = ("last", "best")
 
 
 class LoraRecovery:
@@ -47,7 +48,8 @@ class LoraRecovery:
                  target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
                  lr: float = 1e-4, epochs: int = 2, batch_size: int = 64, micro_batch_size: int = 4,
                  cutoff: int = 256, warmup_steps: int = 0, weight_decay: float = 0.0,
-                 dtype: str = "bfloat16", checkpoint_every: int = 10, seed: int = 0):
+                 dtype: str = "bfloat16", checkpoint_every: int = 10, seed: int = 0, val_size: int = 0,
+                 eval_every: int = 0, keep: str = "last"):
         if dtype == "float16":
             raise ConfigError("recovery.dtype=float16 is refused: LLaMA-family models overflow to NaN in "
                               "fp16 training; use bfloat16 (or float32)")
@@ -56,6 +58,13 @@ class LoraRecovery:
                               f"recovery.micro_batch_size={micro_batch_size}")
         if epochs <= 0 or lr <= 0:
             raise ConfigError(f"recovery.epochs ({epochs}) and recovery.lr ({lr}) must be > 0")
+        if keep not in KEEP:
+            raise ConfigError(f"recovery.keep='{keep}' is unknown; allowed: {list(KEEP)}")
+        if keep == "best" and val_size <= 0:
+            raise ConfigError("recovery.keep=best needs a validation set: set recovery.val_size > 0")
+        if val_size < 0 or eval_every < 0:
+            raise ConfigError(f"recovery.val_size ({val_size}) and recovery.eval_every ({eval_every}) must be >= 0")
+        self.val_size, self.eval_every, self.keep = int(val_size), int(eval_every), keep
         self.r, self.alpha, self.dropout = r, alpha, dropout
         self.target_modules = list(target_modules)
         self.lr, self.epochs, self.weight_decay = lr, epochs, weight_decay
@@ -91,8 +100,12 @@ class LoraRecovery:
 
     # -------------------------------------------------------------------------------- training
 
-    def recover(self, model, tokenizer, samples: list[dict], workdir) -> tuple[torch.nn.Module, dict]:
-        """Train LoRA adapters on ``samples``; returns (peft model, report with the loss curve)."""
+    def recover(self, model, tokenizer, samples: list[dict], workdir, val_samples=()) -> tuple[torch.nn.Module, dict]:
+        """Train LoRA adapters on ``samples``; returns (peft model, report with the loss curve).
+
+        With ``val_samples`` (the pipeline holds out ``val_size`` of them, see paser.pipeline), their mean
+        response loss is evaluated every ``eval_every`` steps (0: at the end of every epoch), as the
+        reference recipe does, and ``keep=best`` ends with the adapter of the lowest validation loss."""
         workdir = Path(workdir)
         if not samples:
             raise ConfigError("recovery got an empty selection: nothing to train on")
@@ -100,15 +113,17 @@ class LoraRecovery:
         peft_model = self.wrap(model)
         torch.manual_seed(self.seed + distributed.rank())  # dropout masks: each rank draws its own
         encoded = encode_pool(tokenizer, samples, self.cutoff)
+        val = encode_pool(tokenizer, list(val_samples), self.cutoff) if val_samples else []
         steps_per_epoch = math.ceil(len(encoded) / self.batch_size)
         total_steps = steps_per_epoch * self.epochs
         masters = MasterWeights(peft_model)
         optimizer = torch.optim.AdamW(masters.tensors(), lr=self.lr, weight_decay=self.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._schedule(total_steps))
-        state = {"step": 0, "losses": []}
+        state = {"step": 0, "losses": [], "val": [], "best": None}
+        best = {}
         ckpt = workdir / CHECKPOINT
         if ckpt.is_dir():
-            state = self._load_checkpoint(ckpt, masters, optimizer, scheduler)
+            state, best = self._load_checkpoint(ckpt, masters, optimizer, scheduler)
             log.info("recovery: resuming from checkpoint at step %d/%d", state["step"], total_steps)
 
         peft_model.train()
@@ -131,16 +146,26 @@ class LoraRecovery:
                                     "lr": scheduler.get_last_lr()[0]})
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
+            every = self.eval_every or steps_per_epoch
+            if val and ((step + 1) % every == 0 or step + 1 == total_steps):
+                val_loss = self._val_loss(peft_model, val, pad)
+                state["val"].append({"step": step + 1, "loss": val_loss})
+                log.info("recovery: step %d validation loss %.4f", step + 1, val_loss)
+                if state["best"] is None or val_loss < state["best"]["loss"]:
+                    state["best"], best = {"step": step + 1, "loss": val_loss}, masters.state()
             if (step + 1) % self.checkpoint_every == 0 and step + 1 < total_steps and distributed.is_main():
                 state["step"] = step + 1
-                self._save_checkpoint(ckpt, masters, optimizer, scheduler, state)
+                self._save_checkpoint(ckpt, masters, optimizer, scheduler, state, best)
         bar.close()
+        if self.keep == "best" and best:
+            masters.load(best)
         masters.finish()
         peft_model.eval()
         report = {"steps": total_steps, "samples": len(encoded), "epochs": self.epochs,
                   "effective_batch": self.batch_size, "truncated": sum(e.truncated for e in encoded),
                   "processes": distributed.world_size(),
                   "loss_curve": state["losses"], "final_loss": state["losses"][-1]["loss"],
+                  "val_size": len(val), "val_curve": state["val"], "best": state["best"], "kept": self.keep,
                   "train_time_s": time.time() - start}
         return peft_model, report
 
@@ -170,16 +195,35 @@ class LoraRecovery:
         masters.push()
         return total.item() / n_targets
 
+    @torch.no_grad()
+    def _val_loss(self, model, val: list, pad_id: int) -> float:
+        """Mean response-token NLL over the validation samples (dropout off); split across ranks."""
+        model.eval()
+        device = next(model.parameters()).device
+        sums = torch.zeros(2, dtype=torch.float64, device=device)  # NLL, targets
+        val = sorted(val, key=lambda e: -len(e.input_ids))
+        starts = list(range(0, len(val), self.micro_batch_size))
+        for k in starts[distributed.rank()::distributed.world_size()]:
+            micro = val[k:k + self.micro_batch_size]
+            sums[0] += response_nll(model, micro, pad_id, device).double()
+            sums[1] += sum(len(e.input_ids) - max(e.prompt_len, 1) for e in micro)
+        distributed.sum_across_ranks([sums])
+        model.train()
+        return float(to_host(sums[0] / sums[1].clamp_min(1)))
+
     # ---------------------------------------------------------------------- checkpoints
 
     @staticmethod
-    def _save_checkpoint(path: Path, masters: MasterWeights, optimizer, scheduler, state: dict) -> None:
+    def _save_checkpoint(path: Path, masters: MasterWeights, optimizer, scheduler, state: dict,
+                         best: dict) -> None:
         from safetensors.torch import save_file
 
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_file(masters.state(), tmp / "adapter.safetensors")
+        if best:
+            save_file(best, tmp / "best.safetensors")
         # batch order is a function of (seed, epoch); only dropout draws from the torch RNG
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "torch_rng": torch.get_rng_state()}, tmp / "trainer_state.pt")
@@ -195,11 +239,12 @@ class LoraRecovery:
         from safetensors.torch import load_file
 
         masters.load(load_file(path / "adapter.safetensors"))
+        best = load_file(path / "best.safetensors") if (path / "best.safetensors").is_file() else {}
         trainer = torch.load(path / "trainer_state.pt", weights_only=True)
         optimizer.load_state_dict(trainer["optimizer"])
         scheduler.load_state_dict(trainer["scheduler"])
         torch.set_rng_state(trainer["torch_rng"])
-        return json.loads((path / "state.json").read_text())
+        return json.loads((path / "state.json").read_text()), best
 
 
 class MasterWeights:
@@ -241,7 +286,7 @@ class MasterWeights:
                 p.copy_(m)
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {n: m.detach().cpu().contiguous() for (n, _), m in zip(self.named, self.masters)}
+        return {n: m.detach().to("cpu", copy=True).contiguous() for (n, _), m in zip(self.named, self.masters)}
 
     @torch.no_grad()
     def load(self, weights: dict[str, torch.Tensor]) -> None:

@@ -20,7 +20,8 @@ pytestmark = requires_shared_data()
 # that each rank runs a share of every step; no dropout, so that both runs draw the same computation.
 RUN = [o for o in TINY_RUN if not o.startswith(("selector=", "recovery."))] + [
     "selector=paser", "recovery.batch_size=4", "recovery.micro_batch_size=1", "recovery.epochs=2",
-    "recovery.cutoff=128", "recovery.warmup_steps=0", "recovery.dropout=0.0", f"paths.data_dir={DATA_DIR}"]
+    "recovery.cutoff=128", "recovery.warmup_steps=0", "recovery.dropout=0.0", "recovery.val_size=5",
+    "recovery.eval_every=1", "recovery.keep=best", f"paths.data_dir={DATA_DIR}"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "1"}
 
 
@@ -54,6 +55,10 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=name)
     results = json.loads((two / "run" / "results.json").read_text())
     assert results["host"]["world_size"] == 2 and results["recovery"]["processes"] == 2
+    single = json.loads((one / "run" / "results.json").read_text())["recovery"]
+    assert [v["step"] for v in results["recovery"]["val_curve"]] == [v["step"] for v in single["val_curve"]]
+    for got, want in zip(results["recovery"]["val_curve"], single["val_curve"]):  # split across ranks
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-3)
     # the scoring was split: rank 0 computed only part of the chunks and took the rest from rank 1
     chunks = results["timings"]["select"]["chunks"]
     jsd = next(v for k, v in chunks.items() if k.startswith("scores/jsd"))

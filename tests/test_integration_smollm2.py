@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.slow, requires_shared_data()]
 def test_smollm2_prune_select_recover_evaluate(compose_cfg, tmp_path):
     cfg = compose_cfg(["logger=none", "pruner=magnitude", "pruner.sparsity=0.3", "selector=random",
                        "data.subsample=24", "budget=8", "recovery.batch_size=4", "recovery.micro_batch_size=4",
-                       "recovery.epochs=1", "recovery.warmup_steps=0", "evaluator.ppl.max_windows=8"])
+                       "recovery.epochs=1", "recovery.warmup_steps=0", "recovery.val_size=4", "evaluator.ppl.max_windows=8"])
     results = pipeline.run(cfg, run_dir=tmp_path / "run")
     m = results["metrics"]
     dense = m["dense"]["ppl"]["wikitext2"]["ppl"]

@@ -60,29 +60,35 @@ def trainable(model) -> dict:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_resume_after_a_crash_gives_the_same_adapter(tmp_path, monkeypatch, dtype):
-    """Also in bf16, where the optimizer's fp32 master weights are what the checkpoint must keep."""
+@pytest.mark.parametrize("dtype, keep", [("float32", "last"), ("bfloat16", "last"), ("float32", "best")])
+def test_resume_after_a_crash_gives_the_same_adapter(tmp_path, monkeypatch, dtype, keep):
+    """Also in bf16, where the optimizer's fp32 master weights are what the checkpoint must keep, and with
+    keep=best, where the best adapter so far must survive the crash."""
+    # keep=best: lr 1.0 puts the lowest validation loss at step 5 of 6, and the crash comes after it
+    kw = {"dtype": dtype, "keep": keep, "val_size": 2 if keep == "best" else 0, "eval_every": 1,
+          "lr": 1.0 if keep == "best" else 1e-3}
+    val = SAMPLES[:2] if keep == "best" else ()
+    crash_at = 6 if keep == "best" else 4
     model, tok = tiny_llama()
-    clean, _ = recovery(epochs=3, dropout=0.1, dtype=dtype).recover(model, tok, SAMPLES, tmp_path / "clean")
+    clean, _ = recovery(epochs=3, dropout=0.1, **kw).recover(model, tok, SAMPLES, tmp_path / "clean", val)
     expected = trainable(clean)
 
     calls = {"n": 0}
     original = LoraRecovery._optimizer_step
 
-    def crash_on_fourth(self, *args):
+    def crash(self, *args):
         calls["n"] += 1
-        if calls["n"] == 4:
+        if calls["n"] == crash_at:
             raise KeyboardInterrupt("killed")
         return original(self, *args)
 
-    monkeypatch.setattr(LoraRecovery, "_optimizer_step", crash_on_fourth)
+    monkeypatch.setattr(LoraRecovery, "_optimizer_step", crash)
     model, tok = tiny_llama()
     with pytest.raises(KeyboardInterrupt):
-        recovery(epochs=3, dropout=0.1, dtype=dtype).recover(model, tok, SAMPLES, tmp_path / "crash")
+        recovery(epochs=3, dropout=0.1, **kw).recover(model, tok, SAMPLES, tmp_path / "crash", val)
     monkeypatch.setattr(LoraRecovery, "_optimizer_step", original)
     model, tok = tiny_llama()
-    resumed, report = recovery(epochs=3, dropout=0.1, dtype=dtype).recover(model, tok, SAMPLES, tmp_path / "crash")
+    resumed, report = recovery(epochs=3, dropout=0.1, **kw).recover(model, tok, SAMPLES, tmp_path / "crash", val)
     got = trainable(resumed)
     assert got.keys() == expected.keys()
     assert all(torch.equal(got[k], expected[k]) for k in got)
@@ -158,3 +164,33 @@ def test_response_only_logits_match_the_full_forward_in_bf16():
         for t in range(e.prompt_len, len(e.input_ids)):
             want -= torch.log_softmax(logits[row, t - 1], -1)[e.input_ids[t]].item()
     assert got.item() == pytest.approx(want, rel=1e-2)
+
+
+def test_keep_best_ends_with_the_lowest_validation_loss(tmp_path):
+    model, tok = tiny_llama()
+    val = SAMPLES[:3]
+    settings = {"epochs": 1, "lr": 0.3, "batch_size": 1, "micro_batch_size": 1, "val_size": 3, "eval_every": 1}
+    rec = recovery(**settings, keep="best")
+    best_model, report = rec.recover(model, tok, SAMPLES[3:], tmp_path / "best", val_samples=val)
+    curve = report["val_curve"]
+    assert [v["step"] for v in curve] == list(range(1, report["steps"] + 1)) and report["val_size"] == 3
+    lowest = min(curve, key=lambda v: v["loss"])
+    assert report["best"] == lowest
+    assert independent_response_loss(best_model, tok, val) == pytest.approx(lowest["loss"], rel=1e-4)
+    model, tok = tiny_llama()
+    last_model, last = recovery(**settings, keep="last").recover(
+        model, tok, SAMPLES[3:], tmp_path / "last", val_samples=val)
+    assert independent_response_loss(last_model, tok, val) == pytest.approx(last["val_curve"][-1]["loss"], rel=1e-4)
+    assert lowest["step"] != report["steps"]  # lr 0.3 overshoots: best and last differ, the test means something
+
+
+def test_validation_split_sources():
+    from paser.pipeline import validation_split
+
+    train, val, source = validation_split(20, [1, 2, 3], 4, seed=0)
+    assert train == [1, 2, 3] and len(val) == 4 and not set(val) & {1, 2, 3} and source.startswith("pool outside")
+    assert validation_split(20, [1, 2, 3], 4, seed=0)[1] == val  # seeded
+    train, val, source = validation_split(5, list(range(5)), 2, seed=0)  # full selection
+    assert len(train) == 3 and len(val) == 2 and not set(train) & set(val) and source.startswith("held out")
+    with pytest.raises(ConfigError, match="recovery.val_size=5 leaves nothing"):
+        validation_split(5, list(range(5)), 5, seed=0)
