@@ -544,6 +544,8 @@ def _log_results(logger, results: dict, run_dir: Path) -> None:
     if results["recovery"]:
         for point in results["recovery"]["loss_curve"]:
             logger.log({"recovery/loss": point["loss"], "recovery/lr": point["lr"]}, step=point["step"])
+        for point in results["recovery"].get("val_curve", []):
+            logger.log({"recovery/val_loss": point["loss"]}, step=point["step"])
     rows = [[state, *headline(m)] for state, m in results["metrics"].items()]
     logger.log_table("metrics_table", ["state", "wikitext2_ppl", "ptb_ppl", "zeroshot_mean"], rows)
     for png in sorted(run_dir.glob("*.png")):  # selector diagnostics, e.g. PASER's cluster map
