@@ -34,7 +34,7 @@ from paser.fingerprint import code_version, file_fingerprint
 from paser.hardware import host_facts, peak_memory_gib, resolve_device
 from paser.models import load_model, load_saved, load_tokenizer, model_identity, save_model
 from paser.pruners.common import parameter_count, sparsity_report
-from paser.tracking import NullLogger, git_commit, write_results
+from paser.tracking import NullLogger, git_commit, set_active, write_results
 
 log = logging.getLogger(__name__)
 
@@ -511,9 +511,12 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, job_index: int | Non
     tags = [f"model:{cfg.model.name}", f"pruner:{_component_name(cfg.pruner)}",
             f"selector:{_component_name(cfg.selector)}", f"recovery:{_component_name(cfg.recovery)}"]
     logger.start(to_plain(cfg), run_dir, name=run_dir.name, tags=tags)
-
-    stages = Run(cfg, parts, run_dir, device)
-    out = stages()
+    set_active(logger)
+    try:
+        stages = Run(cfg, parts, run_dir, device)
+        out = stages()
+    finally:
+        set_active(NullLogger())
     if not main:
         return None
     selection = out["selection"]
@@ -541,7 +544,7 @@ def _component_name(node: DictConfig) -> str:
 
 
 def _log_results(logger, results: dict, run_dir: Path) -> None:
-    if results["recovery"]:
+    if results["recovery"] and results["timings"]["recover"]["reused"]:  # a fresh one was logged live
         for point in results["recovery"]["loss_curve"]:
             logger.log({"recovery/loss": point["loss"], "recovery/lr": point["lr"]}, step=point["step"])
         for point in results["recovery"].get("val_curve", []):

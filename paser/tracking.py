@@ -32,6 +32,17 @@ def write_results(run_dir: Path, results: dict) -> Path:
     return path
 
 
+def _auto_mode() -> str:
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    import wandb
+
+    try:  # reads the stored credentials; no prompt, no network
+        return "online" if wandb.login(prompt=False, verify=False) else "offline"
+    except Exception:  # noqa: BLE001 -- any trouble reading credentials: stay offline, never block
+        return "offline"
+
+
 def flatten(d: dict, prefix: str = "") -> dict:
     """{'a': {'b': 1}} -> {'a/b': 1}, numbers only (what W&B charts)."""
     out = {}
@@ -64,13 +75,14 @@ class NullLogger:
 
 
 class WandbLogger(NullLogger):
-    """Weights & Biases; ``mode=auto`` is online when WANDB_API_KEY is set and offline otherwise, so a
-    machine without network never blocks (sync later with ``wandb sync``)."""
+    """Weights & Biases; ``mode=auto`` is online when the user has credentials by any standard means
+    (``wandb login``, WANDB_API_KEY, a netrc entry) and offline otherwise, so a machine without network
+    never blocks (sync later with ``wandb sync``). WANDB_MODE, when set, wins."""
 
     def __init__(self, project: str = "paser", entity: str | None = None, mode: str = "auto",
                  group: str | None = None):
         self.project, self.entity, self.group = project, entity, group
-        self.mode = ("online" if os.environ.get("WANDB_API_KEY") else "offline") if mode == "auto" else mode
+        self.mode = _auto_mode() if mode == "auto" else mode
         self.run = None
 
     def start(self, config, run_dir, name, tags) -> None:
@@ -96,3 +108,16 @@ class WandbLogger(NullLogger):
     def finish(self, summary) -> None:
         self.run.summary.update(flatten(summary))
         self.run.finish()
+
+
+# The logger of the run in progress, so that long stages (LoRA steps) report while they run, not after.
+_ACTIVE: list = [NullLogger()]
+
+
+def set_active(logger) -> None:
+    _ACTIVE[0] = logger
+
+
+def live(metrics: dict, step: int | None = None) -> None:
+    """Log ``metrics`` to the run in progress now (a no-op outside a run or with logger=none)."""
+    _ACTIVE[0].log(metrics, step=step)

@@ -194,3 +194,26 @@ def test_validation_split_sources():
     assert len(train) == 3 and len(val) == 2 and not set(train) & set(val) and source.startswith("held out")
     with pytest.raises(ConfigError, match="recovery.val_size=5 leaves nothing"):
         validation_split(5, list(range(5)), 5, seed=0)
+
+
+def test_loss_and_lr_are_logged_live_every_step(tmp_path):
+    from paser import tracking
+
+    class Recorder(tracking.NullLogger):
+        def __init__(self):
+            self.calls = []
+
+        def log(self, metrics, step=None):
+            self.calls.append((step, dict(metrics)))
+
+    recorder = Recorder()
+    tracking.set_active(recorder)
+    try:
+        model, tok = tiny_llama()
+        _, report = recovery(val_size=2, eval_every=1).recover(model, tok, SAMPLES[2:], tmp_path, SAMPLES[:2])
+    finally:
+        tracking.set_active(tracking.NullLogger())
+    steps = [s for s, m in recorder.calls if "recovery/loss" in m]
+    assert steps == [p["step"] for p in report["loss_curve"]]
+    assert [m["recovery/val_loss"] for _, m in recorder.calls if "recovery/val_loss" in m] == \
+        [v["loss"] for v in report["val_curve"]]
