@@ -94,6 +94,7 @@ class LoraRecovery:
         return factor
 
     def _epoch_order(self, n: int, epoch: int) -> list[int]:
+        """The epoch's sample order: a function of (seed, epoch) only, so a resumed run walks the same."""
         order = list(range(n))
         random.Random(self.seed * 1000 + epoch).shuffle(order)
         return order
@@ -131,9 +132,12 @@ class LoraRecovery:
         start = time.time()
         bar = tqdm(total=total_steps, initial=state["step"], desc="LoRA recovery", unit="step",
                    disable=not distributed.is_main())
+        orders: dict[int, list[int]] = {}
         for step in range(state["step"], total_steps):
             epoch, in_epoch = divmod(step, steps_per_epoch)
-            order = self._epoch_order(len(encoded), epoch)
+            if epoch not in orders:  # one shuffle per epoch, not per step
+                orders[epoch] = self._epoch_order(len(encoded), epoch)
+            order = orders[epoch]
             batch = order[in_epoch * self.batch_size:(in_epoch + 1) * self.batch_size]
             loss = self._optimizer_step(peft_model, masters, optimizer, [encoded[i] for i in batch], pad)
             if not math.isfinite(loss):
