@@ -34,7 +34,6 @@ import torch
 
 from paser.data import Pool
 
-
 DEFAULTS = {"neutral_knobs": (), "needs_calibration": False, "changes_model": True, "uses_budget": True,
             "uses_scoring": True}
 

@@ -44,7 +44,7 @@ def full_logits_nll(model, micro, pad_id, device):
 
 
 def time_steps(rec, model, batches, pad_id, loss_fn) -> float:
-    import paser.recovery as recovery
+    from paser import recovery
 
     real = recovery.response_nll
     recovery.response_nll = loss_fn
