@@ -1,6 +1,7 @@
 """Benchmark PASER's selection stages on the full Alpaca pool (52,002 samples) on this machine.
 
     python scripts/bench_paser.py [--data ../shared/data/alpaca/alpaca_data.jsonl] [--jsd-subset 384]
+    python scripts/bench_paser.py --scale 52002,520000
 
 Stages and what is measured:
   embeddings   MiniLM embeddings of the whole pool (read from the stage cache when present)
@@ -11,6 +12,9 @@ Stages and what is measured:
   ccg          the NTM walk (RAKE concepts + Concept Consistency Graph) over the whole pool's clusters with
                a 20% budget, and once with every sample walked (budget = pool). The ranking key is a seeded
                random stand-in for the IES, since the full-pool JSD is not computed here.
+  --scale N,.. (instead of the stages) S²RIC on N samples for each N: the pool's real MiniLM embeddings,
+               past the pool size replicated with Gaussian noise (see ``scaled_embeddings``); prints the
+               kNN index, its measured recall@k, and the time and peak memory of kNN, diffusion map and NMF.
 Each stage prints its wall time and the peak resident memory of the process during the stage (sampled
 every 20 ms) and its increase over the start of the stage.
 """
@@ -36,7 +40,7 @@ from paser.models import load_model
 from paser.pruners.magnitude import MagnitudePruner
 from paser.scoring import iter_batches
 from paser.selectors.paser.allocation import allocate_budget
-from paser.selectors.paser.clustering import cluster_embeddings
+from paser.selectors.paser.clustering import cluster_embeddings, faiss_exact, knn_torch
 from paser.selectors.paser.divergence import jsd, sample_divergences, span_bounds
 from paser.selectors.paser.selector import ntm_walk
 
@@ -93,6 +97,7 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=0.2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stages", default="cluster,jsd,ccg", help="comma list: cluster, jsd, ccg (needs cluster)")
+    ap.add_argument("--scale", default=None, help="comma list of pool sizes to cluster (replaces --stages)")
     args = ap.parse_args()
     stages = set(args.stages.split(","))
     torch.manual_seed(args.seed)
@@ -106,10 +111,15 @@ def main() -> None:
     ctx = SelectionContext(tokenizer=None, original_model=None, pruned_model=None, embedder=load_embedder,
                            embedder_name="all-MiniLM-L6-v2", cache=cache, cache_key={"pool": pool.fingerprint},
                            seed=args.seed, run_dir=None)
-    if "cluster" in stages:
+    if "cluster" in stages or args.scale:
         with PeakRSS() as m:
             emb = embed_pool(ctx, pool.rows)
         report("embeddings (MiniLM, cached?)", m, f"{emb.shape}")
+    if args.scale:
+        for n in map(int, args.scale.split(",")):
+            bench_scale(emb, n, args.seed)
+        stages = set()
+    if "cluster" in stages:
         with PeakRSS() as m:
             labels, cdiag = cluster_embeddings(emb, seed=args.seed)
         report("clustering (S2RIC, auto K)", m,
@@ -120,6 +130,44 @@ def main() -> None:
     if "jsd" in stages:
         bench_jsd(pool, cache, args)
     print_table()
+
+
+def scaled_embeddings(emb: np.ndarray, n: int, seed: int) -> tuple[np.ndarray, str]:
+    """n rows: the real embeddings, then noisy copies of them (renormalised) until there are n, and a note.
+
+    Noise per dimension σ = (median distance to the 10th nearest neighbour, on 2,000 seeded rows) / √(2d):
+    two copies of a sample then lie about one median 10-NN distance apart, so a copy's neighbours are a
+    mix of its siblings and of copies of the sample's real neighbours, as in a denser pool.
+    """
+    if n <= len(emb):
+        return emb[:n], f"the first {n} real embeddings"
+    rng = np.random.default_rng(seed)
+    probe = np.sort(rng.choice(len(emb), 2000, replace=False))
+    sigma = float(np.median(faiss_exact(emb, probe, 10)[1][:, -1])) / np.sqrt(2 * emb.shape[1])
+    parts, have = [emb], len(emb)
+    while have < n:
+        take = min(len(emb), n - have)
+        y = emb[:take] + rng.normal(0.0, sigma, (take, emb.shape[1])).astype(np.float32)
+        parts.append(y / np.linalg.norm(y, axis=1, keepdims=True))
+        have += take
+    return np.concatenate(parts), (f"{len(emb)} real embeddings + {n - len(emb)} noisy copies "
+                                   f"(Gaussian σ = {sigma:.4f} per dimension, renormalised)")
+
+
+def bench_scale(emb: np.ndarray, n: int, seed: int) -> None:
+    """S²RIC (auto K) on n samples: kNN index and recall, stage times, peak memory."""
+    x, note = scaled_embeddings(emb, n, seed)
+    print(f"scale {n}: {note}", flush=True)
+    with PeakRSS() as m:
+        _, d = cluster_embeddings(x, seed=seed)
+    recall = d.get("knn_recall", "exact")
+    if d["knn_index"] == "faiss_flat":  # the former exact torch search (bf16 candidates), side by side
+        with PeakRSS() as mt:
+            knn_torch(x, d["n_neighbors"])
+        report(f"kNN {n}, former torch exact", mt, f"FAISS flat: {d['time_knn_s']} s")
+    report(f"clustering {n} samples", m,
+           f"kNN {d['knn_index']} (recall@{d['n_neighbors']} {recall}) {d['time_knn_s']} s, eigen "
+           f"{d['time_eigen_s']} s, NMF {d['time_nmf_s']} s; K={d['n_clusters']} t={d['diffusion_time']}")
 
 
 def bench_jsd(pool, cache, args) -> None:

@@ -188,10 +188,11 @@ def test_prune_mask_on_device(accelerator):
 def test_knn_graph(bf16, host, accelerator, monkeypatch):
     monkeypatch.setattr(clustering, "_fast_bf16", lambda device: bf16)
     x = np.random.default_rng(0).standard_normal((40, 8)).astype(np.float32)
-    idx, dist = clustering.knn_graph(x, 5, block_elems=300, device=ACCELERATOR)  # several chunks
-    assert idx.shape == dist.shape == (40, 5)
+    # no FAISS on this device: the exact torch search runs there
+    idx, dist, info = clustering.knn_graph(x, 5, block_elems=300, device=ACCELERATOR)  # several chunks
+    assert idx.shape == dist.shape == (40, 5) and info == {"knn_index": "torch_exact"}
     assert host == [(40, 5), (40, 5)]  # the [N, k] results, once
-    assert knn_distance(x, 3, block=7, device=ACCELERATOR).shape == (40,)
+    assert knn_distance(x, 3, device=ACCELERATOR)[0].shape == (40,)
 
 
 def test_clustering_builds_its_graph_on_the_given_device(monkeypatch):

@@ -2,10 +2,11 @@
 
 import numpy as np
 import pytest
+import torch
 from sklearn.metrics import adjusted_rand_score
 
 from paser.errors import ConfigError
-from paser.selectors.paser.clustering import cluster_embeddings, knee, knn_graph
+from paser.selectors.paser.clustering import cluster_embeddings, knee, knn_graph, knn_torch
 
 
 def planted(k, n=500, dim=64, noise=0.3, seed=0):
@@ -42,13 +43,58 @@ def test_deterministic():
     assert (a == b).all()
 
 
-def test_knn_graph_matches_brute_force():
-    x, _ = planted(3, n=60)
-    idx, dist = knn_graph(x, 5, block_elems=100)  # several chunks
-    d = np.linalg.norm(x[:, None] - x[None], axis=-1)
+def brute_force(x, k):
+    """Exact kNN in float64 numpy: (sorted neighbour sets, distances ascending)."""
+    d = np.linalg.norm(x[:, None].astype(np.float64) - x[None], axis=-1)
     np.fill_diagonal(d, np.inf)
-    assert (np.sort(idx, 1) == np.sort(np.argsort(d, 1)[:, :5], 1)).all()
-    assert np.allclose(dist, np.sort(d, 1)[:, :5], atol=1e-4)
+    return np.sort(np.argsort(d, 1, kind="stable")[:, :k], 1), np.sort(d, 1)[:, :k]
+
+
+@pytest.mark.parametrize("candidates", [torch.bfloat16, torch.float32])
+def test_torch_reference_matches_brute_force(candidates):
+    x, _ = planted(3, n=60)
+    idx, dist = knn_torch(x, 5, block_elems=100, candidate_dtype=candidates)  # several chunks
+    sets, d = brute_force(x, 5)
+    assert (np.sort(idx, 1) == sets).all()
+    assert np.allclose(dist, d, atol=1e-5)
+
+
+def test_faiss_exact_equals_the_torch_reference():
+    x, _ = planted(8, n=3000, dim=32, noise=0.5)
+    idx, dist, info = knn_graph(x, 10, block_elems=20000)  # several query chunks
+    ref_idx, ref_dist = knn_torch(x, 10)
+    assert info == {"knn_index": "faiss_flat"}
+    assert np.abs(dist - ref_dist).max() <= 1e-5
+    # the same neighbour sets, up to ties: a differing neighbour lies at the k-th distance
+    differ = np.sort(idx, 1) != np.sort(ref_idx, 1)
+    assert np.abs(dist[differ.any(1), -1] - ref_dist[differ.any(1), -1]).max(initial=0) <= 1e-5
+    assert differ.mean() < 1e-3
+    assert (np.diff(dist, axis=1) >= 0).all()
+
+
+def test_approximate_graph_reports_its_measured_recall():
+    x, _ = planted(8, n=3000, dim=32, noise=0.5)
+    idx, dist, info = knn_graph(x, 10, exact_max=1000, nprobe=2, seed=3)
+    assert info["knn_index"] == "faiss_ivf_flat" and info["knn_recall_queries"] == 1000
+    _, exact = brute_force(x, 10)
+    rows = np.sort(np.random.default_rng(4).choice(3000, 1000, replace=False))  # the seed + 1 sample
+    recall = (dist[rows] <= exact[rows, -1:] + 1e-6).mean()
+    assert info["knn_recall"] == pytest.approx(recall, abs=1e-4)
+    assert 0.5 < recall < 1  # 2 of 46 lists: approximate, and measured so
+    again = knn_graph(x, 10, exact_max=1000, nprobe=2, seed=3)
+    assert (again[0] == idx).all() and (again[1] == dist).all()  # seeded: the same graph on a rerun
+    # every list probed: the IVF search is exhaustive and equals the exact graph
+    full = knn_graph(x, 10, exact_max=1000, nprobe=info["knn_lists"])
+    assert full[2]["knn_recall"] == 1.0 and np.abs(full[1] - exact).max() <= 1e-5
+
+
+@pytest.mark.parametrize("exact_max", [100, 10000])
+def test_duplicates_are_neighbours_and_never_oneself(exact_max):
+    x, _ = planted(3, n=20)
+    x = np.repeat(x, 40, axis=0)  # 40 identical copies of every row: more ties than the k + margin + 1 found
+    idx, dist, _ = knn_graph(x, 5, exact_max=exact_max, nprobe=64)
+    assert not (idx == np.arange(len(x))[:, None]).any()
+    assert (idx // 40 == np.arange(len(x))[:, None] // 40).all() and (dist == 0).all()
 
 
 def test_knee():
@@ -69,3 +115,29 @@ def test_errors():
     except ImportError:
         with pytest.raises(ConfigError, match="umap-learn"):
             cluster_embeddings(x, reducer="umap")
+
+
+def test_rows_whose_probed_lists_are_too_small_are_searched_exactly(monkeypatch):
+    from paser.selectors.paser import clustering
+
+    monkeypatch.setattr(clustering, "IVF_TRAIN_PER_LIST", 4)  # 80 lists of ~5 rows, one probed: < k rows
+    x, _ = planted(4, n=400, dim=16)
+    idx, dist, info = knn_graph(x, 30, exact_max=100, nprobe=1)
+    assert info["knn_lists"] == 80 and info["knn_recall"] == 1.0
+    ref_idx, ref_dist = knn_torch(x, 30)
+    assert np.abs(dist - ref_dist).max() <= 1e-5 and (np.sort(idx, 1) == np.sort(ref_idx, 1)).mean() > 0.99
+
+
+def test_nmf_flushes_denormals_without_changing_its_result(monkeypatch):
+    from paser.selectors.paser.clustering import _nmf, _nonnegative, reduce_embeddings
+
+    x, _ = planted(6, n=800, noise=0.6, seed=2)
+    coords = _nonnegative(reduce_embeddings(x, n_components=16, seed=0)[0])
+    tiny = torch.finfo(torch.float32).tiny
+    flushed = [_nmf(coords, k, 0) for k in (6, 20)]
+    assert torch.tensor([tiny / 4]).mul(1.0).item() > 0  # the flush mode is restored afterwards
+    monkeypatch.setattr(torch, "set_flush_denormal", lambda mode: False)  # the same updates without flushing
+    for (labels, err, h), k in zip(flushed, (6, 20)):
+        ref_labels, ref_err, ref_h = _nmf(coords, k, 0)
+        assert ((ref_h > 0) & (ref_h < tiny)).any()  # this input does produce denormals
+        assert (labels == ref_labels).all() and err == pytest.approx(ref_err, abs=1e-6)

@@ -322,8 +322,12 @@ def test_knn_distance_by_hand():
     from paser.selectors.instruction_mining import knn_distance
 
     x = np.array([[0.0], [1.0], [3.0], [6.0]])
-    np.testing.assert_allclose(knn_distance(x, 1, block=3), [1, 1, 2, 3], atol=1e-6)
-    np.testing.assert_allclose(knn_distance(x, 2, block=3), [3, 2, 3, 5], atol=1e-6)
+    np.testing.assert_allclose(knn_distance(x, 1)[0], [1, 1, 2, 3], atol=1e-6)
+    np.testing.assert_allclose(knn_distance(x, 2)[0], [3, 2, 3, 5], atol=1e-6)
+    y = np.random.default_rng(0).standard_normal((300, 4))
+    approx, info = knn_distance(y, 3, exact_max=100)  # S²RIC's approximate search, with its recall
+    assert info["knn_index"] == "faiss_ivf_flat" and 0 < info["knn_recall"] <= 1
+    assert np.abs(approx - knn_distance(y, 3)[0]).max() < 0.5
 
 
 def test_instruction_mining_paper_rule_offline_skips_reward(tmp_path, caplog):
@@ -336,7 +340,8 @@ def test_instruction_mining_paper_rule_offline_skips_reward(tmp_path, caplog):
     assert "reward" in sel.diagnostics["skipped_indicators"] and "skipping indicator 'reward'" in caplog.text
     emb = StubEmbedder().encode([r["instruction"] + (f"\n{r['input']}" if r["input"] else "") for r in pool.rows])
     out_len = np.array([len(ctx.tokenizer(r["output"], add_special_tokens=False)["input_ids"]) for r in pool.rows])
-    expected = 1.0694 + 8.257e-5 * out_len - 0.9350 * knn_distance(emb, 6)
+    expected = 1.0694 + 8.257e-5 * out_len - 0.9350 * knn_distance(emb, 6)[0]
+    assert sel.diagnostics["indicators"]["knn6"]["knn_index"] == "faiss_flat"  # exact at this size
     np.testing.assert_allclose(sel.scores, expected, rtol=1e-5)
     assert sel.indices == sorted(np.argsort(expected, kind="stable")[:4].tolist())
 

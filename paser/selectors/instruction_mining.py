@@ -10,7 +10,8 @@ Built-in indicators (``INDICATORS``; a name that contains ':' is imported as ``m
 as ``function(pool, ctx) -> array[N]``, and ``register_indicator`` adds one from Python):
 
     input_length    tokens of instruction (+ input)          output_length  tokens of the response
-    knn<k>          distance to the k-th nearest neighbour in the embedding space (e.g. knn6)
+    knn<k>          distance to the k-th nearest neighbour in the embedding space (e.g. knn6); S²RIC's
+                    kNN search: exact up to 100,000 rows, approximate above (its recall in diagnostics)
     perplexity      exp(mean response NLL given the Alpaca prompt) under the scoring model
     reward          score of a reward model (``reward_model``: hub id or local folder) on (prompt, answer)
 
@@ -51,7 +52,7 @@ from paser.errors import ConfigError
 from paser.scoring import to_host
 from paser.selectors.clustered import Scored, ScoredSelector, describe
 from paser.selectors.lm_scores import answer_losses, check_model_choice
-from paser.selectors.paser.clustering import knn_graph
+from paser.selectors.paser.clustering import KNN_EXACT_MAX, knn_graph
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,8 @@ INDICATORS: dict[str, Callable] = {}
 
 
 def register_indicator(name: str):
-    """Decorator: ``fn(selector, pool, ctx) -> array[N]`` becomes the indicator ``name``."""
+    """Decorator: ``fn(selector, pool, ctx) -> array[N]`` (or ``(array[N], notes dict)``, the notes joining
+    the indicator's diagnostics) becomes the indicator ``name``."""
     def wrap(fn):
         INDICATORS[name] = fn
         return fn
@@ -100,16 +102,16 @@ def _reward(sel, pool, ctx) -> np.ndarray:
     return reward_scores(ctx, pool.rows, sel.reward_model)
 
 
-def knn_distance(embeddings: np.ndarray, k: int, block: int = 2048,
-                 device: torch.device | str | None = None) -> np.ndarray:
-    """Euclidean distance of each row to its k-th nearest other row, in blocks of ``block`` rows on
-    ``device``: S²RIC's kNN graph with fp32 candidates, so the neighbours are exact."""
+def knn_distance(embeddings: np.ndarray, k: int, device: torch.device | str | None = None,
+                 exact_max: int = KNN_EXACT_MAX) -> tuple[np.ndarray, dict]:
+    """(Euclidean distance of each row to its k-th nearest other row, the kNN search's diagnostics):
+    S²RIC's kNN graph, exact up to ``exact_max`` rows, approximate (with its measured recall) above."""
     x = np.asarray(embeddings, dtype=np.float32)
     n = len(x)
     if not 1 <= k < n:
         raise ConfigError(f"a knn{k} indicator needs 1 <= k < pool size ({n})")
-    _, dist = knn_graph(x, k, block_elems=block * n, device=device, candidate_dtype=torch.float32)
-    return dist[:, k - 1].astype(np.float64)
+    _, dist, info = knn_graph(x, k, device=device, exact_max=exact_max)
+    return dist[:, k - 1].astype(np.float64), info
 
 
 def reward_unavailable(model_id: str | None) -> str | None:
@@ -251,16 +253,18 @@ class InstructionMiningSelector(ScoredSelector):
         for name, coef in self.coefficients.items():
             t0 = time.perf_counter()
             try:
-                values = np.asarray(self.indicators[name](self, pool, ctx), dtype=np.float64)
+                out = self.indicators[name](self, pool, ctx)
             except IndicatorUnavailable as e:
                 log.warning("Instruction Mining: skipping indicator '%s': %s", name, e)
                 skipped[name] = str(e)
                 continue
+            values, notes = out if isinstance(out, tuple) else (out, {})
+            values = np.asarray(values, dtype=np.float64)
             if values.shape != (len(pool),):
                 raise RuntimeError(f"indicator '{name}' returned shape {values.shape}, expected ({len(pool)},)")
             predicted += coef * values
             used[name] = coef
-            summary[name] = describe(values)
+            summary[name] = {**describe(values), **notes}
             times[name] = round(time.perf_counter() - t0, 3)
         if not used:
             raise ConfigError(f"Instruction Mining: no indicator could be computed ({skipped}); configure "

@@ -12,7 +12,7 @@ import torch
 
 from paser.data import alpaca_prompt
 from paser.errors import ConfigError
-from paser.scoring import iter_batches, masked_mean_nll, model_device, target_mask, to_host
+from paser.scoring import answer_nll_sums, answer_spans, iter_batches, model_device, to_host
 
 MODELS = ("pruned", "original")
 
@@ -80,8 +80,9 @@ def mean_answer_nll(model, seqs: list[list[int]], starts: list[int], batch_size:
     """Mean next-token NLL over positions >= starts[i] of each sequence (NaN where there are none)."""
     out = np.full(len(seqs), np.nan, dtype=np.float64)
     for idx, ids, mask in iter_batches(seqs, batch_size, pad_id, desc=desc, device=model_device(model)):
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        out[idx] = to_host(masked_mean_nll(logits, ids, target_mask(mask, [starts[i] for i in idx])).double())
+        lengths, first = [len(seqs[i]) for i in idx], [starts[i] for i in idx]
+        counts = torch.tensor([len(r) for r in answer_spans(lengths, first)], dtype=torch.float64, device=ids.device)
+        out[idx] = to_host(answer_nll_sums(model, ids, mask, lengths, first, use_cache=False) / counts)  # 0/0: NaN
     return out
 
 

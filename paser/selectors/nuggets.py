@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from paser.data import alpaca_prompt
 from paser.embedding import embed_pool
 from paser.errors import ConfigError
-from paser.scoring import iter_batches, model_device, pad_right, target_mask, to_host, token_nll
+from paser.scoring import answer_nll_sums, iter_batches, model_device, pad_right, to_host
 from paser.selectors.clustered import Scored, ScoredSelector, describe
 from paser.selectors.lm_scores import (
     check_model_choice,
@@ -140,14 +140,10 @@ class AnchorSet:
             # a fresh cache per batch: the forward appends the anchors' keys to it
             cache = DynamicCache([(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in kv])
             full_mask = torch.cat([torch.ones(n, len(demo), dtype=mask.dtype, device=device), mask], dim=1)
-            logits = model(input_ids=ids, attention_mask=full_mask, use_cache=True, **{kw: cache}).logits
-            out[idx] = to_host(answer_logprobs(logits, ids, mask, [self.starts[i] for i in idx]))
+            nll = answer_nll_sums(model, ids, full_mask, [len(self.seqs[i]) for i in idx],
+                                  [self.starts[i] for i in idx], use_cache=True, **{kw: cache})
+            out[idx] = to_host(-nll)
         return out
-
-
-def answer_logprobs(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, starts: list[int]) -> torch.Tensor:
-    """Summed log-probability [B] (float64, on the logits' device) of the targets at positions >= starts."""
-    return (-(token_nll(logits, ids) * target_mask(mask, starts)).sum(-1)).double()
 
 
 @torch.no_grad()
@@ -155,8 +151,9 @@ def answer_logprob_sums(model, seqs, starts, batch_size: int, pad_id: int) -> np
     """Summed log-probability of the tokens at positions >= starts[i] of each sequence."""
     out = np.empty(len(seqs))
     for idx, ids, mask in iter_batches(seqs, batch_size, pad_id, device=model_device(model)):
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        out[idx] = to_host(answer_logprobs(logits, ids, mask, [starts[i] for i in idx]))
+        nll = answer_nll_sums(model, ids, mask, [len(seqs[i]) for i in idx], [starts[i] for i in idx],
+                              use_cache=False)
+        out[idx] = to_host(-nll)
     return out
 
 

@@ -1,8 +1,9 @@
 """CDAIS: per-sample divergence between the original and the pruned model's next-token distributions.
 
 Both models run teacher-forced on the same token sequences, batched by length (bf16 or whatever dtype the
-models are in); the divergence maths is fp32 on log-probabilities, with log-probabilities clamped to a
-finite floor so that p = 0 contributes exactly 0 (never 0·∞ = NaN).
+models are in); only the positions in the span get logits (the LM head runs on their hidden states, in
+the model's dtype), and the divergence maths is fp32, with log-probabilities clamped to a finite floor so
+that p = 0 contributes exactly 0 (never 0·∞ = NaN).
 
 Divergences (P = original model, Q = pruned model, per position, summed over the vocabulary):
     jsd          ½KL(P‖M) + ½KL(Q‖M), M = ½(P+Q); in [0, ln 2]                      (the paper)
@@ -31,10 +32,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from paser.errors import ConfigError
-from paser.scoring import iter_batches, model_device, to_host
+from paser.scoring import iter_batches, iter_logits, logits_at, math_rows, model_device, span_index, to_host
 
 DIVERGENCES = ("jsd", "kl", "wasserstein")
 SPANS = ("full", "response", "instruction")
@@ -50,23 +50,39 @@ def check_choice(key: str, value: str, allowed: tuple[str, ...]) -> str:
     return value
 
 
-def _log_probs(logits: torch.Tensor) -> torch.Tensor:
-    return F.log_softmax(logits.float(), dim=-1).clamp_min_(LOG_FLOOR)
+def _distribution(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(p, log p, Σp) in fp32 of logits [..., V] (any float dtype; left unchanged): one exp per element,
+    log p clamped to a finite floor, p = exp(log p) as computed (a rounding of the normaliser then shifts p
+    and log p together). In-place ops on two buffers: these passes are memory-bound, and on a CPU each
+    fresh buffer costs page faults."""
+    z = logits.to(torch.float32, copy=True)
+    z = z.sub_(z.amax(-1, keepdim=True)).clamp_min_(LOG_FLOOR)
+    e = z.exp()
+    total = e.sum(-1)
+    log_norm = total.log()[..., None]
+    scale = log_norm.neg().exp_()
+    return e.mul_(scale), z.sub_(log_norm), total.mul_(scale[..., 0])
 
 
 def jsd(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
-    """Jensen-Shannon divergence (nats) per row of two logit tensors [..., V] → [...]."""
-    lp, lq = _log_probs(logits_p), _log_probs(logits_q)
-    p, q = lp.exp(), lq.exp()
-    lm = (p + q).mul_(0.5).clamp_min_(torch.finfo(torch.float32).tiny).log_()
-    out = 0.5 * ((lp - lm).mul_(p).sum(-1) + (lq - lm).mul_(q).sum(-1))
-    return out.clamp_min_(0.0)
+    """Jensen-Shannon divergence (nats) per row of two logit tensors [..., V] → [...].
+
+    With s = p + q = 2m: JSD = ½ Σ (p·log p + q·log q − s·log s) + ½ ln 2 · Σ s, the terms combined before
+    the sum, which keeps small divergences precise (summing the entropies separately leaves ~1e-6 nats of
+    fp32 accumulation error); per element one exp per model and one log, all in place.
+    """
+    p, lp, total_p = _distribution(logits_p)
+    q, lq, total_q = _distribution(logits_q)
+    both = lp.mul_(p).add_(lq.mul_(q))  # p·log p + q·log q
+    s = p.add_(q)
+    s_log_s = torch.log(s, out=q).clamp_min_(LOG_FLOOR).mul_(s)  # s = 0 only where p = q = 0: term 0
+    return both.sub_(s_log_s).sum(-1).add_(total_p.add_(total_q), alpha=_LN2).mul_(0.5).clamp_min_(0.0)
 
 
 def kl(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
     """KL(P‖Q) (nats) per row → [...]."""
-    lp, lq = _log_probs(logits_p), _log_probs(logits_q)
-    return (lp - lq).mul_(lp.exp()).sum(-1).clamp_min_(0.0)
+    p, lp, _ = _distribution(logits_p)
+    return lp.sub_(_distribution(logits_q)[1]).mul_(p).sum(-1).clamp_min_(0.0)
 
 
 class SlicedWasserstein:
@@ -81,7 +97,7 @@ class SlicedWasserstein:
         self.gaps = torch.stack([x[o, j].diff() for j, o in enumerate(self.order)])  # [n, V-1]
 
     def __call__(self, logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
-        diff = _log_probs(logits_p).exp_() - _log_probs(logits_q).exp_()
+        diff = _distribution(logits_p)[0].sub_(_distribution(logits_q)[0])
         total = torch.zeros(diff.shape[:-1], device=diff.device)
         # a model split over devices yields logits on its last one, the embeddings sit on its first
         for order, gaps in zip(self.order.to(diff.device), self.gaps.to(diff.device)):
@@ -113,30 +129,26 @@ def span_bounds(lengths: Sequence[int], prompt_lens: Sequence[int], span: str) -
 @torch.no_grad()
 def sample_divergences(original_model, pruned_model, seqs: Sequence[Sequence[int]],
                        bounds: Sequence[tuple[int, int]], divergence, reduction: str = "mean",
-                       batch_size: int = 8, pad_id: int = 0, rows_per_chunk: int = 64,
+                       batch_size: int = 8, pad_id: int = 0, rows_per_chunk: int | None = None,
                        desc: str | None = None) -> np.ndarray:
     """One float per sequence: the divergence over its positions [first, end), reduced by mean or sum.
 
-    A sequence with no position in its span scores 0. Logits are turned into divergences
-    ``rows_per_chunk`` positions at a time, so the fp32 temporaries stay small.
+    A sequence with no position in its span scores 0. Only the span's positions get logits (the LM head
+    runs on their hidden states, ``paser.scoring.logits_at``), ``rows_per_chunk`` positions at a time
+    (default: ``paser.scoring.math_rows``), so the logits and the fp32 temporaries stay small.
     """
     check_choice("reduction", reduction, REDUCTIONS)
     out = np.zeros(len(seqs), dtype=np.float64)
     device, pruned_device = model_device(original_model), model_device(pruned_model)
     for idx, ids, mask in iter_batches(seqs, batch_size, pad_id, desc=desc, device=device):
-        lo = original_model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        lq = pruned_model(input_ids=ids.to(pruned_device), attention_mask=mask.to(pruned_device),
-                          use_cache=False).logits.to(lo.device)
-        # the (row, position) pairs of the spans, row-major, from host-side bounds
+        logits_p = logits_at(original_model, ids, mask, use_cache=False)
+        logits_q = logits_at(pruned_model, ids.to(pruned_device), mask.to(pruned_device), use_cache=False)
         spans = [range(*bounds[i]) for i in idx]
-        rows = torch.tensor([r for r, span in enumerate(spans) for _ in span], dtype=torch.long, device=lo.device)
-        cols = torch.tensor([c for span in spans for c in span], dtype=torch.long, device=lo.device)
-        values = torch.cat([divergence(lo[rows[s:s + rows_per_chunk], cols[s:s + rows_per_chunk]],
-                                       lq[rows[s:s + rows_per_chunk], cols[s:s + rows_per_chunk]])
-                            for s in range(0, len(rows), rows_per_chunk)]) if len(rows) else \
-            torch.zeros(0, device=lo.device)
-        sums = torch.zeros(len(idx), dtype=torch.float64, device=lo.device).index_add_(0, rows, values.double())
+        rows, cols = span_index(spans, device)
+        sums = torch.zeros(len(idx), dtype=torch.float64, device=device)
+        for chunk, (lo, lq) in iter_logits((logits_p, logits_q), rows, cols, rows_per_chunk or math_rows(device)):
+            sums.index_add_(0, rows[chunk], divergence(lo, lq.to(lo.device)).to(device, torch.float64))
         if reduction == "mean":
-            sums /= torch.tensor([max(len(span), 1) for span in spans], dtype=torch.float64, device=lo.device)
+            sums /= torch.tensor([max(len(span), 1) for span in spans], dtype=torch.float64, device=device)
         out[idx] = to_host(sums)
     return out
