@@ -11,6 +11,7 @@ import torch
 from paser.errors import ConfigError
 from paser.models import decoder_layers, load_saved, save_model, tiny_llama
 from paser.pruners.llm_pruner import LLMPruner, default_layer_range
+from tests.conftest import TINY_RUN, compose_config, requires_shared_data
 
 # tiny_llama: hidden 96, 6 query heads / 2 KV heads of head_dim 16, MLP width 128, 4 layers
 HIDDEN, HD = 96, 16
@@ -64,6 +65,143 @@ def test_kv_groups_removes_the_weak_group_with_its_query_heads():
     assert torch.equal(attn.v_proj.weight, dense.v_proj.weight[HD:])
     assert torch.equal(attn.q_proj.weight, dense.q_proj.weight[3 * HD:])
     assert torch.equal(attn.o_proj.weight, dense.o_proj.weight[:, 3 * HD:])
+
+
+# ---------------------------------------------------------------- GQA grouping: hf (default) vs llama3
+# 12 query heads on 4 KV heads (g = 3) of head_dim 8: HF pairs query head h with KV head h // 3, while the
+# reference's llama3.py credits its importance to KV head h % 4 (torch_pruning folds the q/o score vectors
+# onto k_proj's channels by position). Either way KV head j is removed with query heads 3j, 3j+1, 3j+2.
+NQ, NKV, HD8 = 12, 4, 8
+G = NQ // NKV
+
+
+def _gqa_llama(seed=0):
+    return tiny_llama(seed=seed, num_attention_heads=NQ, num_key_value_heads=NKV)
+
+
+def _l2(lin, dim):
+    return lin.weight.detach().pow(2).sum(dim)
+
+
+def _taylor(lin, dim):
+    return (lin.weight * lin.weight.grad).detach().abs().sum(dim)
+
+
+def _reference_llama3_kept_kv(attn, n_drop, score):
+    """The reference's rule channel by channel, as llama3.py + its torch_pruning run it: the group rooted at
+    k_proj holds k/v output channels (n_kv*hd), q output and o input channels (n_q*hd); a longer score
+    vector is aligned to the shortest by view(-1, shortest).sum(0); the rows are summed (grouping 'sum'),
+    then each KV head's head_dim consecutive channels (consecutive_groups); the lowest heads go."""
+    vectors = [score(attn.k_proj, 1), score(attn.v_proj, 1), score(attn.q_proj, 1), score(attn.o_proj, 0)]
+    shortest = min(len(v) for v in vectors)
+    aligned = [v.view(len(v) // shortest, shortest).sum(0) for v in vectors]
+    per_head = torch.stack(aligned).sum(0).view(-1, HD8).sum(1)
+    pruned = per_head.argsort()[:n_drop].tolist()
+    return [j for j in range(len(per_head)) if j not in pruned]
+
+
+def _hf_kept_kv(attn, n_drop, score):
+    """Today's default, head by head: query head h's q rows and o columns count for KV head h // g."""
+    kv = (score(attn.k_proj, 1) + score(attn.v_proj, 1)).view(NKV, HD8).sum(1)
+    q = (score(attn.q_proj, 1) + score(attn.o_proj, 0)).view(NQ, HD8).sum(1)
+    credit = [float(kv[j]) for j in range(NKV)]
+    for h in range(NQ):
+        credit[h // G] += float(q[h])
+    pruned = sorted(range(NKV), key=credit.__getitem__)[:n_drop]
+    return [j for j in range(NKV) if j not in pruned]
+
+
+def _assert_kept(attn, dense, kept_kv):
+    """The pruned projections are exactly the dense rows/columns of ``kept_kv`` and their HF query heads."""
+    kv_rows = torch.cat([torch.arange(j * HD8, (j + 1) * HD8) for j in kept_kv])
+    q_rows = torch.cat([torch.arange(h * HD8, (h + 1) * HD8) for j in kept_kv for h in range(j * G, (j + 1) * G)])
+    assert torch.equal(attn.k_proj.weight, dense.k_proj.weight.detach()[kv_rows])
+    assert torch.equal(attn.v_proj.weight, dense.v_proj.weight.detach()[kv_rows])
+    assert torch.equal(attn.q_proj.weight, dense.q_proj.weight.detach()[q_rows])
+    assert torch.equal(attn.o_proj.weight, dense.o_proj.weight.detach()[:, q_rows])
+
+
+@pytest.mark.parametrize("grouping", ["hf", "llama3"])
+def test_gqa_grouping_credits_query_heads_to_the_right_kv_head(grouping):
+    model, _tok = _gqa_llama()
+    attn = decoder_layers(model)[1].self_attn
+    with torch.no_grad():  # strong query heads 0, 4, 8 (all on KV head 0 mod 4) and 3, 7, 11 (KV head 3 mod 4)
+        for h in (0, 4, 8, 3, 7, 11):
+            attn.q_proj.weight[h * HD8:(h + 1) * HD8] *= 3
+            attn.o_proj.weight[:, h * HD8:(h + 1) * HD8] *= 3
+    dense = copy.deepcopy(attn)
+    golden = {"llama3": _reference_llama3_kept_kv(dense, 2, _l2), "hf": _hf_kept_kv(dense, 2, _l2)}
+    # by hand: mod 4 each of KV heads 0 and 3 gets three strong heads; // 3 (heads 0-2, 3-5, 6-8, 9-11)
+    # KV heads 1 and 2 get two each, 0 and 3 one each: the groupings keep disjoint sets
+    assert golden == {"llama3": [0, 3], "hf": [1, 2]}
+    LLMPruner(ratio=0.5, importance="l2", gqa_grouping=grouping, attention_layers=[1, 2],
+              mlp_layers=[0, 0]).prune(model, None)
+    _assert_kept(decoder_layers(model)[1].self_attn, dense, golden[grouping])
+
+
+def test_gqa_grouping_llama3_matches_the_reference_on_taylor_importance():
+    model, tok = _gqa_llama(seed=2)
+    calib = _calib(tok)
+    dense = _dense_with_gradients(model, calib)
+    golden = [_reference_llama3_kept_kv(layer.self_attn, 2, _taylor) for layer in decoder_layers(dense)]
+    hf = [_hf_kept_kv(layer.self_attn, 2, _taylor) for layer in decoder_layers(dense)]
+    assert golden != hf  # seed 2: the groupings disagree on some layers, so the option is exercised
+    LLMPruner(ratio=0.5, importance="param_first", gqa_grouping="llama3", attention_layers=[0, 4],
+              mlp_layers=[0, 0]).prune(model, calib)
+    for layer, ref, kept in zip(decoder_layers(model), decoder_layers(dense), golden):
+        _assert_kept(layer.self_attn, ref.self_attn, kept)
+
+
+def test_gqa_grouping_llama3_shapes_forward_save_load(tmp_path):
+    model, tok = _gqa_llama(seed=2)
+    calib = _calib(tok)
+    report = LLMPruner(ratio=0.5, gqa_grouping="llama3", attention_layers=[1, 3],
+                       mlp_layers=[1, 3]).prune(model, calib)
+    for i, layer in enumerate(decoder_layers(model)):
+        q, kv = (6, 2) if i in (1, 2) else (NQ, NKV)
+        a = layer.self_attn
+        assert (a.q_proj.out_features, a.k_proj.out_features, a.v_proj.out_features) == (q * HD8, kv * HD8, kv * HD8)
+        assert (a.o_proj.in_features, a.o_proj.out_features) == (q * HD8, HIDDEN)
+        assert a.num_key_value_groups == G
+        assert report["layer_shapes"][i] == {"q_heads": q, "kv_heads": kv, "intermediate": 64 if i in (1, 2) else 128}
+    with torch.no_grad():
+        logits = model(calib).logits
+    assert logits.shape == (*calib.shape, model.config.vocab_size) and torch.isfinite(logits).all()
+    assert model.generate(calib[:1, :6], max_new_tokens=4, min_new_tokens=4, do_sample=False).shape == (1, 10)
+    save_model(model, tok, tmp_path / "m")
+    reloaded, _ = load_saved(tmp_path / "m")
+    assert [a.self_attn.k_proj.out_features for a in decoder_layers(reloaded)] == [32, 16, 16, 32]
+    with torch.no_grad():
+        assert torch.equal(reloaded(calib).logits, logits)
+
+
+def test_gqa_groupings_agree_without_grouped_queries():
+    """Multi-head attention (one query head per KV head): the two groupings are the same ranking."""
+    kept = []
+    for grouping in ("hf", "llama3"):
+        model, tok = tiny_llama(num_key_value_heads=6)
+        LLMPruner(ratio=0.5, gqa_grouping=grouping, attention_layers=[0, 4], mlp_layers=[0, 0]).prune(
+            model, _calib(tok))
+        kept.append([layer.self_attn.k_proj.weight for layer in decoder_layers(model)])
+    assert all(torch.equal(a, b) for a, b in zip(*kept))
+
+
+@requires_shared_data()
+def test_gqa_grouping_enters_the_pruner_cache_key(tmp_path):
+    from paser.pipeline import Keys, build_components
+
+    base = [o for o in TINY_RUN if not o.startswith("pruner=")] + ["pruner=llm_pruner"]
+    keys = {}
+    for grouping in (None, "hf", "llama3"):
+        cfg = compose_config(base + ([f"pruner.gqa_grouping={grouping}"] if grouping else []), tmp_path)
+        parts = build_components(cfg)
+        assert parts.pruner.gqa_grouping == (grouping or "hf")
+        keys[grouping] = Keys.build(cfg, parts)
+    assert keys[None].pruner == keys["hf"].pruner and keys[None].pruner["config"]["gqa_grouping"] == "hf"
+    assert keys["llama3"].pruner != keys["hf"].pruner
+    assert {k: v for k, v in keys["llama3"].pruner["config"].items() if k != "gqa_grouping"} == \
+        {k: v for k, v in keys["hf"].pruner["config"].items() if k != "gqa_grouping"}
+    assert keys["llama3"].pruned != keys["hf"].pruned and keys["llama3"].selection != keys["hf"].selection
 
 
 def test_query_heads_mode_keeps_every_kv_head():
@@ -139,7 +277,10 @@ def test_default_range_scales_the_reference():
 
 @pytest.mark.parametrize("kwargs, key", [({"ratio": 1.0}, "pruner.ratio"), ({"ratio": 0}, "pruner.ratio"),
                                          ({"importance": "taylor"}, "pruner.importance"),
-                                         ({"gqa": "heads"}, "pruner.gqa")])
+                                         ({"gqa": "heads"}, "pruner.gqa"),
+                                         ({"gqa_grouping": "mod"}, r"pruner\.gqa_grouping.*\['hf', 'llama3'\]"),
+                                         ({"gqa_grouping": "llama3", "gqa": "query_heads"}, "pruner.gqa_grouping"),
+                                         ({"gqa_grouping": "llama3", "strategy": "channel"}, "pruner.gqa_grouping")])
 def test_bad_arguments(kwargs, key):
     with pytest.raises(ConfigError, match=key):
         LLMPruner(**kwargs)

@@ -39,6 +39,20 @@ removes whole KV groups: a KV head (k/v rows) together with its query heads (q r
 ``query_heads`` keeps every KV head and removes the same number of query heads from every group, so that
 each KV head keeps an equal share (9q/3kv at ratio 0.25 -> 6q/3kv). For multi-head attention (one
 query head per KV head) both are LLM-Pruner's head pruning.
+
+GQA grouping (``gqa_grouping``, with ``gqa: kv_groups``): how the importance of the query heads (their q rows
+and o columns) is credited to the KV heads when the KV groups are ranked. With n_q query heads on n_kv KV
+heads, g = n_q / n_kv:
+  hf      (default) query head h counts for KV head h // g, the KV head it really attends with (HF's
+          ``repeat_kv``), so a group's score is its k/v rows plus the q/o scores of the heads it removes.
+  llama3  the reference's llama3.py: the group is rooted at k_proj with ``consecutive_groups = head_dim``,
+          and torch_pruning aligns the longer q/o score vectors (n_q * head_dim channels) to k's
+          (n_kv * head_dim) by ``view(-1, n_kv * head_dim).sum(0)``, i.e. query channel c is credited to key
+          channel c mod (n_kv * head_dim): query head h counts for KV head h mod n_kv. The per-channel sums
+          are then summed (``group_reduction='sum'``) and over each KV head's head_dim channels.
+Either way the removed units are the same kind: a KV head j with its query heads j*g .. j*g+g-1 (the
+reference's expand index mapping removes those too), so only the ranking differs. Both are identical for
+multi-head attention (g = 1) and for MQA (n_kv = 1).
 """
 
 from __future__ import annotations
@@ -57,6 +71,7 @@ log = logging.getLogger(__name__)
 TAYLOR = ("param_first", "param_second", "param_mix", "vectorize")
 IMPORTANCES = TAYLOR + ("l1", "l2", "random")
 GQA_MODES = ("kv_groups", "query_heads")
+GQA_GROUPINGS = ("hf", "llama3")
 STRATEGIES = ("block", "channel")
 # Linear layers of a decoder layer that read the hidden state (pruned along columns) or write it (rows).
 READS_HIDDEN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
@@ -147,20 +162,27 @@ class LLMPruner:
     needs_calibration = True
 
     def __init__(self, ratio: float = 0.25, importance: str = "param_first", gqa: str = "kv_groups",
-                 attention_layers=None, mlp_layers=None, seed: int = 0, strategy: str = "block"):
+                 attention_layers=None, mlp_layers=None, seed: int = 0, strategy: str = "block",
+                 gqa_grouping: str = "hf"):
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
             raise ConfigError(f"pruner.ratio={ratio!r} must be a fraction strictly between 0 and 1")
         if importance not in IMPORTANCES:
             raise ConfigError(f"pruner.importance='{importance}' is unknown; allowed: {list(IMPORTANCES)}")
         if gqa not in GQA_MODES:
             raise ConfigError(f"pruner.gqa='{gqa}' is unknown; allowed: {list(GQA_MODES)}")
+        if gqa_grouping not in GQA_GROUPINGS:
+            raise ConfigError(f"pruner.gqa_grouping='{gqa_grouping}' is unknown; allowed: {list(GQA_GROUPINGS)}")
+        if gqa_grouping != "hf" and (gqa != "kv_groups" or strategy != "block"):
+            raise ConfigError(f"pruner.gqa_grouping='{gqa_grouping}' ranks whole KV groups: it needs "
+                              f"pruner.gqa=kv_groups and pruner.strategy=block (got '{gqa}', '{strategy}'); "
+                              "use pruner.gqa_grouping=hf")
         if strategy not in STRATEGIES:
             raise ConfigError(f"pruner.strategy='{strategy}' is unknown; allowed: {list(STRATEGIES)}")
         if strategy == "channel" and (attention_layers is not None or mlp_layers is not None):
             raise ConfigError("pruner.strategy=channel prunes the hidden size, which every layer shares: "
                               "pruner.attention_layers and pruner.mlp_layers must be null")
         self.ratio, self.importance, self.gqa, self.seed = float(ratio), importance, gqa, seed
-        self.strategy = strategy
+        self.strategy, self.gqa_grouping = strategy, gqa_grouping
         self.attention_layers, self.mlp_layers = attention_layers, mlp_layers
         self.needs_calibration = importance in TAYLOR  # l1/l2/random use no data
 
@@ -210,7 +232,11 @@ class LLMPruner:
             kv_imp = (score(attn.k_proj.weight, 1) + score(attn.v_proj.weight, 1)).view(nkv, hd).sum(1)
         if self.gqa == "kv_groups" or group == 1:
             drop = n_pruned(self.ratio, nkv)
-            keep_kv = torch.sort(torch.topk(q_imp.view(nkv, group).sum(1) + kv_imp, nkv - drop).indices).values
+            if self.gqa_grouping == "llama3":  # query head h credited to KV head h mod nkv (the reference)
+                credit = q_imp.view(group, nkv).sum(0)
+            else:                              # to KV head h // group, the one it attends with (HF)
+                credit = q_imp.view(nkv, group).sum(1)
+            keep_kv = torch.sort(torch.topk(credit + kv_imp, nkv - drop).indices).values
             keep_q = _channels(keep_kv, group)  # the query heads of the kept KV heads, in order
         else:
             drop = n_pruned(self.ratio, group)
