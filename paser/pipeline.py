@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -96,6 +97,23 @@ class Timer:
 
 def _json(path: Path):
     return json.loads(path.read_text())
+
+
+PER_SAMPLE = "per_sample.npz"  # an evaluator's per-window / per-document arrays, beside metrics.json
+
+
+def save_per_sample(path: Path, arrays: dict) -> None:
+    """``arrays`` ({name: 1-D array}) as one compressed .npz, written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
+    with os.fdopen(fd, "wb") as f:
+        np.savez_compressed(f, **arrays)
+    os.replace(tmp, path)
+
+
+def load_per_sample(path: Path) -> dict:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
 
 
 def _instantiate(node: DictConfig, drop: tuple[str, ...] = ()):
@@ -279,12 +297,26 @@ class Run:
             return {}
         metrics = {}
         for kind, ev in self.parts.evaluators.items():
-            metrics[kind] = self.cached(
+            def compute(ev=ev):
+                with_samples = getattr(ev, "evaluate_with_samples", None)
+                if callable(with_samples):
+                    return with_samples(get_model(), self.models.tok())
+                return ev.evaluate(get_model(), self.models.tok()), {}
+
+            def save(value, d):
+                (d / "metrics.json").write_text(json.dumps(value[0], indent=1))
+                if value[1]:
+                    save_per_sample(d / PER_SAMPLE, value[1])
+
+            def load(d):
+                return _json(d / "metrics.json"), load_per_sample(d / PER_SAMPLE) if (d / PER_SAMPLE).is_file() else {}
+
+            metrics[kind], samples = self.cached(
                 f"eval_{name}" if len(self.parts.evaluators) == 1 else f"eval_{name}_{kind}", "metrics",
                 self.keys.metrics(state, kind, self.cfg.evaluator[kind], ev),
-                compute=lambda ev=ev: ev.evaluate(get_model(), self.models.tok()),
-                save=lambda m, d: (d / "metrics.json").write_text(json.dumps(m, indent=1)),
-                load=lambda d: _json(d / "metrics.json"), ranks="only_main")
+                compute=compute, save=save, load=load, ranks="only_main")
+            if samples:  # per-window NLL / per-document correctness, for paired statistics (make_tables.py)
+                save_per_sample(self.run_dir / "per_sample" / f"{name}_{kind}.npz", samples)
         return metrics
 
     def prune(self) -> tuple[Path, dict]:

@@ -9,6 +9,13 @@ dense and pruned metrics. Columns: WikiText-2 and PTB perplexity, each zero-shot
 and their mean. Cells are mean ± std over seeds. The best value of a column is bold; a dagger marks
 values within two standard errors of the best (not distinguishable from it: the standard error combines
 the spread over seeds and lm-eval's per-run stderr). Writes table.md, table.tex and PNG plots.
+
+Paired statistics (where the runs saved ``per_sample/<state>_<kind>.npz``): for each row, the difference
+row − reference against Random (the same seed's Random run) and against w/o recovery (the same run's pruned
+model), on the same windows and documents, with a 95% percentile bootstrap interval: each bootstrap
+iteration resamples the seeds (outer level) and the windows/documents (inner level; one draw shared by the
+seeds, since every seed is scored on the same units), and recomputes perplexity as exp(Σ NLL / Σ tokens)
+and accuracy as the mean. A difference is significant (*) when its interval excludes 0.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import json
 import math
 import shutil
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -138,20 +146,27 @@ def aggregate(samples: list[tuple[float | None, float | None]]) -> dict | None:
     return {"mean": float(np.mean(vals)), "std": std, "n": n, "se": math.sqrt(var)}
 
 
-def build_rows(runs: list[dict]) -> tuple[list[str], dict[str, dict[str, dict | None]], list]:
-    cols = columns(runs)
-    groups: dict[str, list[dict]] = defaultdict(list)
+def row_members(runs: list[dict]) -> dict[str, list[tuple[dict, str]]]:
+    """The table's rows in order, each with its (run, model state) members."""
+    groups: dict[str, list[tuple[dict, str]]] = defaultdict(list)
     pruners = {short(r["config"]["pruner"].get("_target_")) for r in runs}
     for r in runs:
         pruner = short(r["config"]["pruner"].get("_target_"))
         suffix = f" ({pruner})" if len(pruners) > 1 else ""
-        groups[f"Dense{suffix}"].append(r["metrics"]["dense"])
-        groups[f"w/o recovery{suffix}"].append(r["metrics"]["pruned"])
+        groups[f"Dense{suffix}"].append((r, "dense"))
+        groups[f"w/o recovery{suffix}"].append((r, "pruned"))
     for r, label in zip(runs, labels(runs)):
         if "recovered" in r["metrics"]:
-            groups[label].append(r["metrics"]["recovered"])
+            groups[label].append((r, "recovered"))
+    return dict(groups)
+
+
+def build_rows(runs: list[dict]) -> tuple[list[str], dict[str, dict[str, dict | None]], list]:
+    cols = columns(runs)
+    groups = row_members(runs)
     table = {}
-    for label, states in groups.items():
+    for label, members in groups.items():
+        states = [r["metrics"][state] for r, state in members]
         if label.startswith(("Dense", "w/o recovery")):
             states = states[:1]  # the same model state in every run: count it once
         table[label] = {key: aggregate([value(m, key) for m in states]) for key, _ in cols}
@@ -214,6 +229,196 @@ def latex(rows, table, cols, marks) -> str:
         lines.append(esc(row) + " & " + " & ".join(cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ paired statistics
+
+PAIRED_REFERENCES = ("Random", "w/o recovery")
+
+
+@dataclass
+class Stratum:
+    """One set of paired units (the windows of a corpus, the documents of a task) for k seed pairs: per
+    unit a numerator and a denominator of row A and of reference B, arrays [k, n]. The statistic of a state
+    is ``f(Σ w·num / Σ w·den)`` for unit weights w: perplexity exp(Σ NLL / Σ tokens), accuracy (in percent)
+    the mean. Every row of the arrays has the same n units, in the same order."""
+
+    a_num: np.ndarray
+    a_den: np.ndarray
+    b_num: np.ndarray
+    b_den: np.ndarray
+    exp: bool
+
+    def stat(self, w: np.ndarray) -> np.ndarray:
+        """Difference A − B per weight row and seed pair: [C, k] for weights [C, n]."""
+        def f(num, den):
+            ratio = (w @ num.T) / (w @ den.T)
+            return np.exp(ratio) if self.exp else ratio
+
+        return f(self.a_num, self.a_den) - f(self.b_num, self.b_den)
+
+
+def _pairs_2d(x) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return x[None] if x.ndim == 1 else x
+
+
+def ppl_stratum(a_nll, a_tokens, b_nll, b_tokens) -> Stratum:
+    """Perplexity units: per window the summed NLL (nats) and the scored tokens; [k, n] or [n] (k = 1)."""
+    return Stratum(_pairs_2d(a_nll), _pairs_2d(a_tokens), _pairs_2d(b_nll), _pairs_2d(b_tokens), exp=True)
+
+
+def acc_stratum(a, b) -> Stratum:
+    """Accuracy units: per document 0/1 correctness, in percent; [k, n] or [n] (k = 1)."""
+    a, b = 100 * _pairs_2d(a), 100 * _pairs_2d(b)
+    return Stratum(a, np.ones_like(a), b, np.ones_like(b), exp=False)
+
+
+def paired_bootstrap(strata: list[Stratum], iters: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+    """Difference A − B of the mean over strata (one stratum: that metric; several: e.g. the zero-shot mean
+    over tasks) and its percentile interval. Point estimate: the mean over the k seed pairs of the
+    difference on all units. Each of ``iters`` iterations draws k seed pairs with replacement (outer level)
+    and, per stratum, n units with replacement (inner level; the same draw for every seed pair, as all seeds
+    are scored on the same units), paired: A and B are evaluated on the same resampled units."""
+    k = strata[0].a_num.shape[0]
+    if any(s.a_num.shape[0] != k or s.b_num.shape != s.a_num.shape for s in strata):
+        raise ValueError("every stratum needs the same k seed pairs and the same units for A and B")
+    rng = np.random.default_rng(seed)
+    point = float(np.mean([s.stat(np.ones((1, s.a_num.shape[1])))[0].mean() for s in strata]))
+    largest = max(s.a_num.shape[1] for s in strata)
+    chunk = max(1, min(iters, 4_000_000 // max(largest, 1)))
+    draws = []
+    for start in range(0, iters, chunk):
+        c = min(chunk, iters - start)
+        diff = np.zeros((c, k))
+        for s in strata:
+            n = s.a_num.shape[1]
+            idx = rng.integers(0, n, size=(c, n)) + (np.arange(c) * n)[:, None]
+            w = np.bincount(idx.ravel(), minlength=c * n).reshape(c, n).astype(np.float64)
+            diff += s.stat(w) / len(strata)
+        seeds = rng.integers(0, k, size=(c, k))
+        draws.append(diff[np.arange(c)[:, None], seeds].mean(axis=1))
+    draws = np.concatenate(draws)
+    lo, hi = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2])
+    return {"diff": point, "lo": float(lo), "hi": float(hi), "significant": bool(lo > 0 or hi < 0),
+            "seeds": k, "units": [int(s.a_num.shape[1]) for s in strata], "iters": iters, "level": level}
+
+
+class PerSample:
+    """The per-sample files of the runs (``<run>/per_sample/<state>_<kind>.npz``), each read once."""
+
+    def __init__(self):
+        self._files: dict[Path, dict | None] = {}
+
+    def get(self, run: dict, state: str, kind: str) -> dict | None:
+        path = Path(run["_path"]) / "per_sample" / f"{state}_{kind}.npz"
+        if path not in self._files:
+            if path.is_file():
+                with np.load(path, allow_pickle=False) as z:
+                    self._files[path] = {k: z[k] for k in z.files}
+            else:
+                self._files[path] = None
+        return self._files[path]
+
+
+def _units(files: PerSample, pairs: list[tuple[tuple[dict, str], tuple[dict, str]]], key: str) \
+        -> list[Stratum] | None:
+    """The strata of column ``key`` for these (A member, B member) pairs, units aligned across every state
+    (documents by their index; windows must be the same), or None where a file or a unit set is missing."""
+    kind, name = key.split("/")
+    states = [m for pair in pairs for m in pair]
+    if kind == "ppl":
+        data = [files.get(r, state, "ppl") for r, state in states]
+        if any(d is None or f"{name}/nll" not in d for d in data):
+            return None
+        tokens = [d[f"{name}/tokens"] for d in data]
+        if any(t.shape != tokens[0].shape or (t != tokens[0]).any() for t in tokens):
+            return None  # other windows (seq_len, max_windows): not paired
+        if len({((r["metrics"][state].get("ppl") or {}).get(name) or {}).get("bos", "none") for r, state in states}) > 1:
+            return None  # the same counts, other windows
+        nll = np.array([d[f"{name}/nll"] for d in data])
+        tok = np.array(tokens, dtype=np.float64)
+        return [ppl_stratum(nll[0::2], tok[0::2], nll[1::2], tok[1::2])]
+    zs_a = (pairs[0][0][0]["metrics"][pairs[0][0][1]].get("zeroshot") or {})
+    tasks = list(zs_a.get("mean_over") or []) if name == "mean" else [name]
+    if not tasks:
+        return None
+    data = [files.get(r, state, "zeroshot") for r, state in states]
+    if any(d is None for d in data):
+        return None
+    strata = []
+    for task in tasks:
+        metric = ((zs_a.get("tasks") or {}).get(task) or {}).get("metric", "acc")
+        if any(f"{task}/doc_id" not in d or f"{task}/{metric}" not in d for d in data):
+            return None
+        common = data[0][f"{task}/doc_id"]
+        for d in data[1:]:
+            common = np.intersect1d(common, d[f"{task}/doc_id"])
+        if not len(common):
+            return None
+        x = np.array([d[f"{task}/{metric}"][np.searchsorted(d[f"{task}/doc_id"], common)] for d in data])
+        strata.append(acc_stratum(x[0::2], x[1::2]))
+    return strata
+
+
+def _first_per_seed(members: list[tuple[dict, str]]) -> dict:
+    out = {}
+    for r, state in members:
+        out.setdefault(r["seed"], (r, state))
+    return out
+
+
+def reference_pairs(groups: dict, row: str, reference: str) -> list | None:
+    """(row member, reference member) per seed: against w/o recovery the same run's pruned model, against
+    Random the Random run of the same seed (and the same varying knobs where the rows have them)."""
+    if row.startswith("w/o recovery") and reference == "w/o recovery":
+        return None
+    mine = _first_per_seed(groups[row])
+    if reference == "w/o recovery":
+        return [((r, state), (r, "pruned")) for r, state in mine.values()]
+    extras = row.split(" (", 1)[1] if " (" in row else None
+    ref = next((label for label in ([f"Random ({extras}"] if extras else []) + ["Random"] if label in groups), None)
+    if ref is None or ref == row:
+        return None
+    theirs = _first_per_seed(groups[ref])
+    pairs = [(mine[s], theirs[s]) for s in mine if s in theirs]
+    return pairs or None
+
+
+def paired_table(runs: list[dict], cols, iters: int = 2000, seed: int = 0) -> dict:
+    """{reference: {row: {column key: paired_bootstrap result or None}}}."""
+    groups, files = row_members(runs), PerSample()
+    out = {}
+    for reference in PAIRED_REFERENCES:
+        out[reference] = {}
+        for row in groups:
+            pairs = reference_pairs(groups, row, reference)
+            cells = {}
+            for key, _ in cols:
+                strata = _units(files, pairs, key) if pairs else None
+                cells[key] = paired_bootstrap(strata, iters, seed) if strata else None
+            if any(cells.values()):
+                out[reference][row] = cells
+    return {ref: rows for ref, rows in out.items() if rows}
+
+
+def fmt_paired(cell: dict | None) -> str:
+    if cell is None:
+        return "–"
+    return f"{cell['diff']:+.2f} [{cell['lo']:+.2f}, {cell['hi']:+.2f}]" + ("*" if cell["significant"] else "")
+
+
+def paired_markdown(paired: dict, cols) -> str:
+    parts = []
+    for reference, rows in paired.items():
+        title = (f"Paired difference vs {reference} (row − {reference}; perplexity in ppl, accuracy in points; "
+                 "95% bootstrap interval; * = the interval excludes 0)")
+        lines = [title, "",
+                 "| Method | " + " | ".join(h for _, h in cols) + " |", "|---|" + "---|" * len(cols)]
+        for row, cells in rows.items():
+            lines.append(f"| {row} | " + " | ".join(fmt_paired(cells.get(key)) for key, _ in cols) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
 
 
 # ------------------------------------------------------------------------------------------ plots
@@ -312,6 +517,8 @@ def main() -> None:
     ap.add_argument("folders", nargs="+", type=Path, help="sweep folders holding results.json files")
     ap.add_argument("--out", type=Path, help="output folder (default: the first sweep folder)")
     ap.add_argument("--wandb", action="store_true", help="also log the table and plots to a W&B run")
+    ap.add_argument("--bootstrap-iters", type=int, default=2000, help="paired bootstrap iterations")
+    ap.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the paired bootstrap")
     args = ap.parse_args()
     runs = load_runs(args.folders)
     out = args.out or args.folders[0]
@@ -321,12 +528,15 @@ def main() -> None:
     md = markdown(rows, table, cols, marks)
     note = ("Mean ± std over seeds. **Bold**: best (dense excluded). †: within two standard errors of the "
             "best (seed spread and lm-eval stderr combined), i.e. not distinguishable from it.")
-    (out / "table.md").write_text(f"{describe(runs)}\n\n{md}\n\n{note}\n")
+    paired = paired_table(runs, cols, args.bootstrap_iters, args.bootstrap_seed)
+    paired_md = paired_markdown(paired, cols) if paired else \
+        "No paired statistics: the runs have no per_sample/ files (they predate them)."
+    (out / "table.md").write_text(f"{describe(runs)}\n\n{md}\n\n{note}\n\n{paired_md}\n")
     (out / "table.tex").write_text(latex(rows, table, cols, marks) + "\n")
-    (out / "table.json").write_text(json.dumps({"rows": rows, "cells": table}, indent=1))
+    (out / "table.json").write_text(json.dumps({"rows": rows, "cells": table, "paired": paired}, indent=1))
     plots = plot_all(runs, out)
     print(describe(runs), "\n")
-    print(md, "\n\n" + note)
+    print(md, "\n\n" + note, "\n\n" + paired_md)
     print(f"\nwrote {out / 'table.md'}, table.tex, table.json" + "".join(f", {p.name}" for p in plots))
     if args.wandb:
         from paser.tracking import WandbLogger

@@ -1,10 +1,13 @@
-"""scripts/make_tables.py on hand-made results: labels, mean ± std, best and ties, LaTeX."""
+"""scripts/make_tables.py on hand-made results: labels, mean ± std, best and ties, LaTeX, and the paired
+differences from per-sample files."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+
+import numpy as np
 
 from tests.conftest import ROOT
 
@@ -24,11 +27,15 @@ def result(selector: str, seed: int, wiki: float, piqa: float, piqa_se: float, b
             "recovery": {"loss_curve": [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]}}
 
 
-def make_table(tmp_path, runs: list[dict]) -> str:
-    """Writes each run's results.json, runs the script on them, returns table.md."""
+def make_table(tmp_path, runs: list[dict], per_sample: dict | None = None) -> str:
+    """Writes each run's results.json (and per_sample/<name>.npz from ``per_sample[k]``), runs the script on
+    them, returns table.md."""
     for k, r in enumerate(runs):
         (tmp_path / str(k)).mkdir(exist_ok=True)
         (tmp_path / str(k) / "results.json").write_text(json.dumps(r))
+        for name, arrays in (per_sample or {}).get(k, {}).items():
+            (tmp_path / str(k) / "per_sample").mkdir(exist_ok=True)
+            np.savez_compressed(tmp_path / str(k) / "per_sample" / f"{name}.npz", **arrays)
     out = subprocess.run([sys.executable, "scripts/make_tables.py", str(tmp_path), "--out", str(tmp_path / "t")],
                          check=False, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -56,6 +63,7 @@ def test_table_from_a_sweep(tmp_path):
     assert rows["Random"][1] == "63.00 ± 1.41 †"
     # the single-seed ablation row: 50 is far below the best
     assert rows["PASER (use_ntm=False)"][1] == "50.00"
+    assert "No paired statistics" in md  # these runs saved no per-sample files
     tex = (tmp_path / "t" / "table.tex").read_text()
     assert r"\textbf{15.50 $\pm$ 0.71}" in tex and r"\begin{tabular}" in tex
     assert (tmp_path / "t" / "recovery_loss.png").stat().st_size > 1000
@@ -78,3 +86,45 @@ def test_reduced_instruction_mining_gets_its_own_row(tmp_path):
     runs[1]["selection"]["diagnostics"]["method"] = "instruction_mining_no_reward"  # offline: no reward model
     rows = {line.split("|")[1].strip() for line in make_table(tmp_path, runs).splitlines() if line.startswith("| ")}
     assert {"Instruction Mining", "Instruction Mining w/o reward"} <= rows
+
+
+def per_sample_files(rng, seed_shift: float, shift: float, acc_gain: float) -> dict:
+    """The per-sample files of one run on shared windows and documents: its pruned model and its recovered
+    model ``shift`` nats per token better and ``acc_gain`` more documents right."""
+    base = np.random.default_rng(0)  # the same windows and documents in every run
+    difficulty, u = 127 * (4 + 0.3 * base.standard_normal(300)), base.random(400)
+    tokens = np.full(300, 127)
+    recovered = difficulty - 127 * (shift + seed_shift + 0.02 * rng.standard_normal(300))
+    zs = lambda p: {"piqa/doc_id": np.arange(400), "piqa/acc": (u < p).astype(np.int8),
+                    "piqa/acc_norm": (u < p).astype(np.int8)}
+    return {"pruned_ppl": {"wikitext2/nll": difficulty, "wikitext2/tokens": tokens},
+            "recovered_ppl": {"wikitext2/nll": recovered, "wikitext2/tokens": tokens},
+            "pruned_zeroshot": zs(0.5), "recovered_zeroshot": zs(0.5 + acc_gain)}
+
+
+def test_paired_differences_against_random_and_without_recovery(tmp_path):
+    runs = [result("RandomSelector", 0, 20.0, 0.62, 0.01), result("RandomSelector", 1, 22.0, 0.64, 0.01),
+            result("PaserSelector", 0, 15.0, 0.63, 0.01), result("PaserSelector", 1, 16.0, 0.65, 0.01)]
+    for r in runs:
+        r["metrics"]["pruned"]["zeroshot"]["mean_over"] = ["piqa"]
+        r["metrics"]["recovered"]["zeroshot"]["mean_over"] = ["piqa"]
+    rng = np.random.default_rng(1)
+    # Random recovers 0.3 nats/token and 2 points; PASER 0.1 nats/token more and the same accuracy
+    files = {0: per_sample_files(rng, 0.0, 0.3, 0.02), 1: per_sample_files(rng, 0.01, 0.3, 0.02),
+             2: per_sample_files(rng, 0.0, 0.4, 0.02), 3: per_sample_files(rng, 0.01, 0.4, 0.02)}
+    md = make_table(tmp_path, runs, files)
+    vs_random = md.split("Paired difference vs Random")[1].split("Paired difference vs w/o recovery")[0]
+    vs_pruned = md.split("Paired difference vs w/o recovery")[1]
+    cells = lambda text, row: next(line for line in text.splitlines() if line.startswith(f"| {row} |")).split("|")[2:-1]
+    paser = cells(vs_random, "PASER")
+    assert paser[0].strip().startswith("-") and paser[0].strip().endswith("*")  # better perplexity, significant
+    assert paser[1].strip() == "+0.00 [+0.00, +0.00]" and paser[2].strip() == paser[1].strip()  # PIQA, mean
+    assert "| Random |" not in vs_random  # no row against itself
+    random = cells(vs_pruned, "Random")
+    assert random[0].strip().endswith("*") and random[1].strip().startswith("+2.00 [") and random[1].strip()[-1] == "*"
+    assert "| w/o recovery |" not in vs_pruned
+    paired = json.loads((tmp_path / "t" / "table.json").read_text())["paired"]
+    cell = paired["Random"]["PASER"]["ppl/wikitext2"]
+    assert cell["seeds"] == 2 and cell["units"] == [300] and cell["lo"] < cell["diff"] < cell["hi"] < 0
+    # w/o recovery against Random: the same seed's Random run, the other way round
+    assert paired["Random"]["w/o recovery"]["zs/piqa"]["diff"] == -2.0

@@ -51,6 +51,20 @@ def test_random_limit_is_seeded_and_per_task(tiny):
 
 
 @requires_shared_data()
+def test_per_document_correctness_matches_the_scores(tiny):
+    """evaluate_with_samples: each scored document's index and 0/1 acc / acc_norm, from lm-eval's sample
+    log; their means are the reported accuracies."""
+    ev = ZeroShotEvaluator(tasks=["arc_easy", "piqa"], limit=6, limit_mode="random", seed=1, data_dir=str(DATA_DIR))
+    picked = ev._sample_indices(ev.task_manager.load(ev.tasks)["tasks"])
+    res, docs = ev.evaluate_with_samples(*tiny)
+    for task in ("arc_easy", "piqa"):
+        assert docs[f"{task}/doc_id"].tolist() == picked[task]
+        for m in ("acc", "acc_norm"):
+            assert docs[f"{task}/{m}"].dtype.name == "int8" and set(docs[f"{task}/{m}"].tolist()) <= {0, 1}
+            assert docs[f"{task}/{m}"].mean() == pytest.approx(res["tasks"][task][m])
+
+
+@requires_shared_data()
 def test_metric_choice_and_lm_eval_wikitext(tiny):
     ev = ZeroShotEvaluator(tasks=["piqa", "wikitext"], metrics={"piqa": "acc_norm"}, limit=1,
                            data_dir=str(DATA_DIR))

@@ -5,7 +5,9 @@
 built-in tasks, which download their datasets. Each task reports acc and acc_norm with their standard
 errors; ``metrics`` picks the headline one per task (default: the paper's convention, LLM-Pruner's) and
 ``mean`` averages the headline scores. ``limit`` evaluates the first N documents of each task or a seeded
-random N; either way the result says it is a subset and how large.
+random N; either way the result says it is a subset and how large. ``evaluate_with_samples`` also returns
+each document's correctness (``<task>/doc_id``, ``<task>/acc``, ``<task>/acc_norm``: 0/1, from lm-eval's
+per-sample log), for paired comparisons between model states.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import random
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from paser.errors import ConfigError
@@ -119,8 +122,12 @@ class ZeroShotEvaluator:
         """The offline task files (none for source=hub: lm-eval's datasets are versioned by the hub)."""
         return [f for task in self.tasks for f in data_files(task, self.data_dir)] if self.source == "local" else []
 
-    @torch.inference_mode()
     def evaluate(self, model, tokenizer) -> dict:
+        return self.evaluate_with_samples(model, tokenizer)[0]
+
+    @torch.inference_mode()
+    def evaluate_with_samples(self, model, tokenizer) -> tuple[dict, dict[str, np.ndarray]]:
+        """(metrics, per-document arrays)."""
         import lm_eval
         from lm_eval.models.huggingface import HFLM
 
@@ -154,7 +161,7 @@ class ZeroShotEvaluator:
                     model=lm, tasks=[task], task_manager=self.task_manager,
                     limit=self.limit if samples is None else None,
                     samples=None if samples is None else {name: samples[name]},
-                    bootstrap_iters=self.bootstrap_iters, log_samples=False,
+                    bootstrap_iters=self.bootstrap_iters, log_samples=True,
                     random_seed=self.seed, numpy_random_seed=self.seed, torch_random_seed=self.seed,
                     fewshot_random_seed=self.seed)
                 seconds[name] = round(time.perf_counter() - t0, 1)
@@ -166,7 +173,22 @@ class ZeroShotEvaluator:
         log.info("zero-shot (%s%s): mean %s in %.0f s", self.source,
                  f", {self.limit_mode} {self.limit}/task" if result["subset"] else "",
                  "-" if result["mean"] is None else f"{result['mean']:.4f}", result["wall_time_s"])
-        return result
+        return result, self._per_document(outputs)
+
+    def _per_document(self, outputs: dict) -> dict[str, np.ndarray]:
+        """Per accuracy task: the documents' indices in the task's evaluation split (sorted) and their 0/1
+        acc and acc_norm (where the task computes it)."""
+        out = {}
+        for name in self.tasks:
+            if name in PERPLEXITY_TASKS:
+                continue
+            rows = sorted((r for r in outputs[name].get("samples", {}).get(name, []) if r.get("filter", "none") == "none"),
+                          key=lambda r: r["doc_id"])
+            out[f"{name}/doc_id"] = np.array([r["doc_id"] for r in rows], dtype=np.int64)
+            for m in ("acc", "acc_norm"):
+                if rows and all(m in r for r in rows):
+                    out[f"{name}/{m}"] = np.array([r[m] for r in rows], dtype=np.int8)
+        return out
 
     def _summarise(self, outputs: dict, seconds: dict) -> dict:
         per_task, subset = {}, False
