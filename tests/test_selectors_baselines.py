@@ -111,13 +111,65 @@ def answer_logprobs(model, ids: list[int], start: int) -> list[float]:
     return out
 
 
-def reference_ifd(model, tok, row, cutoff):
-    prompt = tok(alpaca_prompt(row))["input_ids"]  # the tiny tokenizer puts <s> first
-    answer = tok(row["output"], add_special_tokens=False)["input_ids"][:max(0, cutoff - len(prompt))]
+CHERRY_PROMPT_DICT = {  # typed from Cherry_LLM's cherry_seletion/data_analysis.py: no newline after "### Response:"
+    "prompt_input": (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
+    ),
+    "prompt_no_input": (
+        "Below is an instruction that describes a task. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{instruction}\n\n### Response:"
+    ),
+}
+
+
+def cherry_sequences(tok, row, max_length, direct_prefix="### Response:"):
+    """What Cherry_LLM scores (data_analysis.py --mod cherry --prompt alpaca, then data_by_IFD.py), per its
+    code: ((conditioned ids, answer start), (answer-only ids, answer start)), or None where data_by_IFD.py
+    skips the sample. Each text is encoded whole with the tokenizer's BOS and truncated to its max_length;
+    the answer starts after the tokens of text[:text.rfind(output)] encoded alone."""
+    output = row["output"]
+    prompt = CHERRY_PROMPT_DICT["prompt_input" if row["input"] else "prompt_no_input"].format_map(row)
+    instruct_len = len(tok(prompt)["input_ids"][:max_length])
+    if max_length - instruct_len <= 0:
+        return None
+
+    def part(text, length):
+        ids = tok(text)["input_ids"][:length]
+        return ids, len(tok(text[:text.rfind(output)])["input_ids"])
+
+    alone = part(direct_prefix + output, max_length - instruct_len + 4)
+    condition = part(prompt + output, max_length)
+    len_1, len_2 = len(alone[0]) - alone[1], len(condition[0]) - condition[1]
+    if len_1 <= 0 or len_2 <= 0 or instruct_len + len_1 > max_length:
+        return None
+    return condition, alone
+
+
+def reference_ifd(model, tok, row, cutoff, direct_prefix="### Response:"):
+    """(IFD, conditioned loss, unconditioned loss) as Cherry_LLM computes them (NaN where it skips)."""
+    seqs = cherry_sequences(tok, row, cutoff, direct_prefix)
+    if seqs is None:
+        return float("nan"), float("nan"), float("nan")
+    (cond_ids, cond_start), (alone_ids, alone_start) = seqs
+    cond = -np.mean(answer_logprobs(model, cond_ids, cond_start))
+    uncond = -np.mean(answer_logprobs(model, alone_ids, alone_start))
+    return cond / uncond, cond, uncond
+
+
+def reference_ifd_ours(model, tok, row, cutoff, prefix=""):
+    """The ``prompt_format: alpaca, truncation: same_answer`` option: the Alpaca-templated text encoded whole,
+    cut at the cutoff; the unconditioned loss over exactly its answer tokens after <s> and the prefix."""
+    text = tok(alpaca_prompt(row) + row["output"])["input_ids"][:cutoff]  # the tiny tokenizer puts <s> first
+    start = min(len(tok(alpaca_prompt(row))["input_ids"]), cutoff)    # byte-level: it splits at the newline
+    answer = text[start:]
     if not answer:
         return float("nan"), float("nan"), float("nan")
-    cond = -np.mean(answer_logprobs(model, prompt + answer, len(prompt)))
-    uncond = -np.mean(answer_logprobs(model, [tok.bos_token_id] + answer, 1))
+    head = [tok.bos_token_id] + (tok(prefix, add_special_tokens=False)["input_ids"] if prefix else [])
+    cond = -np.mean(answer_logprobs(model, text, start))
+    uncond = -np.mean(answer_logprobs(model, head + answer, len(head)))
     return cond / uncond, cond, uncond
 
 
@@ -139,6 +191,7 @@ def test_ifd_matches_per_sample_cross_entropy(tmp_path):
     assert all(expected[i] <= 1 for i in sel.indices)
     d = sel.diagnostics
     assert d["selected"] == 3 and d["above_one"] == int((expected > 1).sum())
+    assert d["unscored"] == int(np.isnan(expected).sum())
     assert {"loss_conditioned", "loss_unconditioned", "score", "time_s"} <= set(d)
 
 
@@ -152,8 +205,24 @@ def test_ifd_original_model_and_prefix_change_scores(tmp_path):
     expected = [reference_ifd(ctx.original_model, ctx.tokenizer, r, ctx.cutoff)[0] for r in pool.rows]
     np.testing.assert_allclose(original, expected, rtol=1e-4, equal_nan=True)
     assert not np.allclose(pruned, original)
-    prefixed = IFDSelector(unconditioned_prefix="### Response:").select(pool, 3, ctx).scores
-    assert not np.allclose(pruned, prefixed)
+    bare = IFDSelector(unconditioned_prefix="").select(pool, 3, ctx).scores  # the paper's s(answer)
+    expected = [reference_ifd(ctx.pruned_model, ctx.tokenizer, r, ctx.cutoff, direct_prefix="")[0] for r in pool.rows]
+    np.testing.assert_allclose(bare, expected, rtol=1e-4, equal_nan=True)
+    assert not np.allclose(pruned, bare)
+
+
+@pytest.mark.parametrize("prefix", ["", "### Response:"])
+def test_ifd_our_template_and_truncation_option(tmp_path, prefix):
+    from paser.selectors.ifd import IFDSelector
+
+    cutoff = 90
+    ctx = make_ctx(tmp_path, cutoff=cutoff)
+    pool = make_pool()
+    sel = IFDSelector(prompt_format="alpaca", truncation="same_answer", unconditioned_prefix=prefix).select(pool, 3, ctx)
+    expected = [reference_ifd_ours(ctx.pruned_model, ctx.tokenizer, r, cutoff, prefix)[0] for r in pool.rows]
+    np.testing.assert_allclose(sel.scores, expected, rtol=1e-4, equal_nan=True)
+    cherry = IFDSelector().select(pool, 3, ctx).scores  # the same cache: the options must key apart
+    assert not np.allclose(sel.scores, cherry, equal_nan=True)
 
 
 def test_ifd_deterministic_and_cached(tmp_path):
@@ -177,6 +246,12 @@ def test_ifd_bad_config():
         IFDSelector(cluster="kmeans")
     with pytest.raises(ConfigError, match="clustering"):
         IFDSelector(cluster="s2ric", clustering={"n_cluster": 3})
+    with pytest.raises(ConfigError, match=r"selector.prompt_format='wiz' is unknown; allowed: \['alpaca', 'cherry'\]"):
+        IFDSelector(prompt_format="wiz")
+    with pytest.raises(ConfigError, match=r"selector.truncation='left' is unknown; allowed: \['cherry', 'same_answer'\]"):
+        IFDSelector(truncation="left")
+    with pytest.raises(ConfigError, match="selector.unconditioned_prefix=3 must be a string"):
+        IFDSelector(unconditioned_prefix=3)
 
 
 # ----------------------------------------------------------------------------------------- Nuggets
@@ -187,15 +262,19 @@ TWO_GROUPS = {  # two tight groups of instructions: k-means with 2 centres split
 }
 
 
-def reference_golden(model, tok, rows, anchor_ids, cutoff=128):
-    """Golden score of every row against the given anchors, with plain per-sequence forwards."""
-    sep = tok("\n\n", add_special_tokens=False)["input_ids"]
-    head = tok("")["input_ids"]
+def reference_golden(model, tok, rows, anchor_ids, cutoff=128, separator="", zero_shot_bos=False):
+    """Golden score of every row against the given anchors, with plain per-sequence forwards, as pldlgb/nuggets
+    builds them (tasks/loader.py, instruction_main.py): the anchor's prompt + answer encoded whole without
+    special tokens, its answer after the prompt's own tokens; zero-shot: the anchor alone (no BOS); one-shot:
+    the demonstration encoded with its BOS, the anchor's tokens directly after it. ``separator`` and
+    ``zero_shot_bos`` are our options."""
+    sep = tok(separator, add_special_tokens=False)["input_ids"] if separator else []
+    head = tok("")["input_ids"] if zero_shot_bos else []
 
     def anchor(r):
-        p = tok(alpaca_prompt(r), add_special_tokens=False)["input_ids"]
-        a = tok(r["output"], add_special_tokens=False)["input_ids"]
-        return (p + a)[:cutoff], len(p)
+        query = alpaca_prompt(r)
+        return (tok(query + r["output"], add_special_tokens=False)["input_ids"][:cutoff],
+                len(tok(query, add_special_tokens=False)["input_ids"]))
 
     zero = []
     for a in anchor_ids:
@@ -203,7 +282,7 @@ def reference_golden(model, tok, rows, anchor_ids, cutoff=128):
         zero.append(sum(answer_logprobs(model, head + seq, len(head) + start)))
     golden = []
     for r in rows:
-        demo = head + tok(alpaca_prompt(r) + r["output"], add_special_tokens=False)["input_ids"][:cutoff] + sep
+        demo = tok(alpaca_prompt(r) + r["output"])["input_ids"][:cutoff + 1] + sep  # <s> + the text (cut at the cutoff)
         wins = []
         for a, z in zip(anchor_ids, zero):
             seq, start = anchor(rows[a])
@@ -212,17 +291,20 @@ def reference_golden(model, tok, rows, anchor_ids, cutoff=128):
     return np.array(golden)
 
 
-@pytest.mark.parametrize("reuse_prefix_kv", [True, False])
-def test_nuggets_two_anchor_golden_scores(tmp_path, reuse_prefix_kv):
+@pytest.mark.parametrize("reuse_prefix_kv,separator,zero_shot_bos",
+                         [(True, "", False), (False, "", False), (True, "\n\n", True), (False, "\n\n", False)])
+def test_nuggets_two_anchor_golden_scores(tmp_path, reuse_prefix_kv, separator, zero_shot_bos):
     from paser.selectors.nuggets import NuggetsSelector
 
     ctx = make_ctx(tmp_path, embedder=StubEmbedder(TWO_GROUPS))
     pool = make_pool()
-    sel = NuggetsSelector(n_anchors=2, reuse_prefix_kv=reuse_prefix_kv).select(pool, 4, ctx)
+    sel = NuggetsSelector(n_anchors=2, reuse_prefix_kv=reuse_prefix_kv, separator=separator,
+                          zero_shot_bos=zero_shot_bos).select(pool, 4, ctx)
     anchors = sel.diagnostics["anchors"]
     # the sample nearest each group's mean: rows 2..3 of the first group (0.25 away), rows 8..9 of the other
     assert sorted(anchors) in ([2, 8], [2, 9], [3, 8], [3, 9])
-    expected = reference_golden(ctx.pruned_model, ctx.tokenizer, pool.rows, anchors)
+    expected = reference_golden(ctx.pruned_model, ctx.tokenizer, pool.rows, anchors, separator=separator,
+                                zero_shot_bos=zero_shot_bos)
     assert set(np.unique(expected)) <= {0.0, 0.5, 1.0}
     np.testing.assert_array_equal(sel.scores, expected)
     order = sorted(range(len(pool)), key=lambda i: (-expected[i], i))
@@ -288,6 +370,10 @@ def test_nuggets_prefilter_is_the_cheap_mode(tmp_path):
         NuggetsSelector(n_anchors=50).select(pool, 3, make_ctx(tmp_path))
     with pytest.raises(ConfigError, match="prompt_format"):
         NuggetsSelector(prompt_format="chatml")
+    with pytest.raises(ConfigError, match="selector.separator=3 must be a string"):
+        NuggetsSelector(separator=3)
+    with pytest.raises(ConfigError, match="selector.zero_shot_bos='yes' must be true or false"):
+        NuggetsSelector(zero_shot_bos="yes")
 
 
 # ------------------------------------------------------------------------------ Instruction Mining
@@ -372,10 +458,13 @@ def test_instruction_mining_perplexity_shares_ifd_cache(tmp_path):
     ctx = make_ctx(tmp_path)
     pool = make_pool()
     sel = InstructionMiningSelector(coefficients={"perplexity": 1.0}, intercept=0.0).select(pool, 3, ctx)
-    cond = np.array([reference_ifd(ctx.pruned_model, ctx.tokenizer, r, ctx.cutoff)[1] for r in pool.rows])
+    cond = np.array([reference_ifd_ours(ctx.pruned_model, ctx.tokenizer, r, ctx.cutoff)[1] for r in pool.rows])
     np.testing.assert_allclose(sel.scores, np.exp(cond), rtol=1e-4)
-    IFDSelector().select(pool, 3, ctx)
-    assert len(list((tmp_path / "cache" / "scores" / "answer_nll_conditioned").iterdir())) == 1
+    entries = tmp_path / "cache" / "scores" / "answer_nll_conditioned"
+    IFDSelector(prompt_format="alpaca").select(pool, 3, ctx)  # the same template: the same array
+    assert len(list(entries.iterdir())) == 1
+    IFDSelector().select(pool, 3, ctx)  # Cherry's template: its own
+    assert len(list(entries.iterdir())) == 2
 
 
 def test_instruction_mining_bad_config():
@@ -433,6 +522,8 @@ def test_hybrids_pick_top_scored_inside_s2ric_clusters(tmp_path, monkeypatch, na
     cfg.cluster = "s2ric"
     if name == "nuggets":
         cfg.n_anchors = 2
+    if name == "ifd":  # on the tiny model, Cherry's "### Response:" leaves too few IFD < 1 for two per cluster
+        cfg.unconditioned_prefix = ""
     if name == "instruction_mining":
         cfg.reward_model = None
     selector = hydra.utils.instantiate(cfg)
@@ -491,15 +582,6 @@ def test_ifd_on_smollm2(tmp_path):
     ctx.__dict__["pruned_model"] = model
     pool = make_pool()
     sel = IFDSelector().select(pool, 4, ctx)
-    ref = [reference_ifd_no_bos(model, tok, r, ctx.cutoff) for r in pool.rows]
+    ref = [reference_ifd(model, tok, r, ctx.cutoff)[0] for r in pool.rows]  # no BOS: "### Response:" starts it
     np.testing.assert_allclose(sel.scores, ref, rtol=2e-2, equal_nan=True)  # bf16, batched vs single
     assert len(sel.indices) == 4 and np.nanmedian(sel.scores) < 1
-
-
-def reference_ifd_no_bos(model, tok, row, cutoff):
-    """As reference_ifd, for a tokenizer that adds no BOS: the unconditioned text starts at tok.bos_token."""
-    prompt = tok(alpaca_prompt(row))["input_ids"]
-    answer = tok(row["output"], add_special_tokens=False)["input_ids"][:max(0, cutoff - len(prompt))]
-    cond = -np.mean(answer_logprobs(model, prompt + answer, len(prompt)))
-    uncond = -np.mean(answer_logprobs(model, [tok.bos_token_id] + answer, 1))
-    return cond / uncond

@@ -1,5 +1,9 @@
 """Answer losses under a causal LM, shared by the baselines: IFD's conditioned and unconditioned losses,
-Instruction Mining's perplexity (the conditioned loss again, so the two share one cached array).
+Instruction Mining's perplexity (the conditioned loss on the Alpaca template: with IFD's ``prompt_format:
+alpaca`` the two share one cached array; IFD's default, Cherry_LLM's template, has its own).
+
+A prompt and its answer are always tokenised as one text (``joined_encoding``, with recovery's seam rule
+from ``paser.data``), as both references do and as recovery trains.
 
 Every score names the model it comes from: ``pruned`` (the default: the model that is being recovered)
 or ``original``; the cache key follows, since scores of the pruned model also depend on the pruner.
@@ -10,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from paser.data import alpaca_prompt
+from paser.data import PROMPT_NO_INPUT, PROMPT_WITH_INPUT, _common_prefix, _response_start, alpaca_prompt
 from paser.errors import ConfigError
 from paser.scoring import answer_nll_sums, answer_spans, iter_batches, model_device, to_host
 
@@ -52,25 +56,102 @@ def start_tokens(tokenizer) -> list[int]:
     return [tid]
 
 
-def answer_sequences(tokenizer, rows: list[dict], cutoff: int, conditioned: bool, prefix: str = "") \
+TEMPLATES = ("alpaca", "cherry")
+TRUNCATIONS = ("cherry", "same_answer")
+
+# Cherry_LLM's PROMPT_DICT (cherry_seletion/data_analysis.py): the Alpaca template, but "### Response:" ends the
+# prompt without a newline, so that the answer follows the colon directly.
+CHERRY_PROMPT_WITH_INPUT = PROMPT_WITH_INPUT.removesuffix("\n")
+CHERRY_PROMPT_NO_INPUT = PROMPT_NO_INPUT.removesuffix("\n")
+CHERRY_MAX_LENGTH_SLACK = 4  # data_analysis.py: max_length - instruct_i_len + 4 for the answer-only text
+
+
+def check_choice(value, allowed: tuple[str, ...], key: str):
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is unknown; allowed: {list(allowed)}")
+    return value
+
+
+def prompt_text(row: dict, template: str) -> str:
+    """The text before the answer: ``alpaca`` (the recovery template, ending "### Response:\\n") or
+    ``cherry`` (Cherry_LLM's, ending "### Response:")."""
+    if check_choice(template, TEMPLATES, "selector.prompt_format") == "alpaca":
+        return alpaca_prompt(row)
+    template_str = CHERRY_PROMPT_WITH_INPUT if row.get("input") else CHERRY_PROMPT_NO_INPUT
+    return template_str.format(instruction=row["instruction"], input=row.get("input", ""))
+
+
+def joined_encoding(tokenizer, prompts: list[str], answers: list[str], add_special_tokens: bool = True,
+                    rows_per_call: int = 1024) -> list[tuple[list[int], int]]:
+    """(ids of prompt + answer tokenised as one text, index of the answer's first token) for each pair.
+
+    The seam rule is recovery's (``paser.data``): the first token whose character span starts at or after
+    the prompt's end (a token merged across the seam counts as prompt); a slow tokenizer, without offsets,
+    takes the common prefix with the prompt's own ids. Tokenising the answer on its own would give
+    SentencePiece (Metaspace) vocabularies a word-initial "▁" the joined text does not have.
+    """
+    out = []
+    for b in range(0, len(prompts), rows_per_call):
+        ps, texts = prompts[b:b + rows_per_call], [p + a for p, a in zip(prompts[b:b + rows_per_call],
+                                                                        answers[b:b + rows_per_call])]
+        if getattr(tokenizer, "is_fast", False):
+            batch = tokenizer(texts, add_special_tokens=add_special_tokens, return_offsets_mapping=True,
+                              return_special_tokens_mask=True, return_attention_mask=False)
+            out += [(list(ids), max(_response_start(offsets, special, len(p)), _leading(special)))
+                    for ids, offsets, special, p in
+                    zip(batch["input_ids"], batch["offset_mapping"], batch["special_tokens_mask"], ps)]
+        else:
+            for p, t in zip(ps, texts):
+                ids = list(tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"])
+                out.append((ids, _common_prefix(tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"], ids)))
+    return out
+
+
+def _leading(special: list[int]) -> int:
+    """How many special tokens (a BOS) come first: they precede even an empty prompt."""
+    return next((i for i, flag in enumerate(special) if not flag), len(special))
+
+
+def answer_sequences(tokenizer, rows: list[dict], cutoff: int, conditioned: bool, prefix: str = "",
+                     template: str = "alpaca", truncation: str = "same_answer") \
         -> tuple[list[list[int]], list[int]]:
     """Token sequences and the index where the answer starts, for each row.
 
-    conditioned:   Alpaca prompt + answer, truncated to ``cutoff`` tokens.
-    unconditioned: start token(s) + ``prefix`` + answer, with *the same answer tokens* as the conditioned
-                   sequence (as Cherry_LLM does by shortening its max length by the prompt's length), so
+    conditioned:   ``template`` prompt + answer, tokenised as one text (with the tokenizer's special
+                   tokens), truncated to ``cutoff`` tokens.
+    unconditioned, ``truncation``:
+      cherry       Cherry_LLM's: ``prefix`` + answer tokenised as one text (special tokens included), cut
+                   at cutoff - P + 4 tokens, P = the prompt's tokens within the cutoff. A row whose prompt
+                   fills the cutoff, or whose unconditioned answer tokens do not fit beside its prompt
+                   (P + answer > cutoff: data_by_IFD.py skips it), gets no answer tokens.
+      same_answer  ours: start token(s) + ``prefix`` tokens + *the conditioned sequence's answer tokens*, so
                    that IFD compares two losses over identical targets.
-    The answer carries no EOS (the reference scores the answer text only). A row whose prompt fills the
-    cutoff has no answer tokens left: its loss is NaN.
+    Where the unconditioned text has no token before its answer (no BOS, empty prefix), the start tokens are
+    put first so that the first answer token is scored. The answer carries no EOS (the reference scores the
+    answer text only). A row without answer tokens has a NaN loss.
     """
+    check_choice(truncation, TRUNCATIONS, "selector.truncation")
+    outputs = [r["output"] for r in rows]
+    cond = [(ids[:cutoff], min(start, cutoff)) for ids, start in
+            joined_encoding(tokenizer, [prompt_text(r, template) for r in rows], outputs)]
+    if conditioned:
+        return [ids for ids, _ in cond], [start for _, start in cond]
     seqs, starts = [], []
-    head = start_tokens(tokenizer) + (tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else [])
-    for r in rows:
-        prompt = tokenizer(alpaca_prompt(r), add_special_tokens=True)["input_ids"]
-        answer = tokenizer(r["output"], add_special_tokens=False)["input_ids"][:max(0, cutoff - len(prompt))]
-        context = prompt if conditioned else head
-        seqs.append(list(context) + list(answer))
-        starts.append(len(context))
+    if truncation == "same_answer":
+        head = start_tokens(tokenizer) + (tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else [])
+        for ids, start in cond:
+            seqs.append(list(head) + ids[start:])
+            starts.append(len(head))
+        return seqs, starts
+    for (ids, start), (_, prompt_len) in zip(joined_encoding(tokenizer, [prefix] * len(rows), outputs), cond):
+        if start == 0:
+            first = start_tokens(tokenizer)
+            ids, start = first + ids, len(first)
+        ids = ids[:max(0, cutoff - prompt_len + CHERRY_MAX_LENGTH_SLACK)]
+        if prompt_len >= cutoff or prompt_len + len(ids) - start > cutoff:
+            ids = ids[:start]  # not scored, as in the reference
+        seqs.append(ids)
+        starts.append(min(start, len(ids)))
     return seqs, starts
 
 
@@ -87,14 +168,18 @@ def mean_answer_nll(model, seqs: list[list[int]], starts: list[int], batch_size:
 
 
 def answer_losses(ctx, rows: list[dict], which: str, conditioned: bool, prefix: str = "",
-                  chunk_size: int = 256) -> np.ndarray:
-    """Cached mean answer NLL of every row under the ``which`` model ([N], NaN = no answer token)."""
+                  chunk_size: int = 256, template: str = "alpaca", truncation: str = "same_answer") -> np.ndarray:
+    """Cached mean answer NLL of every row under the ``which`` model ([N], NaN = no answer token).
+
+    Everything that changes the sequences enters the cache key: the template (the conditioned sequence,
+    and the unconditioned one through its answer tokens or its length), and for the unconditioned loss
+    the prefix and the truncation rule."""
     tok = ctx.tokenizer
-    seqs, starts = answer_sequences(tok, rows, ctx.cutoff, conditioned, prefix)
+    seqs, starts = answer_sequences(tok, rows, ctx.cutoff, conditioned, prefix, template, truncation)
     kind = "conditioned" if conditioned else "unconditioned"
-    params = {"which": which, "cutoff": ctx.cutoff, "template": "alpaca", "eos": False}
+    params = {"which": which, "cutoff": ctx.cutoff, "template": template, "eos": False}
     if not conditioned:
-        params["prefix"] = prefix
+        params.update(prefix=prefix, truncation=truncation)
 
     def compute(start: int, end: int) -> np.ndarray:
         return mean_answer_nll(scoring_model(ctx, which), seqs[start:end], starts[start:end], ctx.batch_size, tok.pad_token_id,

@@ -7,6 +7,16 @@ score of z = fraction of anchors whose answer log-likelihood strictly rises with
 highest golden scores are kept. (The reference compares summed log-probabilities; over identical answer
 tokens a sum and a mean give the same comparison.)
 
+Sequences, as in the reference (pldlgb/nuggets: tasks/alpaca.py, tasks/loader.py, instruction_main.py):
+the anchor is its prompt + answer tokenised as one text *without* special tokens (TokenizedForGenRightPad),
+the answer starting after the prompt's tokens; the zero-shot pass runs on the anchor alone, with no BOS
+(``zero_shot_bos: false``); the one-shot pass runs on the demonstration tokenised with the tokenizer's
+special tokens (its BOS), followed directly by the anchor's tokens (``separator: ""``: the reference's
+Alpaca task builds one demonstration per candidate and joins nothing to it). Ours, as options:
+``zero_shot_bos: true`` (both passes start at the BOS, so that only the demonstration differs) and a
+``separator`` such as "\\n\\n" between demonstration and anchor. Known differences: the reference cuts
+anchors at 200 tokens and never cuts the demonstration (here both at ``scoring.cutoff``).
+
 Cost: |candidates| x |anchors| forward passes over the anchors. Each candidate's key/value cache is
 computed once and shared by all anchors (``reuse_prefix_kv``), so an anchor pass costs only its own
 tokens. Golden scores persist in chunks of ``chunk_size`` candidates: an interrupted run resumes. The anchors'
@@ -34,6 +44,7 @@ from paser.scoring import answer_nll_sums, iter_batches, model_device, pad_right
 from paser.selectors.clustered import Scored, ScoredSelector, describe
 from paser.selectors.lm_scores import (
     check_model_choice,
+    joined_encoding,
     score_dependencies,
     scoring_model,
     special_prefix,
@@ -42,17 +53,29 @@ from paser.selectors.lm_scores import (
 log = logging.getLogger(__name__)
 
 PROMPT_FORMATS = ("alpaca", "nuggets")
-SEPARATOR = "\n\n"  # between the demonstration and the anchor, as in the reference
+SEPARATOR = ""  # between the demonstration and the anchor: nothing, as in the reference
+
+
+def _fields(row: dict, prompt_format: str) -> dict:
+    """The row as the format sees it: the reference's Alpaca task strips every field (dataset_preprocess)."""
+    if prompt_format == "nuggets":
+        return {k: (row.get(k) or "").strip() for k in ("instruction", "input", "output")}
+    return row
 
 
 def format_prompt(row: dict, prompt_format: str) -> str:
     """The prompt before the answer: the Alpaca template (what recovery trains on), or the reference
-    code's short "Instruction:/Input:/Response:" form."""
+    code's short "Instruction:/Input:/Response:" form (its prompt version "sp", fields stripped)."""
     if prompt_format == "alpaca":
         return alpaca_prompt(row)
-    if row.get("input"):
+    row = _fields(row, prompt_format)
+    if row["input"]:
         return f"Instruction:\n{row['instruction']}\nInput:\n{row['input']}\nResponse:\n"
     return f"Instruction:\n{row['instruction']}\nResponse:\n"
+
+
+def format_answer(row: dict, prompt_format: str) -> str:
+    return _fields(row, prompt_format)["output"]
 
 
 def kmeans_anchors(embeddings: np.ndarray, n_anchors: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -70,17 +93,25 @@ def kmeans_anchors(embeddings: np.ndarray, n_anchors: int, seed: int) -> tuple[n
     return np.array(anchors, dtype=np.int64), km.labels_.astype(np.int64)
 
 
+def encode_anchors(tokenizer, rows: list[dict], cutoff: int, prompt_format: str) -> list[tuple[list[int], int]]:
+    """Per anchor: (prompt + answer tokenised as one text without special tokens, cut at cutoff; index where
+    the answer starts)."""
+    enc = joined_encoding(tokenizer, [format_prompt(r, prompt_format) for r in rows],
+                          [format_answer(r, prompt_format) for r in rows], add_special_tokens=False)
+    return [(ids[:cutoff], min(start, cutoff)) for ids, start in enc]
+
+
 def encode_anchor(tokenizer, row: dict, cutoff: int, prompt_format: str) -> tuple[list[int], int]:
-    """(prompt + answer tokens without special tokens, index where the answer starts), cut at cutoff."""
-    prompt = tokenizer(format_prompt(row, prompt_format), add_special_tokens=False)["input_ids"]
-    answer = tokenizer(row["output"], add_special_tokens=False)["input_ids"]
-    return (prompt + answer)[:cutoff], len(prompt)
+    """encode_anchors for one row."""
+    return encode_anchors(tokenizer, [row], cutoff, prompt_format)[0]
 
 
-def encode_demonstration(tokenizer, row: dict, cutoff: int, prompt_format: str) -> list[int]:
-    """Special prefix + demonstration (prompt + answer, cut at cutoff) + separator."""
-    ids = tokenizer(format_prompt(row, prompt_format) + row["output"], add_special_tokens=False)["input_ids"]
-    sep = tokenizer(SEPARATOR, add_special_tokens=False)["input_ids"]
+def encode_demonstration(tokenizer, row: dict, cutoff: int, prompt_format: str, separator: str = SEPARATOR) \
+        -> list[int]:
+    """Special prefix + demonstration (prompt + answer as one text, cut at cutoff) + ``separator``'s tokens."""
+    text = format_prompt(row, prompt_format) + format_answer(row, prompt_format)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    sep = tokenizer(separator, add_special_tokens=False)["input_ids"] if separator else []
     return special_prefix(tokenizer) + ids[:cutoff] + sep
 
 
@@ -100,12 +131,12 @@ class AnchorSet:
     """Tokenised anchors and their zero-shot answer log-likelihoods (computed once, reused by every
     candidate)."""
 
-    def __init__(self, tokenizer, rows: list[dict], cutoff: int, prompt_format: str):
-        enc = [encode_anchor(tokenizer, r, cutoff, prompt_format) for r in rows]
+    def __init__(self, tokenizer, rows: list[dict], cutoff: int, prompt_format: str, zero_shot_bos: bool = False):
+        enc = encode_anchors(tokenizer, rows, cutoff, prompt_format)
         self.seqs = [e[0] for e in enc]
         self.starts = [e[1] for e in enc]
         self.pad_id = tokenizer.pad_token_id
-        self.head = special_prefix(tokenizer)
+        self.head = special_prefix(tokenizer) if zero_shot_bos else []  # before the anchor in the zero-shot pass
         self.has_answer = [start < len(seq) for seq, start in zip(self.seqs, self.starts)]
 
     def __len__(self) -> int:
@@ -158,11 +189,12 @@ def answer_logprob_sums(model, seqs, starts, batch_size: int, pad_id: int) -> np
 
 
 def golden_scores(model, tokenizer, candidates: list[dict], anchors: AnchorSet, zero: np.ndarray, cutoff: int,
-                  prompt_format: str, batch_size: int, reuse_prefix_kv: bool = True, bar=None) -> np.ndarray:
+                  prompt_format: str, batch_size: int, reuse_prefix_kv: bool = True, bar=None,
+                  separator: str = SEPARATOR) -> np.ndarray:
     """Fraction of anchors whose answer log-likelihood rises with each candidate as the demonstration."""
     out = np.empty(len(candidates))
     for j, row in enumerate(candidates):
-        demo = encode_demonstration(tokenizer, row, cutoff, prompt_format)
+        demo = encode_demonstration(tokenizer, row, cutoff, prompt_format, separator)
         out[j] = float(np.mean(anchors.one_shot(model, demo, batch_size, reuse_prefix_kv) > zero))
         if bar is not None:
             bar.update(1)
@@ -186,7 +218,8 @@ class NuggetsSelector(ScoredSelector):
     name = "nuggets"
 
     def __init__(self, model: str = "pruned", n_anchors: int = 100, prefilter: int | None = None,
-                 prompt_format: str = "alpaca", reuse_prefix_kv: bool = True, chunk_size: int = 16,
+                 prompt_format: str = "alpaca", separator: str = SEPARATOR, zero_shot_bos: bool = False,
+                 reuse_prefix_kv: bool = True, chunk_size: int = 16,
                  cluster: str | None = None, clustering: dict | None = None):
         super().__init__(cluster, clustering)
         self.model = check_model_choice(model)
@@ -198,9 +231,16 @@ class NuggetsSelector(ScoredSelector):
         if prompt_format not in PROMPT_FORMATS:
             raise ConfigError(f"selector.prompt_format='{prompt_format}' is unknown; allowed: "
                               f"{list(PROMPT_FORMATS)}")
+        if separator is not None and not isinstance(separator, str):
+            raise ConfigError(f"selector.separator={separator!r} must be a string put between the demonstration "
+                              "and the anchor (\"\": none, the reference; e.g. \"\\n\\n\")")
+        if not isinstance(zero_shot_bos, bool):
+            raise ConfigError(f"selector.zero_shot_bos={zero_shot_bos!r} must be true or false (false: the "
+                              "reference's zero-shot pass without BOS; true: a BOS before the anchor)")
         if not isinstance(chunk_size, int) or chunk_size < 1:
             raise ConfigError(f"selector.chunk_size={chunk_size!r} must be a positive integer")
         self.n_anchors, self.prefilter, self.prompt_format = n_anchors, prefilter, prompt_format
+        self.separator, self.zero_shot_bos = separator or "", zero_shot_bos
         self.reuse_prefix_kv, self.chunk_size = bool(reuse_prefix_kv), chunk_size
 
     def select(self, pool, budget, ctx):
@@ -216,14 +256,15 @@ class NuggetsSelector(ScoredSelector):
         anchor_idx, labels = kmeans_anchors(embed_pool(ctx, pool.rows), self.n_anchors, ctx.seed)
         candidates = (np.arange(len(pool)) if self.prefilter is None
                       else stratified_prefilter(labels, self.prefilter, ctx.seed))
-        anchors = AnchorSet(ctx.tokenizer, pool.subset(anchor_idx), ctx.cutoff, self.prompt_format)
+        anchors = AnchorSet(ctx.tokenizer, pool.subset(anchor_idx), ctx.cutoff, self.prompt_format,
+                            self.zero_shot_bos)
         if not all(anchors.has_answer):
             log.warning("Nuggets: %d anchor(s) have no answer token within the cutoff and cannot improve; "
                         "they still count in the denominator", len(anchors) - sum(anchors.has_answer))
         t1 = time.perf_counter()
         # the anchors' zero-shot log-likelihoods persist on their own: a warm run reports the same statistics
         anchor_params = {"which": self.model, "cutoff": ctx.cutoff, "format": self.prompt_format,
-                         "anchors": anchor_idx.tolist()}
+                         "zero_shot_bos": self.zero_shot_bos, "anchors": anchor_idx.tolist()}
 
         def zero_shot(start: int, end: int) -> np.ndarray:
             return anchors.zero_shot(scoring_model(ctx, self.model), ctx.batch_size)[start:end]
@@ -241,14 +282,15 @@ class NuggetsSelector(ScoredSelector):
                 bar.reset(total=len(rows) - start)
                 state["first"] = (start, time.perf_counter())
             out = golden_scores(state["model"], ctx.tokenizer, rows[start:end], anchors, zero, ctx.cutoff,
-                                self.prompt_format, ctx.batch_size, self.reuse_prefix_kv, bar)
+                                self.prompt_format, ctx.batch_size, self.reuse_prefix_kv, bar, self.separator)
             first, since = state["first"]
             per = (time.perf_counter() - since) / (end - first)
             log.info("Nuggets: %d/%d candidates, %.2f s each, projected %.1f min left", end, len(rows), per,
                      per * (len(rows) - end) / 60)
             return out
 
-        params = {**anchor_params, "prefilter": self.prefilter, "seed": ctx.seed, "embedder": ctx.embedder_name}
+        params = {**anchor_params, "separator": self.separator, "prefilter": self.prefilter, "seed": ctx.seed,
+                  "embedder": ctx.embedder_name}
         golden = ctx.cached_scores("nuggets_golden", score_dependencies(self.model), params, len(rows), compute,
                                    chunk_size=self.chunk_size)
         bar.close()
@@ -259,6 +301,7 @@ class NuggetsSelector(ScoredSelector):
             "model": self.model, "n_anchors": len(anchors), "anchors": anchor_idx.tolist(),
             "prefilter": self.prefilter, "candidates_scored": len(candidates),
             "anchor_evaluations": int(len(candidates) * len(anchors)), "prompt_format": self.prompt_format,
+            "separator": self.separator, "zero_shot_bos": self.zero_shot_bos,
             "anchor_zero_shot_logprob": describe(zero),
             "time_s": {"anchors": round(t1 - t0, 3), "zero_shot": round(t2 - t1, 3), "golden": round(t3 - t2, 3),
                        "golden_per_candidate": round((t3 - t2) / max(len(candidates), 1), 4)},
