@@ -1,0 +1,76 @@
+"""The resolved config of every shipped preset, for tests/test_configs.py's golden test.
+
+A preset is composed the way run.py composes it (``config`` + ``<group>=<option>``), with the paths fixed
+so that the result does not depend on the machine or the environment, and fully resolved. Kept per preset:
+the config, the sweep it declares (``hydra.sweeper.params``) and the option chosen in each group
+(``hydra.runtime.choices``, without Hydra's own groups).
+
+    python -m tests.config_golden --write    # regenerate tests/data/resolved_configs.json
+
+Regenerate only when a change of resolved values is intended (say so in the commit): the file is the
+record that refactoring the YAML files changed nothing that a run sees.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf, open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+GOLDEN = ROOT / "tests" / "data" / "resolved_configs.json"
+GROUPS = ("experiment", "evaluator", "model", "pruner", "data", "logger")
+FIXED_PATHS = ["paths.data_dir=/DATA", "paths.cache_dir=/CACHE", "paths.output_dir=/OUT"]
+EXTRA = {("model", "local"): ["model.path=/models/local"], ("data", "jsonl"): ["data.path=/pool.jsonl"]}
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def presets() -> list[tuple[str, str]]:
+    return [("config", "default")] + [(g, o) for g in GROUPS for o in options(g)]
+
+
+def resolved(group: str, option: str) -> dict:
+    """One preset, composed and resolved: {config, sweep, choices}."""
+    overrides = list(FIXED_PATHS)
+    if group != "config":
+        overrides += [f"{group}={option}", *EXTRA.get((group, option), [])]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    hydra_node = cfg.hydra
+    params = hydra_node.sweeper.params
+    sweep = OmegaConf.to_container(params, resolve=True) if params is not None else {}
+    choices = {k: v for k, v in OmegaConf.to_container(hydra_node.runtime.choices).items()
+               if not k.startswith("hydra/")}
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return {"config": OmegaConf.to_container(cfg, resolve=True), "sweep": sweep, "choices": choices}
+
+
+def compute_all() -> dict:
+    return {f"{group}={option}": resolved(group, option) for group, option in presets()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--write", action="store_true", help=f"write {GOLDEN.relative_to(ROOT)}")
+    args = ap.parse_args()
+    data = compute_all()
+    text = json.dumps(data, indent=1, sort_keys=True) + "\n"
+    if args.write:
+        GOLDEN.write_text(text)
+        print(f"wrote {len(data)} presets to {GOLDEN}")
+    else:
+        print(text)
+
+
+if __name__ == "__main__":
+    main()
