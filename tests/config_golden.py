@@ -2,10 +2,14 @@
 
 A preset is composed the way run.py composes it (``config`` + ``<group>=<option>``), with the paths fixed
 so that the result does not depend on the machine or the environment, and fully resolved. Kept per preset:
-the config, the sweep it declares (``hydra.sweeper.params``) and the option chosen in each group
-(``hydra.runtime.choices``, without Hydra's own groups).
+the config, the sweep it declares (``hydra.sweeper.params`` as ordered [key, values] pairs: the first key is
+the outer loop of the sweep) and the option chosen in each top-level group (``hydra.runtime.choices``).
 
-    python -m tests.config_golden --write    # regenerate tests/data/resolved_configs.json
+    python -m tests.config_golden --write    # regenerate tests/data/resolved_configs.json from conf/
+
+The stored file was written from conf/ as it was at commit e963ddf, before the YAML files were
+de-duplicated (issue #15): ``git archive e963ddf conf | tar -x -C /tmp/orig &&
+python -m tests.config_golden --conf /tmp/orig/conf --write``.
 
 Regenerate only when a change of resolved values is intended (say so in the commit): the file is the
 record that refactoring the YAML files changed nothing that a run sees.
@@ -29,41 +33,41 @@ FIXED_PATHS = ["paths.data_dir=/DATA", "paths.cache_dir=/CACHE", "paths.output_d
 EXTRA = {("model", "local"): ["model.path=/models/local"], ("data", "jsonl"): ["data.path=/pool.jsonl"]}
 
 
-def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+def options(group: str, conf: Path = CONF) -> list[str]:
+    return sorted(p.stem for p in (conf / group).glob("*.yaml"))
 
 
-def presets() -> list[tuple[str, str]]:
-    return [("config", "default")] + [(g, o) for g in GROUPS for o in options(g)]
+def presets(conf: Path = CONF) -> list[tuple[str, str]]:
+    return [("config", "default")] + [(g, o) for g in GROUPS for o in options(g, conf)]
 
 
-def resolved(group: str, option: str) -> dict:
+def resolved(group: str, option: str, conf: Path = CONF) -> dict:
     """One preset, composed and resolved: {config, sweep, choices}."""
     overrides = list(FIXED_PATHS)
     if group != "config":
         overrides += [f"{group}={option}", *EXTRA.get((group, option), [])]
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
     hydra_node = cfg.hydra
     params = hydra_node.sweeper.params
-    sweep = OmegaConf.to_container(params, resolve=True) if params is not None else {}
-    choices = {k: v for k, v in OmegaConf.to_container(hydra_node.runtime.choices).items()
-               if not k.startswith("hydra/")}
+    sweep = [[k, v] for k, v in OmegaConf.to_container(params, resolve=True).items()] if params else []
+    choices = {k: v for k, v in OmegaConf.to_container(hydra_node.runtime.choices).items() if "/" not in k}
     with open_dict(cfg):
         del cfg["hydra"]
     return {"config": OmegaConf.to_container(cfg, resolve=True), "sweep": sweep, "choices": choices}
 
 
-def compute_all() -> dict:
-    return {f"{group}={option}": resolved(group, option) for group, option in presets()}
+def compute_all(conf: Path = CONF) -> dict:
+    return {f"{group}={option}": resolved(group, option, conf) for group, option in presets(conf)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--write", action="store_true", help=f"write {GOLDEN.relative_to(ROOT)}")
+    ap.add_argument("--conf", type=Path, default=CONF, help="the config folder to compose (default: conf/)")
     args = ap.parse_args()
-    data = compute_all()
+    data = compute_all(args.conf.resolve())
     text = json.dumps(data, indent=1, sort_keys=True) + "\n"
     if args.write:
         GOLDEN.write_text(text)
