@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import hydra
 import pytest
 from omegaconf import OmegaConf
 
+from tests import config_golden
 from tests.conftest import CONF, compose_config
 
 GROUPS = ["pruner", "selector", "recovery", "evaluator", "logger", "data", "model"]
@@ -59,3 +62,47 @@ def test_experiments_compose_and_their_sweeps_name_real_options(tmp_path):
             for v in values:  # every value of each swept key, the other keys at their first value
                 cfg = compose_config([f"experiment={option}", *others, f"{key}={v}"], tmp_path)
                 OmegaConf.resolve(cfg)  # the option exists, or the key is a real config key
+
+
+# ------------------------------------------------------------- resolved configs: the golden record
+
+GOLDEN_CONFIGS = json.loads(config_golden.GOLDEN.read_text())
+
+
+def differences(now, want, prefix="") -> list[str]:
+    """Dotted keys whose values differ between two resolved configs (nested dicts)."""
+    if isinstance(now, dict) and isinstance(want, dict):
+        return [d for k in sorted(set(now) | set(want), key=str)
+                for d in differences(now.get(k, "<absent>"), want.get(k, "<absent>"), f"{prefix}{k}.")]
+    return [] if now == want else [f"{prefix[:-1]}: {want!r} -> {now!r}"]
+
+
+@pytest.mark.parametrize("preset", sorted(GOLDEN_CONFIGS))
+def test_every_preset_resolves_as_recorded(preset):
+    """Each preset (experiment, evaluator, model, pruner, data, logger, the default) resolves to the
+    config, sweep (in order) and group choices recorded from conf/ before its de-duplication (tests/data/
+    resolved_configs.json; see tests/config_golden.py to regenerate after an intended change)."""
+    group, option = preset.split("=")
+    now, want = config_golden.resolved(group, option), GOLDEN_CONFIGS[preset]
+    assert differences(now["config"], want["config"]) == [], preset
+    assert now["sweep"] == want["sweep"], preset
+    assert now["choices"] == want["choices"], preset
+
+
+def test_cpu_editions_are_cpu_edition_plus_a_sweep():
+    """A *_cpu preset is its full twin followed by cpu_edition: cpu_edition must replace everything the
+    twin sets, so the resolved configs differ from cpu_edition's only in the name (and the sweep)."""
+    base = config_golden.resolved("experiment", "cpu_edition")["config"]
+    for option in options("experiment"):
+        if option.endswith("_cpu"):
+            cfg = config_golden.resolved("experiment", option)["config"]
+            named = [f"{key}: 'default' -> '{option}'" for key in ("logger.group", "name")]  # group: ${name}
+            assert differences(cfg, base) == named, option
+
+
+def test_the_embedded_model_preset_loads_without_hydra():
+    """Scripts and tests load conf/model/smollm2-135m.yaml with OmegaConf.load: it stays self-contained
+    (no defaults list), equal to the composed model node."""
+    raw = OmegaConf.to_container(OmegaConf.load(CONF / "model" / "smollm2-135m.yaml"))
+    assert "defaults" not in raw
+    assert raw == config_golden.resolved("config", "default")["config"]["model"]
