@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import inspect
 import json
 import logging
 import random
@@ -109,6 +110,10 @@ def load_pool(path: str | None, hub_id: str | None = None, split: str = "train",
     (kept in pool order), for quick runs.
     """
     field_map = dict(field_map or {})
+    unknown = sorted(set(field_map) - set(FIELDS), key=str)
+    if unknown:
+        raise ConfigError(f"data.field_map: {unknown} are not fields of a pool row; allowed: {list(FIELDS)} "
+                          "(each mapped to the source's field name, or null when the source has none)")
     source_fields = tuple(field_map.get(f, f) for f in FIELDS)
     if path and Path(path).is_file():
         rows = read_jsonl(Path(path), required=tuple(f for f in source_fields if f))
@@ -124,12 +129,32 @@ def load_pool(path: str | None, hub_id: str | None = None, split: str = "train",
     if not rows:
         raise DataError(f"instruction pool {source} is empty")
     if subsample is not None:
-        if not 0 < subsample <= len(rows):
-            raise ConfigError(f"data.subsample={subsample} must be in 1..{len(rows)} (the pool size)")
+        if isinstance(subsample, bool) or not isinstance(subsample, int) or not 0 < subsample <= len(rows):
+            raise ConfigError(f"data.subsample={subsample} must be a whole number of samples in 1..{len(rows)} "
+                              "(the pool size), or null for the whole pool")
         keep = sorted(random.Random(seed).sample(range(len(rows)), subsample))
         rows = [rows[i] for i in keep]
         source += f" (seeded subsample {subsample}, seed {seed})"
     return Pool(rows=rows, source=source, fingerprint=_fingerprint(rows))
+
+
+def pool_from_config(path: str | None = None, hub_id: str | None = None, split: str = "train",
+                     subsample: int | None = None, subsample_seed: int = 0, field_map: dict | None = None,
+                     name: str | None = None, **unknown) -> Pool:
+    """The ``_target_`` of every data preset (conf/data/jsonl.yaml names each key): the pool it describes.
+
+    A key that is not one of these parameters stops the run with its name and the allowed ones: Hydra adds
+    keys that an experiment or a ``+data.<key>`` override sets, and a silently ignored key changes the pool.
+    ``name`` labels the preset (logs, W&B); the pool's identity is its content (``Pool.fingerprint``).
+    """
+    if unknown:
+        allowed = [p for p in inspect.signature(pool_from_config).parameters if p != "unknown"]
+        raise ConfigError(f"data.{min(unknown)} is not a key of the data config"
+                          f"{f' ({name})' if name else ''}; allowed: {', '.join(allowed)}")
+    if not path and not hub_id:
+        raise ConfigError(f"data.path is not set{f' (data={name})' if name else ''}: add data.path=<a JSONL "
+                          "file of {instruction, input, output} rows>")
+    return load_pool(path, hub_id, split, subsample, subsample_seed, field_map=field_map)
 
 
 def resolve_budget(budget: float, pool_size: int) -> int:

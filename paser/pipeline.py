@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from paser import distributed
 from paser.cache import StageCache, config_hash, library_versions, to_plain
 from paser.components import Selection, SelectionContext, declared, environment
-from paser.data import Pool, calibration_windows, load_pool, resolve_budget
+from paser.data import Pool, calibration_windows, resolve_budget
 from paser.embedding import load_embedder
 from paser.errors import ConfigError, DataError, PaserError
 from paser.fingerprint import code_version, file_fingerprint
@@ -155,9 +155,7 @@ def check_lengths(cfg: DictConfig) -> None:
 
 def build_components(cfg: DictConfig) -> Components:
     check_lengths(cfg)
-    pool = load_pool(cfg.data.path, cfg.data.get("hub_id"), cfg.data.get("split", "train"),
-                     cfg.data.get("subsample"), cfg.data.get("subsample_seed", 0),
-                     field_map=cfg.data.get("field_map"))
+    pool = _instantiate(cfg.data)  # paser.data.pool_from_config (conf/data/jsonl.yaml)
     recovery = _instantiate(cfg.recovery) if cfg.recovery.get("_target_") else None
     return Components(
         pruner=_instantiate(cfg.pruner, drop=("calibration",)),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import hydra
@@ -77,13 +78,29 @@ def differences(now, want, prefix="") -> list[str]:
     return [] if now == want else [f"{prefix[:-1]}: {want!r} -> {now!r}"]
 
 
+def intended_changes(preset: str, want: dict) -> dict:
+    """The record with the changes made on purpose since it was written, each stated here (not rewritten
+    into the record), so that the record stays what conf/ resolved to before the de-duplication.
+
+    #15.2: every data preset instantiates through ``_target_`` and names every loader key (``field_map``
+    too), and the embedded default's ``subsample: 1000`` belongs to the Alpaca-family presets, so
+    ``data=jsonl`` no longer inherits it (your own pool is used whole unless you say otherwise)."""
+    want = copy.deepcopy(want)
+    data = want["config"]["data"]
+    data.setdefault("_target_", "paser.data.pool_from_config")
+    data.setdefault("field_map", None)
+    if preset == "data=jsonl":
+        data["subsample"] = None
+    return want
+
+
 @pytest.mark.parametrize("preset", sorted(GOLDEN_CONFIGS))
 def test_every_preset_resolves_as_recorded(preset):
     """Each preset (experiment, evaluator, model, pruner, data, logger, the default) resolves to the
     config, sweep (in order) and group choices recorded from conf/ before its de-duplication (tests/data/
-    resolved_configs.json; see tests/config_golden.py to regenerate after an intended change)."""
+    resolved_configs.json; see tests/config_golden.py to regenerate), up to ``intended_changes``."""
     group, option = preset.split("=")
-    now, want = config_golden.resolved(group, option), GOLDEN_CONFIGS[preset]
+    now, want = config_golden.resolved(group, option), intended_changes(preset, GOLDEN_CONFIGS[preset])
     assert differences(now["config"], want["config"]) == [], preset
     assert now["sweep"] == want["sweep"], preset
     assert now["choices"] == want["choices"], preset
@@ -106,3 +123,70 @@ def test_the_embedded_model_preset_loads_without_hydra():
     raw = OmegaConf.to_container(OmegaConf.load(CONF / "model" / "smollm2-135m.yaml"))
     assert "defaults" not in raw
     assert raw == config_golden.resolved("config", "default")["config"]["model"]
+
+
+# ------------------------------------------------------------------------ data presets: own keys only
+
+DATA_KEYS = {"_target_", "name", "path", "hub_id", "split", "subsample", "subsample_seed", "field_map"}
+
+
+def own_values(option: str) -> dict:
+    """A data preset's values as its files state them (its chain of defaults), paths fixed as in the record."""
+    return config_golden.resolved("data", option)["config"]["data"]
+
+
+@pytest.mark.parametrize("option", options("data"))
+def test_each_data_preset_has_exactly_the_loaders_keys(option):
+    import inspect
+
+    from paser.data import pool_from_config
+
+    data = own_values(option)
+    assert set(data) == DATA_KEYS, option
+    params = set(inspect.signature(pool_from_config).parameters) - {"unknown"}
+    assert params == DATA_KEYS - {"_target_"}
+    assert data["_target_"] == "paser.data.pool_from_config"
+
+
+@pytest.mark.parametrize("experiment", [None, "table1", "lamini_4pct", "table1_cpu"])
+@pytest.mark.parametrize("option", options("data"))
+def test_switching_the_data_preset_keeps_none_of_the_others_values(option, experiment):
+    """data=<option> on the command line, alone or after an experiment that picks another pool: the data
+    node is the option's own, except the keys the experiment itself sets (its pool size)."""
+    overrides = [*config_golden.FIXED_PATHS, *config_golden.EXTRA.get(("data", option), []), f"data={option}"]
+    if experiment:
+        overrides.insert(0, f"experiment={experiment}")
+    got = OmegaConf.to_container(compose_config(overrides).data, resolve=True)
+    want = own_values(option)
+    if experiment:  # paper_setting: the whole pool; cpu_edition: a 300-sample slice of whichever pool
+        want["subsample"] = {"table1": None, "lamini_4pct": None, "table1_cpu": 300}[experiment]
+    assert got == want
+
+
+def test_the_embedded_slice_stays_with_alpaca_not_your_own_pool():
+    assert own_values("alpaca")["subsample"] == 1000
+    assert own_values("jsonl")["subsample"] is None  # it was 1000: config.yaml set it for every pool
+    assert own_values("jsonl")["hub_id"] is None and own_values("jsonl")["field_map"] is None
+
+
+@pytest.mark.parametrize("override,message", [
+    ("+data.subsampel=5", r"data\.subsampel is not a key of the data config \(alpaca\); allowed: path, hub_id"),
+    ("data.field_map={outptu: response}", r"data\.field_map: \['outptu'\] are not fields.*allowed"),
+    ("data.subsample=0.5", r"data\.subsample=0\.5 must be a whole number"),
+])
+def test_a_bad_data_key_stops_the_run_with_its_name(override, message, tmp_path):
+    from paser import pipeline
+    from paser.errors import ConfigError
+
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps({"instruction": f"i{k}", "input": "", "output": "o"}) + "\n" for k in range(4)))
+    with pytest.raises(ConfigError, match=message):
+        pipeline.build_components(compose_config([override, "data.hub_id=null", f"data.path={pool}"], tmp_path))
+
+
+def test_jsonl_without_a_path_says_which_key_to_set(tmp_path):
+    from paser import pipeline
+    from paser.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data\.path is not set \(data=jsonl\)"):
+        pipeline.build_components(compose_config(["data=jsonl"], tmp_path))

@@ -12,6 +12,7 @@ from paser.data import (
     calibration_windows,
     encode_sample,
     load_pool,
+    pool_from_config,
     ppl_corpus_text,
     resolve_budget,
 )
@@ -81,6 +82,25 @@ def test_field_map_for_pools_without_input(tmp_path):
     path.write_text(json.dumps({"instruction": "q", "response": "a"}) + "\n")
     pool = load_pool(str(path), field_map={"input": None, "output": "response"})
     assert pool.rows == [{"instruction": "q", "input": "", "output": "a"}]
+
+
+def test_pool_from_config_is_load_pool_with_the_data_keys(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"instruction": f"i{k}", "response": f"o{k}"}) + "\n" for k in range(20)))
+    field_map = {"input": None, "output": "response"}
+    pool = pool_from_config(name="mine", path=str(path), hub_id=None, split="train", subsample=5, subsample_seed=2,
+                            field_map=field_map)
+    assert pool == load_pool(str(path), None, "train", 5, 2, field_map=field_map)
+    with pytest.raises(ConfigError, match=r"data\.subsampel is not a key of the data config \(mine\); "
+                                          r"allowed: path, hub_id, split, subsample, subsample_seed, field_map, name"):
+        pool_from_config(name="mine", path=str(path), subsampel=5)
+    with pytest.raises(ConfigError, match=r"data\.path is not set \(data=jsonl\)"):
+        pool_from_config(name="jsonl", path=None)
+    with pytest.raises(ConfigError, match=r"data\.field_map: \['ouptut'\] are not fields"):
+        pool_from_config(path=str(path), field_map={"ouptut": "response"})
+    for bad in (2.5, True, "3"):
+        with pytest.raises(ConfigError, match="data.subsample="):
+            pool_from_config(path=str(path), field_map=field_map, subsample=bad)
 
 
 @requires_shared_data()
