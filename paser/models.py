@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import json
 import logging
 from pathlib import Path
@@ -19,6 +20,7 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SHAPES_FILE = "pruned_shapes.json"
+EMBED_SCALE_FILE = "embed_scale.json"
 KINDS = ("gguf_package", "hub", "local", "tiny")
 # model config keys that do not change the weights (so not the cache keys): its label and where it runs
 NEUTRAL_KNOBS = ("name", "device", "device_map")
@@ -208,13 +210,25 @@ def decoder_layers(model) -> torch.nn.ModuleList:
     return layers
 
 
+def _attention_heads(attn, where: str) -> tuple[int, int]:
+    """(query heads, KV heads) of an attention module: separate q/k/v projections (Llama family), or one
+    fused ``W_pack`` [3 x heads x head_dim, hidden] (Baichuan, multi-head)."""
+    hd = attn.head_dim
+    if all(isinstance(getattr(attn, n, None), torch.nn.Linear) for n in ("q_proj", "k_proj")):
+        return attn.q_proj.out_features // hd, attn.k_proj.out_features // hd
+    if isinstance(getattr(attn, "W_pack", None), torch.nn.Linear):
+        heads = attn.W_pack.out_features // (3 * hd)
+        return heads, heads
+    raise ConfigError(f"{where} ({type(attn).__name__}) has neither q_proj/k_proj/v_proj nor a fused W_pack: "
+                      "not a Llama-family or Baichuan attention layout")
+
+
 def layer_shapes(model) -> list[dict]:
     """Per-layer attention heads and MLP width as they are now (after any structured pruning)."""
     shapes = []
-    for layer in decoder_layers(model):
-        attn = layer.self_attn
-        entry = {"q_heads": attn.q_proj.out_features // attn.head_dim,
-                 "kv_heads": attn.k_proj.out_features // attn.head_dim}
+    for i, layer in enumerate(decoder_layers(model)):
+        q_heads, kv_heads = _attention_heads(layer.self_attn, f"model.layers.{i}.self_attn")
+        entry = {"q_heads": q_heads, "kv_heads": kv_heads}
         mlp = getattr(layer, "mlp", None)
         if mlp is not None and hasattr(mlp, "gate_proj"):
             entry["intermediate"] = mlp.gate_proj.out_features
@@ -230,13 +244,19 @@ def _resized(linear: torch.nn.Linear, out_features: int | None = None, in_featur
 
 def apply_layer_shapes(model, shapes: list[dict]) -> None:
     """Give each layer the recorded shapes (fresh weights, to be filled by load_state_dict)."""
-    for layer, s in zip(decoder_layers(model), shapes, strict=True):
+    for i, (layer, s) in enumerate(zip(decoder_layers(model), shapes, strict=True)):
         attn, hd = layer.self_attn, layer.self_attn.head_dim
-        attn.q_proj = _resized(attn.q_proj, out_features=s["q_heads"] * hd)
-        attn.k_proj = _resized(attn.k_proj, out_features=s["kv_heads"] * hd)
-        attn.v_proj = _resized(attn.v_proj, out_features=s["kv_heads"] * hd)
-        attn.o_proj = _resized(attn.o_proj, in_features=s["q_heads"] * hd)
-        attn.num_key_value_groups = s["q_heads"] // s["kv_heads"]
+        if not hasattr(attn, "q_proj"):  # fused W_pack: its heads are never pruned (LLM-Pruner refuses)
+            where = f"model.layers.{i}.self_attn"
+            if _attention_heads(attn, where) != (s["q_heads"], s["kv_heads"]):
+                raise ConfigError(f"{where}: recorded {s['q_heads']} query / {s['kv_heads']} KV heads, but a "
+                                  f"fused W_pack attention cannot be rebuilt with other head counts")
+        else:
+            attn.q_proj = _resized(attn.q_proj, out_features=s["q_heads"] * hd)
+            attn.k_proj = _resized(attn.k_proj, out_features=s["kv_heads"] * hd)
+            attn.v_proj = _resized(attn.v_proj, out_features=s["kv_heads"] * hd)
+            attn.o_proj = _resized(attn.o_proj, in_features=s["q_heads"] * hd)
+            attn.num_key_value_groups = s["q_heads"] // s["kv_heads"]
         if "intermediate" in s:
             mlp = layer.mlp
             mlp.gate_proj = _resized(mlp.gate_proj, out_features=s["intermediate"])
@@ -245,16 +265,42 @@ def apply_layer_shapes(model, shapes: list[dict]) -> None:
 
 
 def save_model(model, tokenizer, folder: str | Path) -> None:
-    """save_pretrained (safetensors) plus the per-layer shapes when they differ from the config."""
+    """save_pretrained (safetensors) plus the per-layer shapes when they differ from the config, and the
+    embedding scale of models that multiply their embeddings by one (Gemma: sqrt of the hidden size the
+    model was trained with, which a channel-pruned config no longer gives)."""
     folder = Path(folder)
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
     shapes = layer_shapes(model)
     c = model.config
-    default = {"q_heads": c.num_attention_heads, "kv_heads": c.num_key_value_heads,
+    default = {"q_heads": c.num_attention_heads,  # configs without num_key_value_heads (Baichuan) are MHA
+               "kv_heads": getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
                "intermediate": c.intermediate_size}
-    if any(s != {k: default[k] for k in s} for s in shapes):
+    structured = any(s != {k: default[k] for k in s} for s in shapes)
+    # load_saved reads a structured checkpoint with load_state_dict, under the in-memory names: transformers 5
+    # would otherwise store MoE expert banks in the hub's per-expert layout, which only from_pretrained maps back
+    extra = {"save_original_format": False} if structured and \
+        "save_original_format" in inspect.signature(model.save_pretrained).parameters else {}
+    model.save_pretrained(folder, safe_serialization=True, **extra)
+    tokenizer.save_pretrained(folder)
+    if structured:
         (folder / SHAPES_FILE).write_text(json.dumps(shapes))
+    scale = getattr(model.get_input_embeddings(), "embed_scale", None)
+    if scale is not None:
+        (folder / EMBED_SCALE_FILE).write_text(json.dumps(float(scale)))
+
+
+def _restore_embed_scale(model, folder: Path) -> None:
+    """The recorded embedding scale (see save_model), in place of the one derived from the config."""
+    f = folder / EMBED_SCALE_FILE
+    if not f.exists():
+        return
+    value = json.loads(f.read_text())
+    emb = model.get_input_embeddings()
+    if isinstance(getattr(emb, "embed_scale", None), torch.Tensor):
+        emb.embed_scale.fill_(value)
+    else:
+        emb.embed_scale = value
+    if hasattr(emb, "scalar_embed_scale"):
+        emb.scalar_embed_scale = value
 
 
 def load_saved(folder: str | Path, dtype: str = "float32", trust_remote_code: bool = False,
@@ -272,6 +318,7 @@ def load_saved(folder: str | Path, dtype: str = "float32", trust_remote_code: bo
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(dtype),
                                                      trust_remote_code=trust_remote_code,
                                                      device_map=device_map if device_map is not None else device)
+        _restore_embed_scale(model, folder)
         return model.eval(), tok
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype),
@@ -287,6 +334,7 @@ def load_saved(folder: str | Path, dtype: str = "float32", trust_remote_code: bo
                            f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     if config.tie_word_embeddings:
         model.tie_weights()
+    _restore_embed_scale(model, folder)
     if device_map is None:
         model.to(device=device, dtype=torch_dtype(dtype))
     else:

@@ -7,6 +7,12 @@ statistics, and the *pruned* layer is run again so that its outputs become the n
 (errors of earlier layers are seen by later ones, as in both reference implementations). Within a layer
 all weights are pruned from the dense layer's inputs, as in the Wanda repository (no "true sequential"
 split into q/k/v, o, gate/up, down).
+
+Each layer is called with the arguments the model itself passes it: positional ones after the hidden
+states as well as keyword ones (attention mask, position embeddings, ...). Where the layers differ in kind
+(``config.layer_types``, e.g. Gemma-3's sliding-window and full-attention layers, which get different masks
+and rotary embeddings), the arguments of every layer are recorded in one dense forward pass; otherwise
+those of layer 0 serve all layers and the capture stops at layer 0.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol
 
 import torch
@@ -39,33 +46,55 @@ class Target:
 
 
 class _Captured(Exception):
-    """Raised by the layer-0 hook to stop the forward pass once the layer inputs are recorded."""
+    """Raised by a layer hook to stop the forward pass once the layer inputs are recorded."""
+
+
+def mixed_layer_types(model) -> bool:
+    """Whether the decoder layers come in several kinds that the model calls with different arguments."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return len(set(getattr(config, "layer_types", None) or ())) > 1
+
+
+LayerInputs = tuple[tuple, dict]  # (positional arguments after the hidden states, keyword arguments)
 
 
 @torch.no_grad()
-def first_layer_inputs(model, calib: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, dict]]:
-    """(hidden_states, keyword arguments) that the model passes to its first decoder layer, per batch of
-    calibration windows. The keyword arguments (position embeddings, attention mask, ...) are whatever
-    this transformers version passes, so the runner does not depend on the layer's call signature."""
+def first_layer_inputs(model, calib: torch.Tensor, batch_size: int) \
+        -> list[tuple[torch.Tensor, list[LayerInputs]]]:
+    """Per batch of calibration windows, the hidden states the model passes to its first decoder layer and,
+    for every layer, the other arguments it passes (position embeddings, attention mask, ...): whatever
+    this transformers version (or the model's own code) passes, positional or keyword, so that the runner
+    does not depend on the layer's call signature."""
     layers = decoder_layers(model)
-    batches: list[tuple[torch.Tensor, dict]] = []
+    per_layer = mixed_layer_types(model)
+    last = len(layers) - 1 if per_layer else 0
+    batches: list[tuple[torch.Tensor, list[LayerInputs]]] = []
+    seen: list = []
 
-    def hook(module, args, kwargs):
+    def hook(module, args, kwargs, index):
         kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        batches.append((hidden.detach(), kwargs))
-        raise _Captured
+        hidden, rest = (args[0], tuple(args[1:])) if args else (kwargs.pop("hidden_states"), ())
+        if index == 0:
+            seen.append(hidden.detach())
+        seen.append((rest, kwargs))
+        if index == last:
+            raise _Captured
 
     device = next(model.parameters()).device
-    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    handles = [layers[i].register_forward_pre_hook(partial(hook, index=i), with_kwargs=True)
+               for i in range(last + 1)]
     try:
         for batch in calib.split(batch_size):
+            seen.clear()
             try:
                 model(batch.to(device), use_cache=False)
             except _Captured:
                 pass
+            inputs = seen[1:] if per_layer else seen[1:2] * len(layers)
+            batches.append((seen[0], inputs))
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
     return batches
 
 
@@ -120,13 +149,13 @@ def prune_layerwise(model, calib: torch.Tensor, make_stat: Callable[[torch.Tenso
     for i, layer in enumerate(tqdm(decoder_layers(model), desc=desc, unit="layer")):
         targets, handles = _attach(layer, f"layers.{i}", make_stat)
         try:
-            for hidden, kwargs in batches:
-                layer(hidden, **kwargs)
+            for hidden, inputs in batches:
+                layer(hidden, *inputs[i][0], **inputs[i][1])
         finally:
             for h in handles:
                 h.remove()
         for target in targets:
             prune_target(target)
-        batches = [(_output(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in batches]
+        batches = [(_output(layer(hidden, *inputs[i][0], **inputs[i][1])), inputs) for hidden, inputs in batches]
     log.info("%s: %d layers pruned from %d calibration windows in %.1f s", desc, len(decoder_layers(model)),
              len(calib), time.perf_counter() - start)

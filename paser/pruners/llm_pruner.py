@@ -299,9 +299,19 @@ class LLMPruner:
         mlp_idx = [i for i in range(*mlp_range) if _has_mlp(layers[i])]
         if len(mlp_idx) < mlp_range[1] - mlp_range[0]:
             log.warning("llm_pruner: layers without a gate/up/down MLP (e.g. MoE experts) keep their MLP dense")
-        for i in attn_idx:
-            if not all(hasattr(layers[i].self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
-                raise ConfigError(f"layer {i} has no q/k/v/o_proj attention: LLM-Pruner needs a Llama-family layout")
+        for i in attn_idx:  # refused before any weight (or dtype) changes
+            attn = layers[i].self_attn
+            if isinstance(getattr(attn, "W_pack", None), torch.nn.Linear):
+                raise ConfigError(
+                    f"LLM-Pruner cannot remove heads of model.layers.{i}.self_attn.W_pack ({type(attn).__name__}): "
+                    "its q/k/v projections are fused into one Linear whose split the model's own code derives "
+                    "from config.hidden_size / num_attention_heads (Baichuan), so a checkpoint with fewer heads "
+                    "would not load; set pruner.attention_layers=[0, 0] to prune only the MLP channels, or use "
+                    "an unstructured pruner")
+            if not all(isinstance(getattr(attn, n, None), torch.nn.Linear)
+                       for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
+                raise ConfigError(f"model.layers.{i}.self_attn ({type(attn).__name__}) has no q/k/v/o_proj "
+                                  "Linear layers: LLM-Pruner needs a Llama-family layout")
         weights = [getattr(layers[i].self_attn, n).weight for i in attn_idx
                    for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
         weights += [getattr(layers[i].mlp, n).weight for i in mlp_idx for n in ("gate_proj", "up_proj", "down_proj")]
@@ -332,6 +342,8 @@ class LLMPruner:
                 norms.append((name, module))
         embed, head = model.get_input_embeddings(), model.get_output_embeddings()
         known = {id(m.weight) for _, m in reads + writes + norms} | {id(embed.weight), id(head.weight)}
+        # biases: a reader's is on its output side (kept whole), a writer's along the hidden size (cut with its rows)
+        known |= {id(m.bias) for _, m in reads + writes if m.bias is not None}
         for name, param in model.named_parameters():
             if id(param) not in known and hidden in param.shape:
                 raise ConfigError(f"channel-wise LLM-Pruner does not know how to prune '{name}' "

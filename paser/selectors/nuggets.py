@@ -29,6 +29,7 @@ eligible, so M must be at least the budget.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import time
@@ -120,11 +121,22 @@ def _cache_argument(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def _kv_tensors(output) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    cache = getattr(output, "cache", None) or output.past_key_values
-    if hasattr(cache, "layers"):
-        return [(layer.keys, layer.values) for layer in cache.layers]
-    return [(k, v) for k, v in cache]
+def _output_cache(output):
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
+def _batch_cache(prefix_cache, n: int):
+    """A fresh cache holding the demonstration's keys/values for each of ``n`` rows (the forward appends
+    the anchors' to it). A transformers cache is copied with its own layer kinds, so that sliding-window
+    layers (Mistral, Gemma-3's local layers) keep their window; a legacy tuple cache becomes a DynamicCache."""
+    if hasattr(prefix_cache, "batch_repeat_interleave"):
+        cache = copy.deepcopy(prefix_cache)
+        cache.batch_repeat_interleave(n)
+        return cache
+    from transformers import DynamicCache
+
+    return DynamicCache([(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in prefix_cache])
 
 
 class AnchorSet:
@@ -155,12 +167,10 @@ class AnchorSet:
             seqs = [demo + s for s in self.seqs]
             starts = [len(demo) + s for s in self.starts]
             return answer_logprob_sums(model, seqs, starts, batch_size, self.pad_id)
-        from transformers import DynamicCache
-
         device = model_device(model)
         kw = _cache_argument(model)
         prefix = torch.tensor([demo], dtype=torch.long, device=device)
-        kv = _kv_tensors(model(input_ids=prefix, use_cache=True))
+        prefix_cache = _output_cache(model(input_ids=prefix, use_cache=True))
         out = np.empty(len(self.seqs))
         order = sorted(range(len(self.seqs)), key=lambda i: -len(self.seqs[i]))
         for b in range(0, len(order), batch_size):
@@ -168,8 +178,7 @@ class AnchorSet:
             ids, mask = pad_right([self.seqs[i] for i in idx], self.pad_id)
             ids, mask = ids.to(device), mask.to(device)
             n = len(idx)
-            # a fresh cache per batch: the forward appends the anchors' keys to it
-            cache = DynamicCache([(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in kv])
+            cache = _batch_cache(prefix_cache, n)  # a fresh one per batch: the forward appends to it
             full_mask = torch.cat([torch.ones(n, len(demo), dtype=mask.dtype, device=device), mask], dim=1)
             nll = answer_nll_sums(model, ids, full_mask, [len(self.seqs[i]) for i in idx],
                                   [self.starts[i] for i in idx], use_cache=True, **{kw: cache})
