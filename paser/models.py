@@ -22,8 +22,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 SHAPES_FILE = "pruned_shapes.json"
 EMBED_SCALE_FILE = "embed_scale.json"
 KINDS = ("gguf_package", "hub", "local", "tiny")
-# model config keys that do not change the weights (so not the cache keys): its label and where it runs
-NEUTRAL_KNOBS = ("name", "device", "device_map")
+# model config keys that do not change the weights (so not the cache keys): its label, where it runs, and
+# its evaluation default (ppl_bos enters the metrics key as the evaluator's resolved ``bos``)
+NEUTRAL_KNOBS = ("name", "device", "device_map", "ppl_bos")
 
 
 def model_identity(cfg: DictConfig) -> dict:

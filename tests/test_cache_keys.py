@@ -42,6 +42,8 @@ def test_neutral_knobs_reuse_every_stage(first, compose_cfg, tmp_path):
     ("pruner.calibration.seed=1", {"prune", "eval_pruned", "select", "recover", "eval_recovered"}),
     ("recovery.lr=2e-4", {"recover", "eval_recovered"}),
     ("evaluator.ppl.seq_len=64", {"eval_dense", "eval_pruned", "eval_recovered"}),
+    # the model's evaluation default reaches the metrics key only, through evaluator.ppl.bos
+    ("model.ppl_bos=per_window", {"eval_dense", "eval_pruned", "eval_recovered"}),
     ("seed=1", {"select", "recover", "eval_recovered"}),
 ])
 def test_a_relevant_change_recomputes_exactly_what_depends_on_it(first, compose_cfg, tmp_path, change, recomputed):
