@@ -87,3 +87,12 @@ def barrier() -> None:
 def shutdown() -> None:
     if active():
         dist.destroy_process_group()
+
+
+def gather(obj) -> list:
+    """[every rank's ``obj``] in rank order on every rank ([obj] for one process)."""
+    if not active():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -426,7 +426,7 @@ class Run:
         def recovered():
             """The recovered model for evaluation, with the adapter merged into the weights: it runs at
             the pruned model's speed. The stored adapter is untouched (it was saved before)."""
-            if "model" not in box:
+            if not isinstance(box.get("model"), torch.nn.Module):  # cached, or gathered from FSDP shards
                 from peft import PeftModel
 
                 box["model"] = PeftModel.from_pretrained(pruned_fn(),

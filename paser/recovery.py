@@ -12,7 +12,8 @@ summed across ranks before the optimizer step, which every rank then takes ident
 batch, the loss normalisation (mean over the effective batch's response tokens) and the schedule are those
 of one process. The gradients are summed by one flat all-reduce rather than by wrapping the model in DDP:
 with a small effective batch a rank can get fewer micro-batches than another (or none), which DDP's
-per-backward synchronisation cannot express. Only rank 0 writes checkpoints.
+per-backward synchronisation cannot express. Only rank 0 writes checkpoints. With ``fsdp: true`` the
+weights and optimizer state are sharded over the ranks instead (paser.sharding; same batches, same loss).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from paser import distributed, tracking
+from paser import distributed, sharding, tracking
 from paser.data import encode_pool
 from paser.errors import ConfigError, TrainingError
 from paser.models import torch_dtype
@@ -41,15 +42,16 @@ KEEP = ("last", "best")
 
 
 class LoraRecovery:
-    # checkpoints only decide where a killed run resumes; the trained adapter is the same
-    neutral_knobs = ("checkpoint_every",)
+    # checkpoints only decide where a killed run resumes, FSDP only where the weights live: the trained
+    # adapter is the same
+    neutral_knobs = ("checkpoint_every", "fsdp")
 
     def __init__(self, r: int = 8, alpha: int = 16, dropout: float = 0.05,
                  target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
                  lr: float = 1e-4, epochs: int = 2, batch_size: int = 64, micro_batch_size: int = 4,
                  cutoff: int = 256, warmup_steps: int = 0, weight_decay: float = 0.0,
                  dtype: str = "bfloat16", checkpoint_every: int = 10, seed: int = 0, val_size: int = 0,
-                 eval_every: int = 0, keep: str = "last"):
+                 eval_every: int = 0, keep: str = "last", fsdp: bool = False):
         if dtype == "float16":
             raise ConfigError("recovery.dtype=float16 is refused: LLaMA-family models overflow to NaN in "
                               "fp16 training; use bfloat16 (or float32)")
@@ -73,6 +75,7 @@ class LoraRecovery:
         self.dtype = torch_dtype(dtype)
         self.checkpoint_every = checkpoint_every
         self.seed = seed
+        self.fsdp = bool(fsdp)
 
     # -------------------------------------------------------------------------------- setup
 
@@ -112,19 +115,24 @@ class LoraRecovery:
             raise ConfigError("recovery got an empty selection: nothing to train on")
         torch.manual_seed(self.seed)
         peft_model = self.wrap(model)
+        sharded = self.fsdp and distributed.active()
+        if self.fsdp and not sharded:
+            log.info("recovery.fsdp=true in one process: nothing to shard, training as usual")
+        if sharded:
+            sharding.shard(peft_model, self.dtype)
         torch.manual_seed(self.seed + distributed.rank())  # dropout masks: each rank draws its own
         encoded = encode_pool(tokenizer, samples, self.cutoff)
         val = encode_pool(tokenizer, list(val_samples), self.cutoff) if val_samples else []
         steps_per_epoch = math.ceil(len(encoded) / self.batch_size)
         total_steps = steps_per_epoch * self.epochs
-        masters = MasterWeights(peft_model)
+        masters = sharding.ShardedWeights(peft_model) if sharded else MasterWeights(peft_model)
         optimizer = torch.optim.AdamW(masters.tensors(), lr=self.lr, weight_decay=self.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._schedule(total_steps))
         state = {"step": 0, "losses": [], "val": [], "best": None}
         best = {}
         ckpt = workdir / CHECKPOINT
         if ckpt.is_dir():
-            state, best = self._load_checkpoint(ckpt, masters, optimizer, scheduler)
+            state, best = self._load_checkpoint(ckpt, peft_model, masters, optimizer, scheduler)
             log.info("recovery: resuming from checkpoint at step %d/%d", state["step"], total_steps)
 
         peft_model.train()
@@ -153,27 +161,37 @@ class LoraRecovery:
             bar.set_postfix(loss=f"{loss:.3f}")
             every = self.eval_every or steps_per_epoch
             if val and ((step + 1) % every == 0 or step + 1 == total_steps):
-                val_loss = self._val_loss(peft_model, val, pad)
+                val_loss = self._val_loss(peft_model, val, pad, masters)
                 state["val"].append({"step": step + 1, "loss": val_loss})
                 log.info("recovery: step %d validation loss %.4f", step + 1, val_loss)
                 tracking.live({"recovery/val_loss": val_loss}, step=step + 1)
                 if state["best"] is None or val_loss < state["best"]["loss"]:
                     state["best"], best = {"step": step + 1, "loss": val_loss}, masters.state()
-            if (step + 1) % self.checkpoint_every == 0 and step + 1 < total_steps and distributed.is_main():
+            if (step + 1) % self.checkpoint_every == 0 and step + 1 < total_steps:
                 state["step"] = step + 1
-                self._save_checkpoint(ckpt, masters, optimizer, scheduler, state, best)
+                self._save_checkpoint(ckpt, peft_model, masters, optimizer, scheduler, state, best)
         bar.close()
         if self.keep == "best" and best:
             masters.load(best)
         masters.finish()
         peft_model.eval()
+        trained = sharding.AdapterWeights(peft_model, masters.state()) if sharded else peft_model
         report = {"steps": total_steps, "samples": len(encoded), "epochs": self.epochs,
                   "effective_batch": self.batch_size, "truncated": sum(e.truncated for e in encoded),
-                  "processes": distributed.world_size(),
+                  "processes": distributed.world_size(), "fsdp": sharded,
                   "loss_curve": state["losses"], "final_loss": state["losses"][-1]["loss"],
                   "val_size": len(val), "val_curve": state["val"], "best": state["best"], "kept": self.keep,
                   "train_time_s": time.time() - start}
-        return peft_model, report
+        return trained, report
+
+    def _my_micro_batches(self, starts: list[int], masters) -> list[tuple[int, float]]:
+        """(start, weight) of this rank's micro-batches k ≡ rank (mod world size). Under FSDP every forward
+        and backward is a collective, so a rank with fewer micro-batches adds copies of the first one with
+        weight 0 until every rank runs as many."""
+        mine = [(k, 1.0) for k in starts[distributed.rank()::distributed.world_size()]]
+        if getattr(masters, "same_backwards", False):
+            mine += [(starts[0], 0.0)] * (math.ceil(len(starts) / distributed.world_size()) - len(mine))
+        return mine
 
     def _optimizer_step(self, model, masters: MasterWeights, optimizer, batch, pad_id: int) -> float:
         """One optimizer step over an effective batch; the loss is the mean over its response tokens.
@@ -189,9 +207,9 @@ class LoraRecovery:
         total = torch.zeros((), dtype=torch.float64, device=device)
         batch = sorted(batch, key=lambda e: -len(e.input_ids))
         micro_starts = list(range(0, len(batch), self.micro_batch_size))
-        for k in micro_starts[distributed.rank()::distributed.world_size()]:
-            nll = response_nll(model, batch[k:k + self.micro_batch_size], pad_id, device)
-            (nll / n_targets).backward()
+        for k, weight in self._my_micro_batches(micro_starts, masters):
+            nll = response_nll(model, batch[k:k + self.micro_batch_size], pad_id, device) * weight
+            (nll * getattr(masters, "grad_scale", 1.0) / n_targets).backward()
             masters.accumulate()
             total += nll.detach().double()
         grads = masters.collect_grads()  # fp32, zeros where this rank had no micro-batch
@@ -202,17 +220,17 @@ class LoraRecovery:
         return total.item() / n_targets
 
     @torch.no_grad()
-    def _val_loss(self, model, val: list, pad_id: int) -> float:
+    def _val_loss(self, model, val: list, pad_id: int, masters=None) -> float:
         """Mean response-token NLL over the validation samples (dropout off); split across ranks."""
         model.eval()
         device = next(model.parameters()).device
         sums = torch.zeros(2, dtype=torch.float64, device=device)  # NLL, targets
         val = sorted(val, key=lambda e: -len(e.input_ids))
         starts = list(range(0, len(val), self.micro_batch_size))
-        for k in starts[distributed.rank()::distributed.world_size()]:
+        for k, weight in self._my_micro_batches(starts, masters):
             micro = val[k:k + self.micro_batch_size]
-            sums[0] += response_nll(model, micro, pad_id, device).double()
-            sums[1] += sum(len(e.input_ids) - max(e.prompt_len, 1) for e in micro)
+            sums[0] += response_nll(model, micro, pad_id, device).double() * weight
+            sums[1] += sum(len(e.input_ids) - max(e.prompt_len, 1) for e in micro) * weight
         distributed.sum_across_ranks([sums])
         model.train()
         return float(to_host(sums[0] / sums[1].clamp_min(1)))
@@ -220,19 +238,24 @@ class LoraRecovery:
     # ---------------------------------------------------------------------- checkpoints
 
     @staticmethod
-    def _save_checkpoint(path: Path, masters: MasterWeights, optimizer, scheduler, state: dict,
+    def _save_checkpoint(path: Path, model, masters: MasterWeights, optimizer, scheduler, state: dict,
                          best: dict) -> None:
+        """Every rank calls this (sharded weights are gathered, each rank's RNG state kept); rank 0 writes."""
         from safetensors.torch import save_file
 
+        weights, optimizer_state = masters.state(), masters.optimizer_state(model, optimizer)
+        rng = distributed.gather(torch.get_rng_state())
+        if not distributed.is_main():
+            return
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file(masters.state(), tmp / "adapter.safetensors")
+        save_file(weights, tmp / "adapter.safetensors")
         if best:
             save_file(best, tmp / "best.safetensors")
-        # batch order is a function of (seed, epoch); only dropout draws from the torch RNG
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state()}, tmp / "trainer_state.pt")
+        # batch order is a function of (seed, epoch); only dropout draws from the torch RNG, one per rank
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "torch_rng": rng},
+                   tmp / "trainer_state.pt")
         (tmp / "state.json").write_text(json.dumps(state))
         old = path.with_name(path.name + ".old")
         if path.exists():
@@ -241,15 +264,16 @@ class LoraRecovery:
         shutil.rmtree(old, ignore_errors=True)
 
     @staticmethod
-    def _load_checkpoint(path: Path, masters: MasterWeights, optimizer, scheduler) -> dict:
+    def _load_checkpoint(path: Path, model, masters: MasterWeights, optimizer, scheduler) -> dict:
         from safetensors.torch import load_file
 
         masters.load(load_file(path / "adapter.safetensors"))
         best = load_file(path / "best.safetensors") if (path / "best.safetensors").is_file() else {}
         trainer = torch.load(path / "trainer_state.pt", weights_only=True)
-        optimizer.load_state_dict(trainer["optimizer"])
+        masters.load_optimizer_state(model, optimizer, trainer["optimizer"])
         scheduler.load_state_dict(trainer["scheduler"])
-        torch.set_rng_state(trainer["torch_rng"])
+        rng = trainer["torch_rng"]  # one per rank of the run that saved it
+        torch.set_rng_state(rng[distributed.rank() % len(rng)])
         return json.loads((path / "state.json").read_text()), best
 
 
@@ -258,6 +282,8 @@ class MasterWeights:
     backward run in the model's dtype (bf16 matmuls, which the hardware is fast at), while the optimizer
     updates fp32 copies, so that updates smaller than half a bf16 step of a weight still accumulate. For
     fp32 parameters the master *is* the parameter."""
+
+    same_backwards, grad_scale = False, 1.0  # see paser.sharding.ShardedWeights
 
     def __init__(self, model):
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -306,6 +332,14 @@ class MasterWeights:
         for (_, p), m in zip(self.named, self.masters):
             p.data = m.detach()
 
+    @staticmethod
+    def optimizer_state(model, optimizer) -> dict:
+        return optimizer.state_dict()
+
+    @staticmethod
+    def load_optimizer_state(model, optimizer, state: dict) -> None:
+        optimizer.load_state_dict(state)
+
 
 def response_nll(model, micro: list, pad_id: int, device) -> torch.Tensor:
     """Summed next-token NLL over the response tokens of a micro-batch of EncodedSamples.
@@ -323,8 +357,9 @@ def response_nll(model, micro: list, pad_id: int, device) -> torch.Tensor:
     keep = targets != -100
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = base.config
+    # a sharded model gathers its weights in its own forward hooks: the decoder alone would miss the root's
     if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None) \
-            or not hasattr(base, "model"):
+            or not hasattr(base, "model") or sharding.is_sharded(model):
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1][keep]
     else:
         hidden = base.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]

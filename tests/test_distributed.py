@@ -80,3 +80,37 @@ def test_two_concurrent_runs_of_one_config_compute_each_stage_once(tmp_path):
         for stage, counts in r["timings"]["select"].get("chunks", {}).items():
             computed[stage] = computed.get(stage, 0) + counts["computed"]
     assert computed and all(n == 1 for n in computed.values()), computed  # one chunk per score array
+
+
+def test_fsdp_recovery_on_two_ranks_trains_the_one_process_adapter_and_resumes(tmp_path):
+    """recovery.fsdp=true: weights and optimizer state sharded over 2 gloo ranks; uneven micro-batch and
+    validation counts per rank (weight-0 copies keep the collectives in step); checkpoints gathered from the
+    shards resume to the same adapter."""
+    from peft.utils import get_peft_model_state_dict
+
+    from tests import fsdp_worker
+
+    model, report = fsdp_worker.recover(tmp_path / "one_work", fsdp=False)
+    one = {k: v.float() for k, v in get_peft_model_state_dict(model).items()}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+    def run(out, workdir):
+        proc = subprocess.run(torchrun + [str(ROOT / "tests" / "fsdp_worker.py"), str(out), str(workdir)],
+                              cwd=ROOT, env={**ENV, "PYTHONPATH": str(ROOT)}, text=True, capture_output=True,
+                              timeout=600, check=False)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        return load_file(out / "adapter.safetensors"), json.loads((out / "report.json").read_text())
+
+    sharded, sharded_report = run(tmp_path / "fsdp", tmp_path / "fsdp_work")
+    assert sharded_report["fsdp"] and sharded_report["processes"] == 2 and not report["fsdp"]
+    assert sharded.keys() == one.keys()
+    for name, want in one.items():
+        torch.testing.assert_close(sharded[name], want, rtol=1e-4, atol=1e-6, msg=name)
+    assert [v["step"] for v in sharded_report["val_curve"]] == [v["step"] for v in report["val_curve"]]
+    for got, want in zip(sharded_report["val_curve"], report["val_curve"]):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-3)
+    # the first run left its last checkpoint (step 6 of 8) in its work folder: a rerun resumes from it
+    assert json.loads((tmp_path / "fsdp_work" / "checkpoint" / "state.json").read_text())["step"] == 6
+    resumed, _ = run(tmp_path / "resumed", tmp_path / "fsdp_work")
+    for name in sharded:
+        torch.testing.assert_close(resumed[name], sharded[name], rtol=1e-5, atol=1e-7, msg=name)
