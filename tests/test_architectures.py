@@ -320,9 +320,14 @@ UNSTRUCTURED = {
     "sparsegpt": lambda: SparseGPTPruner(0.5, batch_size=2),
     "sparsegpt_2-4": lambda: SparseGPTPruner(None, "2:4", batch_size=2),
 }
+SLOW = {"sparsegpt_2-4"}  # ~1 s a family: the column sweep is a Python loop
 
 
-@pytest.mark.parametrize("pruner", sorted(UNSTRUCTURED))
+def _pruner_params():
+    return [pytest.param(p, marks=pytest.mark.slow) if p in SLOW else p for p in sorted(UNSTRUCTURED)]
+
+
+@pytest.mark.parametrize("pruner", _pruner_params())
 @pytest.mark.parametrize("family", FAMILIES)
 def test_unstructured_pruners(family, pruner, tmp_path):
     model = twin(family)
@@ -524,14 +529,14 @@ def test_every_selector_selects(family, tmp_path):
     selectors = {
         "paser": PaserSelector(n_components=2, n_neighbors=3, k_range=(2, 3), plot=False),
         "ifd": IFDSelector(drop_above_one=False),
-        "nuggets": NuggetsSelector(n_anchors=2),
+        "nuggets": NuggetsSelector(n_anchors=2, prefilter=3),  # 3 candidates x 2 anchors
         "instruction_mining": InstructionMiningSelector(coefficients={"perplexity": 1.0, "output_length": 1e-3}),
     }
     for name, selector in selectors.items():
         sel = selector.select(pool, 3, ctx)
         assert len(sel.indices) == len(set(sel.indices)) == 3, name
-        if name != "paser":
-            assert np.isfinite(sel.scores).all(), name
+        if name != "paser":  # Nuggets scores only its prefiltered candidates
+            assert np.isfinite(sel.scores[sel.indices]).all(), name
 
 
 # ------------------------------------------------------------------------------------------ recovery
