@@ -243,7 +243,7 @@ def _build(family: str):
     if family == "gemma3":  # sqrt(hidden)-scaled embeddings, q/k norms, 4 norms per layer, sliding + full layers
         config = tf.Gemma3TextConfig(**_common(head_dim=HD, query_pre_attn_scalar=HD, sliding_window=8,
                                                layer_types=["sliding_attention", "full_attention"],
-                                               final_logit_softcapping=30.0, tie_word_embeddings=True))
+                                               final_logit_softcapping=5.0, tie_word_embeddings=True))
         return tf.Gemma3ForCausalLM(config)
     if family == "baichuan2":
         return BAICHUAN_MODEL(BAICHUAN_CONFIG())
@@ -260,11 +260,12 @@ def twin(family: str) -> nn.Module:
         with torch.random.fork_rng():
             torch.manual_seed(0)
             model = _build(family).eval()
-        # random weights of std 0.02 give near-uniform predictions; larger ones make pruning visible
+        # random weights of std 0.02 give near-uniform predictions; larger ones (embeddings and heads: std
+        # 0.5, logits of a few units) make pruning and Gemma's soft-capping visible
         with torch.no_grad():
             for name, p in model.named_parameters():
-                if p.dim() >= 2 and "embed" not in name:
-                    p.mul_(4)
+                if p.dim() >= 2:
+                    p.mul_(25 if "embed" in name or "lm_head" in name else 4)
         _TWINS[family] = model
     return copy.deepcopy(_TWINS[family])
 
