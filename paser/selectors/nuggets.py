@@ -127,16 +127,23 @@ def _output_cache(output):
 
 
 def _batch_cache(prefix_cache, n: int):
-    """A fresh cache holding the demonstration's keys/values for each of ``n`` rows (the forward appends
-    the anchors' to it). A transformers cache is copied with its own layer kinds, so that sliding-window
-    layers (Mistral, Gemma-3's local layers) keep their window; a legacy tuple cache becomes a DynamicCache."""
-    if hasattr(prefix_cache, "batch_repeat_interleave"):
-        cache = copy.deepcopy(prefix_cache)
-        cache.batch_repeat_interleave(n)
-        return cache
-    from transformers import DynamicCache
+    """A fresh cache holding the demonstration's keys/values for each of ``n`` rows (views, not copies: the
+    forward appends the anchors' by concatenation). A transformers cache keeps its own layer kinds, so that
+    sliding-window layers (Mistral, Gemma-3's local layers) keep their window and their position count; a
+    legacy tuple cache (remote code) becomes a DynamicCache."""
+    layers = getattr(prefix_cache, "layers", None)
+    if layers is None:
+        from transformers import DynamicCache
 
-    return DynamicCache([(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in prefix_cache])
+        return DynamicCache([(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in prefix_cache])
+    cache = copy.copy(prefix_cache)
+    cache.layers = []
+    for layer in layers:
+        fresh = copy.copy(layer)
+        if getattr(layer, "keys", None) is not None and layer.keys.dim() == 4:
+            fresh.keys, fresh.values = layer.keys.expand(n, -1, -1, -1), layer.values.expand(n, -1, -1, -1)
+        cache.layers.append(fresh)
+    return cache
 
 
 class AnchorSet:
