@@ -87,7 +87,12 @@ class LoraRecovery:
                             target_modules=self.target_modules, bias="none", task_type="CAUSAL_LM")
         # adapters in the model's dtype: bf16 LoRA matmuls (fp32 ones cost a cast of every LoRA input and
         # the slow fp32 path); the optimizer keeps fp32 master weights (MasterWeights)
-        return get_peft_model(model, config, autocast_adapter_dtype=False)
+        peft_model = get_peft_model(model, config, autocast_adapter_dtype=False)
+        for module in peft_model.modules():
+            for name, layer in getattr(module, "lora_dropout", {}).items():
+                if isinstance(layer, torch.nn.Dropout):
+                    module.lora_dropout[name] = HostDropout(layer.p)
+        return peft_model
 
     def _schedule(self, total_steps: int):
         def factor(step: int) -> float:
@@ -244,7 +249,7 @@ class LoraRecovery:
         from safetensors.torch import save_file
 
         weights, optimizer_state = masters.state(), masters.optimizer_state(model, optimizer)
-        rng = distributed.gather(torch.get_rng_state())
+        rng = distributed.gather(_rng_state(next(model.parameters()).device))
         if not distributed.is_main():
             return
         tmp = path.with_name(path.name + ".tmp")
@@ -273,8 +278,40 @@ class LoraRecovery:
         masters.load_optimizer_state(model, optimizer, trainer["optimizer"])
         scheduler.load_state_dict(trainer["scheduler"])
         rng = trainer["torch_rng"]  # one per rank of the run that saved it
-        torch.set_rng_state(rng[distributed.rank() % len(rng)])
+        _set_rng_state(rng[distributed.rank() % len(rng)], next(model.parameters()).device)
         return json.loads((path / "state.json").read_text()), best
+
+
+def _rng_state(device: torch.device) -> dict:
+    """The generators dropout draws from: the CPU's, and the model's CUDA device's when it has one."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class HostDropout(torch.nn.Dropout):
+    """``nn.Dropout`` whose mask, on the CPU, comes from 16-bit slices of 64-bit random integers: four mask
+    entries per draw of the torch generator instead of one, which made the LoRA inputs' dropout (a quarter
+    of a CPU training step with torch's Bernoulli sampler) 4-5x cheaper. The drop probability is rounded to
+    a multiple of 2^-16 (0.05 → 0.0500031); kept entries are scaled by 1/(1 − p) in fp32 before rounding to
+    the input's dtype. On other devices, and in eval mode, it is ``nn.Dropout``."""
+
+    LEVELS = 1 << 16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu":
+            return super().forward(x)
+        draws = torch.empty(-(-x.numel() // 4), dtype=torch.int64).random_(-2 ** 63, 2 ** 63 - 1)
+        lanes = draws.view(torch.int16)[:x.numel()].view(x.shape)
+        keep = lanes >= round(self.p * self.LEVELS) - self.LEVELS // 2  # int16 uniform on [-2^15, 2^15)
+        return torch.where(keep, x * (1.0 / (1.0 - self.p)), 0)
 
 
 class MasterWeights:

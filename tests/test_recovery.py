@@ -217,3 +217,25 @@ def test_loss_and_lr_are_logged_live_every_step(tmp_path):
     assert steps == [p["step"] for p in report["loss_curve"]]
     assert [m["recovery/val_loss"] for _, m in recorder.calls if "recovery/val_loss" in m] == \
         [v["loss"] for v in report["val_curve"]]
+
+
+def test_host_dropout_drops_p_and_scales_the_rest():
+    """HostDropout's mask: the drop fraction is p (within 5 binomial standard deviations, at p rounded to
+    2^-16), kept entries are x / (1 − p), a seeded generator gives the same mask, eval mode is the identity,
+    and peft's LoRA layers use it."""
+    from paser.recovery import HostDropout
+
+    x = torch.ones(1000, 1000)
+    for p in (0.05, 0.3):
+        drop = HostDropout(p).train()
+        torch.manual_seed(0)
+        y = drop(x)
+        dropped = (y == 0).float().mean().item()
+        assert abs(dropped - p) < 5 * math.sqrt(p * (1 - p) / x.numel()), (p, dropped)
+        assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / (1 - p)))
+        torch.manual_seed(0)
+        assert torch.equal(drop(x), y)
+        assert torch.equal(drop.eval()(x), x)
+    model, _ = tiny_llama()
+    layers = [d for m in recovery(dropout=0.05).wrap(model).modules() for d in getattr(m, "lora_dropout", {}).values()]
+    assert layers and all(type(d) is HostDropout and d.p == 0.05 for d in layers)
