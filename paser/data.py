@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import inspect
+import itertools
 import json
 import logging
 import random
@@ -279,34 +280,244 @@ def _pool_key(tokenizer, rows: list[dict], cutoff: int) -> str | None:
 
 # ---------------------------------------------------------------- calibration and evaluation corpora
 
+CALIBRATION_SOURCES = ("local", "hub")
+CALIBRATION_SAMPLINGS = ("with_replacement", "without_replacement")
+CALIBRATION_FALLBACKS = ("error", "concatenate")
+C4_HUB_ID = "allenai/c4"  # the references' shard (Wanda lib/data.py, SparseGPT datautils.py get_c4)
+C4_HUB_FILES = "en/c4-train.00000-of-01024.json.gz"
 
-def calibration_windows(tokenizer, path: str, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
-    """Random ``seqlen``-token windows from random C4 documents (the Wanda/SparseGPT recipe).
 
-    Documents shorter than the window are skipped, as in the reference code; if too few documents are
-    long enough the error says so instead of silently changing the recipe.
+@dataclass(frozen=True)
+class CalibrationRecipe:
+    """What determines the calibration windows (``pruner.calibration``, validated; ``seqlen`` resolved).
+
+    source    local: the JSONL file ``path``; hub: ``hub_id`` with ``data_files`` through ``datasets``
+    sampling  with_replacement: the references' loop (a random document, drawn again until it is longer
+              than ``seqlen``, then a random window of it; a document can be drawn twice);
+              without_replacement: a seeded shuffle of the documents, each long one used at most once
+    fallback  error | concatenate: what a local file with fewer documents longer than ``seqlen`` than
+              windows asked for does (concatenate: windows cut from all its documents joined end to end)
     """
-    if nsamples <= 0 or seqlen <= 1:
-        raise ConfigError(f"calibration needs nsamples >= 1 and seqlen >= 2 (got {nsamples}, {seqlen})")
-    if not Path(path).is_file():
+
+    source: str
+    path: str | None
+    hub_id: str
+    data_files: str
+    nsamples: int
+    seqlen: int
+    seed: int
+    sampling: str
+    fallback: str
+    model_context: int | None = None
+
+    @property
+    def origin(self) -> str:
+        return str(self.path) if self.source == "local" else f"{self.hub_id} {self.data_files}"
+
+
+def _choice(c, key: str, allowed: tuple[str, ...], default: str) -> str:
+    value = c.get(key, default)
+    if value not in allowed:
+        raise ConfigError(f"pruner.calibration.{key}={value!r}; allowed: {', '.join(allowed)}")
+    return value
+
+
+def calibration_recipe(c, context_length: int | None = None) -> CalibrationRecipe:
+    """``pruner.calibration`` (a mapping) checked and resolved. ``seqlen: model`` (or an interpolation of
+    ``${model.context_length}``) means the model's context, ``context_length``; a window longer than the
+    model's context is an error."""
+    seqlen, nsamples = c.get("seqlen"), c.get("nsamples")
+    if seqlen == "model":
+        if not context_length:
+            raise ConfigError("pruner.calibration.seqlen=model needs model.context_length; set it, or give "
+                              "pruner.calibration.seqlen as a number of tokens")
+        seqlen = int(context_length)
+    for key, value, least in (("nsamples", nsamples, 1), ("seqlen", seqlen, 2)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ConfigError(f"pruner.calibration.{key}={value!r} must be a whole number >= {least}"
+                              + (" (or 'model': the model's context)" if key == "seqlen" else ""))
+    if context_length and seqlen > context_length:
+        raise ConfigError(f"pruner.calibration.seqlen={seqlen} exceeds the model context "
+                          f"(model.context_length={context_length}); lower it, or set it to 'model'")
+    return CalibrationRecipe(
+        source=_choice(c, "source", CALIBRATION_SOURCES, "local"), path=c.get("path"),
+        hub_id=c.get("hub_id") or C4_HUB_ID, data_files=c.get("data_files") or C4_HUB_FILES,
+        nsamples=nsamples, seqlen=seqlen, seed=int(c.get("seed", 0)),
+        sampling=_choice(c, "sampling", CALIBRATION_SAMPLINGS, "without_replacement"),
+        fallback=_choice(c, "fallback", CALIBRATION_FALLBACKS, "error"), model_context=context_length)
+
+
+class _HubTexts:
+    """The ``text`` column of a hub dataset, read one row at a time (the shard holds ~356K documents)."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> str:
+        return self.ds[i]["text"]
+
+
+def _hub_documents(hub_id: str, data_files: str):
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(hub_id, data_files={"train": data_files}, split="train")
+    except Exception as e:  # noqa: BLE001 -- offline failures come as many types: say what to do instead
+        raise ConfigError(
+            f"pruner.calibration.source=hub: could not load {hub_id} (data_files {data_files}) "
+            f"({type(e).__name__}: {e}). This machine may be offline: set pruner.calibration.source=local "
+            "to draw from the offline file pruner.calibration.path (the results record what was used)"
+        ) from None
+    return _HubTexts(ds)
+
+
+def _local_documents(path) -> list[str]:
+    if not path or not Path(path).is_file():
         raise DataError(f"calibration text not found at {path}; set pruner.calibration.path to a JSONL "
                         "file with a 'text' field (e.g. a C4 shard)")
-    docs = [r["text"] for r in read_jsonl(Path(path), required=("text",))]
-    rng = random.Random(seed)
-    order = list(range(len(docs)))
+    return [r["text"] for r in read_jsonl(Path(path), required=("text",))]
+
+
+def calibration_set(tokenizer, recipe: CalibrationRecipe) -> tuple[torch.Tensor, dict]:
+    """(windows [nsamples, seqlen], report): ``recipe.nsamples`` random windows of ``recipe.seqlen``
+    tokens (the Wanda/SparseGPT recipe, see CalibrationRecipe) and what was used, for results.json.
+
+    A local file with fewer documents longer than the window than windows asked for raises a ConfigError
+    (the references draw from a whole C4 shard, where that never happens), unless ``fallback`` is
+    ``concatenate``: then windows are cut from the file's documents joined end to end, and the report and
+    the log say so.
+    """
+    r = recipe
+    docs = _local_documents(r.path) if r.source == "local" else _hub_documents(r.hub_id, r.data_files)
+    memo: dict[int, torch.Tensor] = {}
+
+    def encode(i: int) -> torch.Tensor:
+        if i not in memo:
+            memo[i] = tokenizer(docs[i], return_tensors="pt")["input_ids"][0]
+        return memo[i]
+
+    rng = random.Random(r.seed)
+    long_docs, picked, windows = None, [], None
+    if r.sampling == "without_replacement":
+        picked = _draw_without_replacement(encode, len(docs), r.nsamples, r.seqlen, rng)
+        long_docs = len(picked) if len(picked) < r.nsamples else None
+    else:
+        if r.source == "local":  # count first: the loop below would never end without enough long ones
+            long_docs = sum(encode(i).numel() > r.seqlen for i in range(len(docs)))
+            memo = {i: ids for i, ids in memo.items() if ids.numel() > r.seqlen}
+        if long_docs is None or long_docs >= r.nsamples:
+            picked = _draw_with_replacement(encode, len(docs), r.nsamples, r.seqlen, rng, r.origin)
+    sampling, note = r.sampling, None
+    if len(picked) < r.nsamples:
+        too_few = (f"only {long_docs} of {len(docs)} documents in {r.origin} are longer than {r.seqlen} "
+                   f"tokens, but {r.nsamples} windows were asked for")
+        if r.fallback != "concatenate":
+            raise ConfigError(
+                f"pruner.calibration: {too_few}; drawing them {r.sampling.replace('_', ' ')} as the "
+                f"references do needs at least {r.nsamples} such documents. Options: "
+                "pruner.calibration.source=hub (the references' whole C4 shard; needs the network), a lower "
+                "pruner.calibration.seqlen or nsamples, or pruner.calibration.fallback=concatenate (windows "
+                "cut from the documents joined end to end; recorded in results.json prune.calibration)")
+        rng = random.Random(r.seed)
+        windows, used = _draw_concatenated(encode, len(docs), r.nsamples, r.seqlen, rng, r.origin)
+        sampling = "concatenated"
+        note = (f"{too_few}: windows cut from the {len(docs)} documents joined end to end "
+                "(pruner.calibration.fallback=concatenate), not drawn from single documents as the "
+                "references do")
+        log.warning("calibration: %s", note)
+    else:
+        windows = torch.stack([encode(i)[s:s + r.seqlen] for i, s in picked])
+        used = len({i for i, _ in picked})
+    report = {"source": r.source, "from": r.origin, "nsamples": r.nsamples, "seqlen": r.seqlen,
+              "seed": r.seed, "sampling": sampling, "fallback": r.fallback, "model_context": r.model_context,
+              "documents": {"available": len(docs), "longer_than_seqlen": long_docs, "used": used},
+              "document_indices": [i for i, _ in picked] if sampling != "concatenated" else None,
+              "differs_from_reference": _deviations(r, sampling), "note": note}
+    log.info("calibration: %d windows x %d tokens from %s (%s), %s, seed %d; %d distinct documents%s",
+             r.nsamples, r.seqlen, r.origin, r.source, sampling.replace("_", " "), r.seed, used,
+             "" if not report["differs_from_reference"] else
+             "; differs from the references: " + "; ".join(report["differs_from_reference"]))
+    return windows, report
+
+
+def _deviations(r: CalibrationRecipe, sampling: str) -> list[str]:
+    out = []
+    if r.source == "local":
+        out.append(f"documents from the local file {r.path}, not the Wanda/SparseGPT "
+                   f"references' hub shard {C4_HUB_ID} {C4_HUB_FILES}")
+    elif (r.hub_id, r.data_files) != (C4_HUB_ID, C4_HUB_FILES):
+        out.append(f"hub documents from {r.hub_id} {r.data_files}, not {C4_HUB_ID} {C4_HUB_FILES}")
+    if sampling == "without_replacement":
+        out.append("documents drawn without replacement (Wanda/SparseGPT draw with replacement)")
+    elif sampling == "concatenated":
+        out.append("windows cut from concatenated documents (pruner.calibration.fallback=concatenate)")
+    return out
+
+
+def _draw_without_replacement(encode, n_docs: int, nsamples: int, seqlen: int, rng) -> list[tuple[int, int]]:
+    """(document, start) pairs: the documents in a seeded random order, each longer than the window
+    giving one random window, until ``nsamples`` (fewer if the documents run out)."""
+    order = list(range(n_docs))
     rng.shuffle(order)
-    windows = []
+    picked = []
     for i in order:
-        ids = tokenizer(docs[i], return_tensors="pt")["input_ids"][0]
-        if ids.numel() <= seqlen:
+        length = encode(i).numel()
+        if length <= seqlen:
             continue
-        start = rng.randint(0, ids.numel() - seqlen - 1)
-        windows.append(ids[start:start + seqlen])
-        if len(windows) == nsamples:
-            return torch.stack(windows)
-    raise DataError(f"only {len(windows)} of {len(docs)} documents in {path} are longer than {seqlen} "
-                    f"tokens, but {nsamples} windows were asked for; lower pruner.calibration.seqlen "
-                    "or nsamples")
+        picked.append((i, rng.randint(0, length - seqlen - 1)))
+        if len(picked) == nsamples:
+            break
+    return picked
+
+
+def _draw_with_replacement(encode, n_docs: int, nsamples: int, seqlen: int, rng, origin: str
+                           ) -> list[tuple[int, int]]:
+    """(document, start) pairs by the references' loop: per window a uniformly random document, drawn
+    again until it is longer than the window, then a uniformly random start in it (``randint`` calls in
+    that order, from one generator seeded once, as ``random.seed(seed)`` there). "Longer" is Wanda's
+    ``>``; SparseGPT's ``>=`` differs only on a document of exactly ``seqlen`` tokens, where its
+    ``randint(0, -1)`` fails."""
+    picked = []
+    for _ in range(nsamples):
+        for _attempt in range(10 * n_docs + 100):  # the references loop forever; 10 N misses mean none is long enough
+            i = rng.randint(0, n_docs - 1)
+            length = encode(i).numel()
+            if length > seqlen:
+                break
+        else:
+            raise ConfigError(f"pruner.calibration: no document of {origin} longer than {seqlen} tokens was "
+                              f"found in {10 * n_docs + 100} draws; lower pruner.calibration.seqlen")
+        picked.append((i, rng.randint(0, length - seqlen - 1)))
+    return picked
+
+
+def _draw_concatenated(encode, n_docs: int, nsamples: int, seqlen: int, rng, origin: str
+                       ) -> tuple[torch.Tensor, int]:
+    """(windows, distinct documents they overlap): the documents tokenised one by one (with the
+    tokenizer's special tokens) and joined in file order, windows at seeded random starts (as the
+    references' WikiText-2 loader cuts one stream)."""
+    stream = torch.cat([encode(i) for i in range(n_docs)])
+    if stream.numel() <= seqlen:
+        raise ConfigError(f"pruner.calibration: all {n_docs} documents of {origin} together hold "
+                          f"{stream.numel()} tokens, not more than seqlen={seqlen}; lower the seqlen")
+    ends = list(itertools.accumulate(encode(i).numel() for i in range(n_docs)))
+    starts = [rng.randint(0, stream.numel() - seqlen - 1) for _ in range(nsamples)]
+    used = set()
+    for s in starts:
+        used.update(range(bisect.bisect_right(ends, s), bisect.bisect_right(ends, s + seqlen - 1) + 1))
+    return torch.stack([stream[s:s + seqlen] for s in starts]), len(used)
+
+
+def calibration_windows(tokenizer, path: str, nsamples: int, seqlen: int, seed: int = 0, **options
+                        ) -> torch.Tensor:
+    """Random ``seqlen``-token windows from random C4 documents (the Wanda/SparseGPT recipe): the windows
+    of ``calibration_set`` for a local file (``options``: the other ``pruner.calibration`` keys, e.g.
+    ``sampling``, ``fallback``, ``source``)."""
+    return calibration_set(tokenizer, calibration_recipe(
+        {"path": path, "nsamples": nsamples, "seqlen": seqlen, "seed": seed, **options}))[0]
 
 
 def ppl_corpus_path(name: str, data_dir: str) -> Path:

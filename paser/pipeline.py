@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from paser import distributed
 from paser.cache import StageCache, config_hash, library_versions, to_plain
 from paser.components import Selection, SelectionContext, declared, environment
-from paser.data import Pool, calibration_windows, resolve_budget
+from paser.data import Pool, calibration_recipe, calibration_set, resolve_budget
 from paser.embedding import load_embedder
 from paser.errors import ConfigError, DataError, PaserError
 from paser.fingerprint import code_version, file_fingerprint
@@ -176,14 +176,19 @@ def knobs(node, neutral=()) -> dict:
     return {k: v for k, v in to_plain(node).items() if k not in neutral}
 
 
-def calibration_key(c: DictConfig) -> dict:
-    """The calibration windows by what determines them: the file's content (not its path), the recipe
-    and the code that draws them."""
-    if not Path(c.path).is_file():
-        raise DataError(f"calibration text not found at {c.path}; set pruner.calibration.path to a JSONL "
+def calibration_key(c: DictConfig, context_length: int | None = None) -> dict:
+    """The calibration windows by what determines them: the recipe (``seqlen`` resolved against the model's
+    context), the local file's content (not its path) or the hub shard's name, and the code that draws
+    them. ``fallback`` only acts on a local file."""
+    r = calibration_recipe(c, context_length)
+    key = {"source": r.source, "nsamples": r.nsamples, "seqlen": r.seqlen, "seed": r.seed,
+           "sampling": r.sampling, "code": code_version(calibration_set)}
+    if r.source == "hub":
+        return {**key, "hub": [r.hub_id, r.data_files]}
+    if not r.path or not Path(r.path).is_file():
+        raise DataError(f"calibration text not found at {r.path}; set pruner.calibration.path to a JSONL "
                         "file with a 'text' field (e.g. a C4 shard)")
-    return {"file": file_fingerprint(c.path), "nsamples": c.nsamples, "seqlen": c.seqlen, "seed": c.seed,
-            "code": code_version(calibration_windows)}
+    return {**key, "file": file_fingerprint(r.path), "fallback": r.fallback}
 
 
 def input_files(component) -> dict:
@@ -211,7 +216,7 @@ class Keys:
         if declared(parts.pruner, "changes_model"):
             p = parts.pruner
             pruner = {"config": knobs(cfg.pruner, declared(p, "neutral_knobs") + ("calibration",)),
-                      "calibration": calibration_key(cfg.pruner.calibration)
+                      "calibration": calibration_key(cfg.pruner.calibration, cfg.model.get("context_length"))
                       if declared(p, "needs_calibration") else None,
                       "code": code_version(type(p))}
         pruned = {**model, "pruner": pruner} if pruner else model
@@ -320,15 +325,17 @@ class Run:
     def prune(self) -> tuple[Path, dict]:
         def compute():
             model, tokenizer = self.models.take_dense(), self.models.tok()
-            calib = None
+            calib, calib_report = None, None
             if declared(self.parts.pruner, "needs_calibration"):
-                c = self.cfg.pruner.calibration
-                calib = calibration_windows(tokenizer, c.path, c.nsamples, c.seqlen, c.seed)
+                recipe = calibration_recipe(self.cfg.pruner.calibration, self.cfg.model.get("context_length"))
+                calib, calib_report = calibration_set(tokenizer, recipe)  # logs what was used
             params_before = parameter_count(model)
             start = time.time()
             report = self.parts.pruner.prune(model, calib)
             report.update(params_before=params_before, params_after=parameter_count(model),
                           prune_time_s=round(time.time() - start, 3))
+            if calib_report is not None:  # results.json prune.calibration: source, seqlen, sampling, documents
+                report["calibration"] = calib_report
             self.models.pruned = model
             return report
 
@@ -336,8 +343,16 @@ class Run:
             save_model(self.models.pruned, self.models.tok(), d / "model")
             (d / "report.json").write_text(json.dumps(report, indent=1))
 
-        report = self.cached("prune", "pruned", self.keys.pruned, compute, save,
-                             load=lambda d: _json(d / "report.json"))
+        def load(d: Path) -> dict:
+            report = _json(d / "report.json")
+            c = report.get("calibration")
+            if c:  # the log says what the cached pruning was calibrated on, as a fresh one does
+                log.info("calibration (cached pruning): %d windows x %d tokens from %s, %s%s", c["nsamples"],
+                         c["seqlen"], c["from"], c["sampling"].replace("_", " "),
+                         "".join(f"; {x}" for x in c.get("differs_from_reference") or []))
+            return report
+
+        report = self.cached("prune", "pruned", self.keys.pruned, compute, save, load=load)
         return self.cache.entry_dir("pruned", self.keys.pruned), report
 
     def dense_report(self) -> dict:

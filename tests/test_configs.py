@@ -84,13 +84,29 @@ def intended_changes(preset: str, want: dict) -> dict:
 
     #15.2: every data preset instantiates through ``_target_`` and names every loader key (``field_map``
     too), and the embedded default's ``subsample: 1000`` belongs to the Alpaca-family presets, so
-    ``data=jsonl`` no longer inherits it (your own pool is used whole unless you say otherwise)."""
+    ``data=jsonl`` no longer inherits it (your own pool is used whole unless you say otherwise).
+
+    #16.5: every calibration node names its source (local file or hub shard), sampling and fallback, at
+    values that draw the same windows as before (the offline file, each document at most once, an error
+    when too few are long enough); the full-edition presets that prune with Wanda or SparseGPT use their
+    references' calibration: the hub's C4 shard, documents with replacement, 2048 tokens (SparseGPT) or
+    the model's context (Wanda)."""
     want = copy.deepcopy(want)
     data = want["config"]["data"]
     data.setdefault("_target_", "paser.data.pool_from_config")
     data.setdefault("field_map", None)
     if preset == "data=jsonl":
         data["subsample"] = None
+    calibration = want["config"]["pruner"].get("calibration")
+    if calibration is not None:
+        for key, value in (("source", "local"), ("hub_id", "allenai/c4"),
+                           ("data_files", "en/c4-train.00000-of-01024.json.gz"),
+                           ("sampling", "without_replacement"), ("fallback", "error")):
+            calibration.setdefault(key, value)
+        reference_seqlen = {"experiment=sparsegpt_50": 2048, "experiment=mixtral_8x7b": 2048,
+                            "experiment=wanda_2-4": want["config"]["model"]["context_length"]}
+        if preset in reference_seqlen:
+            calibration.update(source="hub", sampling="with_replacement", seqlen=reference_seqlen[preset])
     return want
 
 

@@ -111,7 +111,7 @@ def test_calibration_windows_are_seeded_slices_of_c4():
     b = calibration_windows(tok, path, nsamples=4, seqlen=32, seed=0)
     c = calibration_windows(tok, path, nsamples=4, seqlen=32, seed=1)
     assert a.shape == (4, 32) and a.equal(b) and not a.equal(c)
-    with pytest.raises(DataError, match="longer than"):
+    with pytest.raises(ConfigError, match="longer than 1000000 tokens, but 4 windows"):
         calibration_windows(tok, path, nsamples=4, seqlen=10**6)
 
 
