@@ -51,7 +51,8 @@ DEFAULT_K_RANGE = (2, 32)
 DENSE_MAX = 512  # pools up to this size get a dense eigendecomposition
 KNN_EXACT_MAX = 100_000  # larger pools get an approximate (IVF) kNN graph
 IVF_LISTS_PER_SQRT_N = 4  # IVF lists = 4·√N (FAISS's guideline range is 4-16·√N)
-IVF_TRAIN_PER_LIST = 64  # k-means training rows per list (FAISS warns below 39)
+IVF_TRAIN_PER_LIST = 40  # k-means training rows per list (FAISS warns below 39)
+IVF_KMEANS_ITERATIONS = 10  # FAISS's default 25 cost 2.6x the training time for +0.001 recall@10 at 520K
 IVF_NPROBE = 16  # lists searched per query
 RECALL_QUERIES = 1000  # query rows on which an approximate graph's recall@k is measured
 K_SEARCH_ROWS = 10000  # rows used for the NMF error curve of the auto-K rule
@@ -99,7 +100,7 @@ def knn_graph(x: np.ndarray, n_neighbors: int, block_elems: int = 1 << 25, margi
     if n > exact_max:
         n_lists = max(1, min(int(IVF_LISTS_PER_SQRT_N * math.sqrt(n)), n // IVF_TRAIN_PER_LIST))
         index = faiss.index_factory(x.shape[1], f"IVF{n_lists},Flat")
-        index.cp.seed = seed
+        index.cp.seed, index.cp.niter = seed, IVF_KMEANS_ITERATIONS
         # k-means on a seeded sample of IVF_TRAIN_PER_LIST rows per list (all rows would cost ~5x more)
         train = np.sort(np.random.default_rng(seed).choice(n, min(n, IVF_TRAIN_PER_LIST * n_lists), replace=False))
         index.train(x[train])
