@@ -88,17 +88,22 @@ def read_jsonl(path: Path, required: tuple[str, ...] = ()) -> list[dict]:
     return rows
 
 
-def _rows_from_hub(hub_id: str, split: str, fields: tuple[str, ...], local_path) -> list[dict]:
+def load_hub_dataset(hub_id: str, error: type[Exception], explain, **kwargs):
+    """``datasets.load_dataset(hub_id, **kwargs)``, or ``error(explain(reason))`` when it cannot be loaded:
+    offline failures come as many exception types, and the message must say what to do instead."""
     try:
         import datasets
 
-        ds = datasets.load_dataset(hub_id, split=split)
-    except Exception as e:  # noqa: BLE001 -- offline failures come as many types: say what to do instead
-        raise DataError(
-            f"instruction pool not found at '{local_path}', and the hub dataset '{hub_id}' could not be "
-            f"loaded ({type(e).__name__}: {e}). Point data.path (or paths.data_dir) at a local JSONL file "
-            "with instruction/input/output fields."
-        ) from None
+        return datasets.load_dataset(hub_id, **kwargs)
+    except Exception as e:  # noqa: BLE001
+        raise error(explain(f"{type(e).__name__}: {e}")) from None
+
+
+def _rows_from_hub(hub_id: str, split: str, fields: tuple[str, ...], local_path) -> list[dict]:
+    ds = load_hub_dataset(hub_id, DataError, lambda reason: (
+        f"instruction pool not found at '{local_path}', and the hub dataset '{hub_id}' could not be "
+        f"loaded ({reason}). Point data.path (or paths.data_dir) at a local JSONL file "
+        "with instruction/input/output fields."), split=split)
     return [{k: str(r.get(k) or "") for k in fields} for r in ds]
 
 
@@ -361,16 +366,11 @@ class _HubTexts:
 
 
 def _hub_documents(hub_id: str, data_files: str):
-    try:
-        import datasets
-
-        ds = datasets.load_dataset(hub_id, data_files={"train": data_files}, split="train")
-    except Exception as e:  # noqa: BLE001 -- offline failures come as many types: say what to do instead
-        raise ConfigError(
-            f"pruner.calibration.source=hub: could not load {hub_id} (data_files {data_files}) "
-            f"({type(e).__name__}: {e}). This machine may be offline: set pruner.calibration.source=local "
-            "to draw from the offline file pruner.calibration.path (the results record what was used)"
-        ) from None
+    ds = load_hub_dataset(hub_id, ConfigError, lambda reason: (
+        f"pruner.calibration.source=hub: could not load {hub_id} (data_files {data_files}) "
+        f"({reason}). This machine may be offline: set pruner.calibration.source=local "
+        "to draw from the offline file pruner.calibration.path (the results record what was used)"),
+        data_files={"train": data_files}, split="train")
     return _HubTexts(ds)
 
 

@@ -31,6 +31,7 @@ from paser.pruners.llm_pruner import LLMPruner
 from paser.pruners.magnitude import MagnitudePruner
 from paser.pruners.sparsegpt import SparseGPTPruner
 from paser.pruners.wanda import WandaPruner
+from tests.test_selectors_baselines import ROWS as BASELINE_ROWS
 
 HIDDEN, HEADS, KV, HD, INTER, LAYERS = 64, 4, 2, 16, 128, 2
 TOK = tiny_tokenizer()
@@ -420,18 +421,8 @@ def test_layerwise_runner_reproduces_the_dense_model(family):
 
 # ---------------------------------------------------------------------------------------- selectors
 
-ROWS = [
-    {"instruction": "Give three tips for staying healthy.", "input": "",
-     "output": "Eat a balanced diet, exercise regularly and sleep well."},
-    {"instruction": "What are the three primary colors?", "input": "", "output": "Red, blue and yellow."},
-    {"instruction": "Describe the structure of an atom.", "input": "",
-     "output": "An atom is made up of a nucleus of protons and neutrons surrounded by electrons."},
-    {"instruction": "Write a response.", "input": "The quick brown fox", "output": "jumps over the lazy dog."},
-    {"instruction": "Give three colors.", "input": "", "output": "Red, blue and yellow."},
-    {"instruction": "Count.", "input": "", "output": "0123456789"},
-    {"instruction": "Describe the fox.", "input": "", "output": "The fox is quick and brown."},
-    {"instruction": "Give three tips.", "input": "", "output": "Sleep well, exercise and eat a balanced diet."},
-]
+# the first eight rows of the baselines' pool (shared fixture rows); every selector picks 3 of them
+ROWS = BASELINE_ROWS[:8]
 _PRUNED: dict[str, nn.Module] = {}
 
 
