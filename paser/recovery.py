@@ -34,7 +34,7 @@ from paser import distributed, sharding, tracking
 from paser.data import encode_pool
 from paser.errors import ConfigError, TrainingError
 from paser.models import torch_dtype
-from paser.scoring import pad_right, to_host
+from paser.scoring import answer_spans, logits_at, pad_right, span_index, to_host
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint"
@@ -83,6 +83,7 @@ class LoraRecovery:
         from peft import LoraConfig, get_peft_model
 
         model.to(self.dtype)
+        self._check_targets(model)
         config = LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
                             target_modules=self.target_modules, bias="none", task_type="CAUSAL_LM")
         # adapters in the model's dtype: bf16 LoRA matmuls (fp32 ones cost a cast of every LoRA input and
@@ -93,6 +94,19 @@ class LoraRecovery:
                 if isinstance(layer, torch.nn.Dropout):
                     module.lora_dropout[name] = HostDropout(layer.p)
         return peft_model
+
+    def _check_targets(self, model) -> None:
+        """Every ``target_modules`` name must name a layer of this model: peft only refuses when none does,
+        so a fused projection (Baichuan's W_pack instead of q/k/v) or expert banks stored as 3-D parameters
+        (Mixtral) would silently train fewer adapters than the recipe says."""
+        names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        missing = [t for t in self.target_modules if t not in names]
+        if missing:
+            raise ConfigError(
+                f"recovery.target_modules names {missing}, which {type(model).__name__} has no Linear layer "
+                f"of; its Linear layers are {sorted(names)}. Set recovery.target_modules to the ones to adapt "
+                "(e.g. [W_pack, o_proj, gate_proj, up_proj, down_proj] for Baichuan2, the attention "
+                "projections for Mixtral, whose experts are not Linear layers)")
 
     def _schedule(self, total_steps: int):
         def factor(step: int) -> float:
@@ -381,24 +395,14 @@ class MasterWeights:
 def response_nll(model, micro: list, pad_id: int, device) -> torch.Tensor:
     """Summed next-token NLL over the response tokens of a micro-batch of EncodedSamples.
 
-    Only the positions that predict a response token go through the LM head and the fp32 log-softmax:
-    the prompt positions' full-vocabulary logits (often half the tokens; 262K columns for Gemma) are never
-    formed. Models that post-process their logits (soft-capping, a logit scale) take the plain path.
+    Only the positions that predict a response token go through the LM head and the fp32 log-softmax
+    (``paser.scoring.logits_at``): the prompt positions' full-vocabulary logits (often half the tokens; 262K
+    columns for Gemma) are never formed. Models that post-process their logits (soft-capping, a logit scale)
+    and sharded models (whose forward hooks gather the weights) run whole.
     """
     ids, mask = pad_right([e.input_ids for e in micro], pad_id)
-    targets = ids[:, 1:].clone()
-    targets[mask[:, 1:] == 0] = -100
-    for row, e in enumerate(micro):
-        targets[row, :max(e.prompt_len - 1, 0)] = -100
-    ids, mask, targets = ids.to(device), mask.to(device), targets.to(device)
-    keep = targets != -100
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = base.config
-    # a sharded model gathers its weights in its own forward hooks: the decoder alone would miss the root's
-    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None) \
-            or not hasattr(base, "model") or sharding.is_sharded(model):
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1][keep]
-    else:
-        hidden = base.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
-        logits = base.get_output_embeddings()(hidden[keep])
-    return torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    ids, mask = ids.to(device), mask.to(device)
+    spans = answer_spans([len(e.input_ids) for e in micro], [e.prompt_len for e in micro])
+    rows, cols = span_index(spans, device)
+    logits = logits_at(model, ids, mask, whole=sharding.is_sharded(model))(rows, cols)
+    return torch.nn.functional.cross_entropy(logits.float(), ids[rows, cols + 1], reduction="sum")

@@ -90,19 +90,22 @@ def math_rows(device: torch.device) -> int:
     return 4 if device.type == "cpu" else 64
 
 
-def logits_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, **forward_kwargs) \
-        -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def logits_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, whole: bool = False,
+              **forward_kwargs) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Run ``model`` on a batch and return ``at(rows, cols)``: the logits [P, V] at the (row, position)
     pairs (index tensors [P] on the inputs' device), in the model's dtype.
 
     For the Llama-family layout (``model.model`` the decoder, logits = LM head of its last hidden state)
     only the decoder runs here, and each call of ``at`` applies the LM head to its positions only: the
     full [B, T, V] logits are never formed, and the caller can take the positions in chunks. A model
-    that post-processes its logits (``POSTPROCESSED_LOGITS``) or is laid out otherwise runs whole.
+    that post-processes its logits (``POSTPROCESSED_LOGITS``) or is laid out otherwise runs whole, and so
+    does any model with ``whole=True`` (e.g. one whose forward hooks gather sharded weights). A peft model
+    runs through its base model (the adapters live in the base model's layers).
     """
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    decoder, head = getattr(model, "model", None), model.get_output_embeddings()
-    if decoder is None or head is None or any(getattr(config, a, None) for a in POSTPROCESSED_LOGITS):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    decoder, head = getattr(base, "model", None), base.get_output_embeddings()
+    if whole or decoder is None or head is None or any(getattr(config, a, None) for a in POSTPROCESSED_LOGITS):
         logits = model(input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs).logits
         return lambda rows, cols: logits[rows.to(logits.device), cols.to(logits.device)]
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs).last_hidden_state

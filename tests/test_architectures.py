@@ -533,7 +533,8 @@ def test_every_selector_selects(family, tmp_path):
 
 # ------------------------------------------------------------------------------------------ recovery
 
-LORA_TARGETS = {"baichuan2": ["W_pack", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+LORA_TARGETS = {"baichuan2": ["W_pack", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"]}  # its experts are 3-D parameters
 SAMPLES = [{"instruction": f"Repeat the word number {k}.", "input": "", "output": f"word {k} " * (1 + k)}
            for k in range(2)]
 

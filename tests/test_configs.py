@@ -90,7 +90,11 @@ def intended_changes(preset: str, want: dict) -> dict:
     values that draw the same windows as before (the offline file, each document at most once, an error
     when too few are long enough); the full-edition presets that prune with Wanda or SparseGPT use their
     references' calibration: the hub's C4 shard, documents with replacement, 2048 tokens (SparseGPT) or
-    the model's context (Wanda)."""
+    the model's context (Wanda).
+
+    LoRA targets: Baichuan2's q/k/v are one fused layer, adapted as ``W_pack``; Mixtral's experts are no
+    Linear layers, so its LoRA adapts the attention projections (recovery refuses a target the model
+    lacks, which peft would skip silently)."""
     want = copy.deepcopy(want)
     data = want["config"]["data"]
     data.setdefault("_target_", "paser.data.pool_from_config")
@@ -107,6 +111,10 @@ def intended_changes(preset: str, want: dict) -> dict:
                             "experiment=wanda_2-4": want["config"]["model"]["context_length"]}
         if preset in reference_seqlen:
             calibration.update(source="hub", sampling="with_replacement", seqlen=reference_seqlen[preset])
+    lora_targets = {"experiment=baichuan2_7b": ["W_pack", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                    "experiment=mixtral_8x7b": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+    if preset in lora_targets:
+        want["config"]["recovery"]["target_modules"] = lora_targets[preset]
     return want
 
 

@@ -147,11 +147,24 @@ def test_merged_adapter_evaluates_like_the_unmerged_model():
     assert folded == pytest.approx(unmerged, rel=1e-2)  # bf16 rounding of W + BA
 
 
-def test_response_only_logits_match_the_full_forward_in_bf16():
+def tiny_granite():
+    """A tiny random Granite: its logits are the LM head's output divided by ``logits_scaling``."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    _, tok = tiny_llama()
+    torch.manual_seed(0)
+    config = GraniteConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, logits_scaling=4.0,
+                           pad_token_id=tok.pad_token_id)
+    return GraniteForCausalLM(config), tok
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_granite], ids=["llama", "granite_logits_scaling"])
+def test_response_only_logits_match_the_full_forward_in_bf16(build):
     from paser.data import encode_pool
     from paser.recovery import response_nll
 
-    model, tok = tiny_llama()
+    model, tok = build()
     model.to(torch.bfloat16)
     micro = encode_pool(tok, SAMPLES[:4], 512)
     got = response_nll(model, micro, tok.pad_token_id, "cpu")
@@ -239,3 +252,11 @@ def test_host_dropout_drops_p_and_scales_the_rest():
     model, _ = tiny_llama()
     layers = [d for m in recovery(dropout=0.05).wrap(model).modules() for d in getattr(m, "lora_dropout", {}).values()]
     assert layers and all(type(d) is HostDropout and d.p == 0.05 for d in layers)
+
+
+def test_target_modules_the_model_lacks_are_refused_before_wrapping():
+    """peft refuses only when no target matches: a name the model lacks (q/k/v fused into one layer, as
+    Baichuan's W_pack) must not silently drop those adapters."""
+    model, _ = tiny_llama()
+    with pytest.raises(ConfigError, match=r"recovery.target_modules names \['W_pack'\].*q_proj"):
+        recovery(target_modules=["W_pack", "o_proj"]).wrap(model)
