@@ -208,7 +208,7 @@ class LoraRecovery:
         and backward is a collective, so a rank with fewer micro-batches adds copies of the first one with
         weight 0 until every rank runs as many."""
         mine = [(k, 1.0) for k in starts[distributed.rank()::distributed.world_size()]]
-        if getattr(masters, "same_backwards", False):
+        if masters.same_backwards:
             mine += [(starts[0], 0.0)] * (math.ceil(len(starts) / distributed.world_size()) - len(mine))
         return mine
 
@@ -228,7 +228,7 @@ class LoraRecovery:
         micro_starts = list(range(0, len(batch), self.micro_batch_size))
         for k, weight in self._my_micro_batches(micro_starts, masters):
             nll = response_nll(model, batch[k:k + self.micro_batch_size], pad_id, device) * weight
-            (nll * getattr(masters, "grad_scale", 1.0) / n_targets).backward()
+            (nll * masters.grad_scale / n_targets).backward()
             masters.accumulate()
             total += nll.detach().double()
         grads = masters.collect_grads()  # fp32, zeros where this rank had no micro-batch
@@ -239,7 +239,7 @@ class LoraRecovery:
         return total.item() / n_targets
 
     @torch.no_grad()
-    def _val_loss(self, model, val: list, pad_id: int, masters=None) -> float:
+    def _val_loss(self, model, val: list, pad_id: int, masters) -> float:
         """Mean response-token NLL over the validation samples (dropout off); split across ranks."""
         model.eval()
         device = next(model.parameters()).device
