@@ -16,6 +16,8 @@ Besides its method, a component *declares* (class attributes; ``declared`` gives
 and may define ``environment() -> dict``: facts of this machine that change its result (e.g. a reward
 model that is not available offline), which become part of its cache key and of results.json, and
 ``input_files() -> list[Path]``: files it reads, keyed by content (so their folder can be a neutral knob).
+An evaluator may define ``evaluate_with_samples(model, tokenizer) -> (metrics, {name: 1-D array})``: its
+per-window / per-document numbers, saved beside results.json for paired statistics (``evaluate_all``).
 
 The cache key of each stage is built by the pipeline from these declarations, the config values, the
 content of input files and the source of the implementing code (paser.fingerprint).
@@ -47,6 +49,14 @@ def environment(component) -> dict:
     """The component's environment facts that change its result (empty for most)."""
     facts = getattr(component, "environment", None)
     return dict(facts()) if callable(facts) else {}
+
+
+def evaluate_all(evaluator, model, tokenizer) -> tuple[dict, dict]:
+    """(metrics, per-sample arrays) of an evaluator; no arrays from one that only defines ``evaluate``."""
+    with_samples = getattr(evaluator, "evaluate_with_samples", None)
+    if callable(with_samples):
+        return with_samples(model, tokenizer)
+    return evaluator.evaluate(model, tokenizer), {}
 
 
 class Pruner(Protocol):

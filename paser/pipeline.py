@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from paser import distributed
 from paser.cache import StageCache, config_hash, library_versions, to_plain
-from paser.components import Selection, SelectionContext, declared, environment
+from paser.components import Selection, SelectionContext, declared, environment, evaluate_all
 from paser.data import Pool, calibration_recipe, calibration_set, resolve_budget
 from paser.embedding import load_embedder
 from paser.errors import ConfigError, DataError, PaserError
@@ -301,10 +301,7 @@ class Run:
         metrics = {}
         for kind, ev in self.parts.evaluators.items():
             def compute(ev=ev):
-                with_samples = getattr(ev, "evaluate_with_samples", None)
-                if callable(with_samples):
-                    return with_samples(get_model(), self.models.tok())
-                return ev.evaluate(get_model(), self.models.tok()), {}
+                return evaluate_all(ev, get_model(), self.models.tok())
 
             def save(value, d):
                 (d / "metrics.json").write_text(json.dumps(value[0], indent=1))
