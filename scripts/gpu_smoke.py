@@ -59,6 +59,7 @@ CALIBRATION = ["pruner.calibration.nsamples=8", "pruner.calibration.seqlen=64"]
 RECOVER_AND_EVALUATE = [
     "recovery=lora", "recovery.epochs=1", "recovery.batch_size=4", "recovery.micro_batch_size=2",
     "recovery.warmup_steps=0", "recovery.cutoff=128", "recovery.checkpoint_every=1000",
+    "recovery.val_size=16", "recovery.eval_every=0",  # a held-out split of the 60 unselected samples
     "evaluator=quick", f"evaluator.ppl.max_windows={PPL_WINDOWS}", f"evaluator.zeroshot.tasks=[{','.join(ZS_TASKS)}]",
     f"evaluator.zeroshot.limit={ZS_LIMIT}", "evaluator.zeroshot.limit_mode=first", "evaluator.zeroshot.batch_size=8",
     "evaluator.zeroshot.bootstrap_iters=0"]
@@ -207,7 +208,8 @@ def check_prerequisites(models: list[str], data_dir: str) -> list[str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", help="the device to check against the CPU (cuda, cuda:N, cpu)")
-    ap.add_argument("--quick", action="store_true", help="tiny-llama only")
+    ap.add_argument("--quick", action="store_true", help="tiny-llama only (same as --models tiny-llama)")
+    ap.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), help="the models to run")
     ap.add_argument("--data-dir", default=os.environ.get("PASER_DATA_DIR", str(ROOT.parent / "shared" / "data")))
     ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "gpu_smoke" / time.strftime("%Y%m%d-%H%M%S"))
     args = ap.parse_args()
@@ -216,7 +218,7 @@ def main() -> int:
 
     import torch
 
-    models = ["tiny-llama"] if args.quick else list(MODELS)
+    models = ["tiny-llama"] if args.quick else args.models
     problems = check_prerequisites(models, args.data_dir)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         problems.append(f"--device {args.device} but torch {torch.__version__} sees no CUDA GPU")
