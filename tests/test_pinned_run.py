@@ -11,8 +11,10 @@ purpose, regenerate the pin and say why in the commit:
 
     python -m tests.test_pinned_run --write      # rewrites tests/data/pinned_tiny_run.json (~10 s)
 
-The tolerance (relative 1e-6) covers summation order only (thread counts); a torch or transformers version
-other than the recorded one may move the last digits (the failure message names both versions).
+The tolerance (relative 1e-6) covers summation order only (thread counts). A torch or transformers version
+other than the recorded one moves the last digits (transformers 5.24 -> 5.25 moved the loss curve by a relative
+1.2e-5), so with other versions the numbers are compared at relative 1e-4: a fresh install picks up new
+releases, and a change of ours moves them far more than that. The failure message names both versions.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from tests.conftest import TINY_RUN, compose_config, requires_shared_data
 PIN = Path(__file__).resolve().parent / "data" / "pinned_tiny_run.json"
 OVERRIDES = [*TINY_RUN, "model.device=cpu"]  # the pin is a CPU fp32 result, also on a machine with a GPU
 REL = 1e-6
+REL_OTHER_VERSIONS = 1e-4
 
 
 def key_numbers(overrides=OVERRIDES, workdir: Path | None = None) -> dict:
@@ -62,14 +65,15 @@ def test_tiny_run_reproduces_its_pinned_numbers(tmp_path):
     pin = json.loads(PIN.read_text())
     got = key_numbers(pin["overrides"], tmp_path)
     where = f"(pinned with {pin['versions']}, running {got['versions']}; see the module docstring to regenerate)"
+    rel = REL if got["versions"] == pin["versions"] else REL_OTHER_VERSIONS
     assert got["pool_fingerprint"] == pin["pool_fingerprint"], where
     assert got["selected_indices"] == pin["selected_indices"], where
     assert got["recovery_steps"] == pin["recovery_steps"], where
-    assert got["sparsity"] == pytest.approx(pin["sparsity"], rel=REL), where
-    assert got["loss_curve"] == pytest.approx(pin["loss_curve"], rel=REL, abs=1e-9), where
-    assert got["final_loss"] == pytest.approx(pin["final_loss"], rel=REL), where
+    assert got["sparsity"] == pytest.approx(pin["sparsity"], rel=rel), where
+    assert got["loss_curve"] == pytest.approx(pin["loss_curve"], rel=rel, abs=1e-9), where
+    assert got["final_loss"] == pytest.approx(pin["final_loss"], rel=rel), where
     for state, corpora in pin["ppl"].items():
-        assert got["ppl"][state] == pytest.approx(corpora, rel=REL), (state, where)
+        assert got["ppl"][state] == pytest.approx(corpora, rel=rel), (state, where)
     assert got["ppl"].keys() == pin["ppl"].keys()
 
 
