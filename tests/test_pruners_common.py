@@ -192,3 +192,57 @@ def test_smollm2_wanda_2_4_and_llm_pruner():
     assert report["attention_layers"] == [4, 28]
     assert report["layer_shapes"][10] == {"q_heads": 6, "kv_heads": 2, "intermediate": 1152}
     assert dense_ppl < perplexity(model, text)["ppl"] < 1000
+
+
+# ------------------------------------------------------------------------------------ ties at the cut
+
+def _lowest_by_hand(values: list[float], k: int) -> set[int]:
+    """The k lowest of a list, ties to the lower index: the rule of Wanda's reference (a stable sort)."""
+    return set(sorted(range(len(values)), key=lambda j: (values[j], j))[:k])
+
+
+def _tied_scores(rows=24, cols=32, levels=3, seed=0):
+    # few distinct values, as |W| of bf16 (here Q4-derived) weights: the cut falls inside a run of ties
+    return torch.randint(0, levels, (rows, cols), generator=torch.Generator().manual_seed(seed)).float()
+
+
+def test_prune_mask_breaks_ties_by_index():
+    # topk leaves the order of ties to the device and kernel (CPU and CUDA pruned different bf16 weights
+    # of SmolLM2 with it); the mask must be the same function of the scores everywhere
+    from paser.pruners.common import prune_mask
+
+    score = _tied_scores()
+    mask = prune_mask(score, 0.5, None)
+    for r, row in enumerate(score.tolist()):
+        assert set(torch.nonzero(mask[r]).flatten().tolist()) == _lowest_by_hand(row, 16), r
+    mask = prune_mask(score, 0.5, (2, 4))
+    for r, row in enumerate(score.tolist()):
+        for b in range(0, 32, 4):
+            got = set((torch.nonzero(mask[r, b:b + 4]).flatten()).tolist())
+            assert got == _lowest_by_hand(row[b:b + 4], 2), (r, b)
+
+
+def test_magnitude_on_bf16_ties():
+    model, _ = tiny_llama(seed=0)
+    model.to(torch.bfloat16)
+    for i, (_, w) in enumerate(prunable_weights(model)):  # values -1, 0, 1: |W| ties everywhere
+        w.data.copy_(_tied_scores(*w.shape, seed=i) - 1)
+    weights = [w.float().abs() for _, w in prunable_weights(model)]
+    MagnitudePruner(0.5).prune(model)
+    for (name, w), before in zip(prunable_weights(model), weights):
+        k = int(w.shape[1] * 0.5)
+        for r in range(0, w.shape[0], 7):
+            pruned = set(torch.nonzero(w[r] == 0).flatten().tolist())
+            assert pruned == _lowest_by_hand(before[r].tolist(), k) | set(torch.nonzero(before[r] == 0)
+                                                                          .flatten().tolist()), (name, r)
+
+
+def test_sparsegpt_ties_without_correlations():
+    # identity Hessian: no error feedback, so SparseGPT keeps the block's highest w^2 and, among equal
+    # ones, the mask is the flattened block's lowest indices (row-major), as a stable sort gives
+    from paser.pruners.sparsegpt import sparsegpt_prune
+
+    w = _tied_scores(rows=6, cols=8, seed=2) + 1  # 1, 2, 3: no zero weights
+    out = sparsegpt_prune(w, torch.eye(8), sparsity=0.5, blocksize=8, percdamp=0.0)
+    pruned = set(torch.nonzero((out == 0).flatten()).flatten().tolist())
+    assert pruned == _lowest_by_hand(w.pow(2).flatten().tolist(), 24)

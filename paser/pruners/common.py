@@ -52,23 +52,30 @@ def resolve_sparsity(sparsity: float | None, pattern: str | None) -> tuple[float
     return nm[0] / nm[1], nm
 
 
+def lowest(score: torch.Tensor, k: int, dim: int = -1) -> torch.Tensor:
+    """Indices of the k lowest entries along ``dim``, ties going to the lower index (a stable sort, as
+    Wanda's reference takes its unstructured mask). ``torch.topk`` leaves the order of ties to the device
+    and its kernel: on bf16 weights, where a row's cut falls inside a run of equal magnitudes in most rows
+    (SmolLM2: ~3 rows in 4), CPU and CUDA then prune different weights."""
+    return torch.sort(score, dim=dim, stable=True).indices.narrow(dim, 0, k)
+
+
 def prune_mask(score: torch.Tensor, sparsity: float, nm: tuple[int, int] | None) -> torch.Tensor:
     """Boolean mask of the weights to zero, comparing ``score`` [out, in] within each output row:
     unstructured, the int(in * sparsity) lowest of every row; N:M, the N lowest of every block of M
-    consecutive inputs of every row."""
+    consecutive inputs of every row (ties to the lower index, see ``lowest``)."""
     rows, cols = score.shape
     mask = torch.zeros_like(score, dtype=torch.bool)
     if nm is None:
         k = int(cols * sparsity)
         if k:
-            mask.scatter_(1, torch.topk(score, k, dim=1, largest=False).indices, True)
+            mask.scatter_(1, lowest(score, k, dim=1), True)
         return mask
     n, m = nm
     if cols % m:
         raise ConfigError(f"pruner.pattern='{n}:{m}' needs input widths divisible by {m}; a layer has {cols}")
     blocks = score.reshape(rows, cols // m, m)
-    drop = torch.topk(blocks, n, dim=2, largest=False).indices
-    return mask.reshape(rows, cols // m, m).scatter_(2, drop, True).reshape(rows, cols)
+    return mask.reshape(rows, cols // m, m).scatter_(2, lowest(blocks, n, dim=2), True).reshape(rows, cols)
 
 
 def prunable_linears(model) -> list[tuple[str, torch.nn.Linear]]:

@@ -15,7 +15,7 @@ import logging
 import torch
 
 from paser.errors import ConfigError
-from paser.pruners.common import parameter_count, resolve_sparsity, sparsity_report
+from paser.pruners.common import lowest, parameter_count, resolve_sparsity, sparsity_report
 from paser.pruners.layerwise import Target, prune_layerwise
 
 log = logging.getLogger(__name__)
@@ -88,11 +88,11 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
             k = int(w1.numel() * sparsity)
             if k:
                 scores = (w1.pow(2) / d.pow(2).unsqueeze(0)).flatten()
-                mask1.view(-1)[torch.topk(scores, k, largest=False).indices] = True
+                mask1.view(-1)[lowest(scores, k)] = True
         for i in range(i2 - i1):
             if nm is not None and i % nm[1] == 0:
                 scores = w1[:, i:i + nm[1]].pow(2) / d[i:i + nm[1]].pow(2).unsqueeze(0)
-                mask1[:, i:i + nm[1]].scatter_(1, torch.topk(scores, nm[0], dim=1, largest=False).indices, True)
+                mask1[:, i:i + nm[1]].scatter_(1, lowest(scores, nm[0], dim=1), True)
             col = w1[:, i]
             q = torch.where(mask1[:, i], 0.0, col)
             q1[:, i] = q
