@@ -503,6 +503,13 @@ def test_select_within_clusters_respects_allotments():
     assert len(idx) == 11 and 7 not in idx.tolist()
 
 
+def selector_config(name: str):
+    """The shipped selector node as Hydra composes it (its defaults list included)."""
+    from tests.conftest import compose_config
+
+    return compose_config([f"selector={name}"]).selector
+
+
 @pytest.mark.parametrize("name", ["ifd", "nuggets", "instruction_mining"])
 def test_hybrids_pick_top_scored_inside_s2ric_clusters(tmp_path, monkeypatch, name):
     _allocation()
@@ -518,7 +525,7 @@ def test_hybrids_pick_top_scored_inside_s2ric_clusters(tmp_path, monkeypatch, na
         return labels, {"n_clusters": 3}
 
     monkeypatch.setattr(clustering, "cluster_embeddings", fake_cluster)
-    cfg = OmegaConf.load(ROOT / "conf" / "selector" / f"{name}.yaml")
+    cfg = selector_config(name)
     cfg.cluster = "s2ric"
     if name == "nuggets":
         cfg.n_anchors = 2
@@ -562,7 +569,7 @@ def test_shipped_configs_instantiate(name):
     import hydra.utils
 
     for cluster in (None, "s2ric"):
-        cfg = OmegaConf.load(ROOT / "conf" / "selector" / f"{name}.yaml")
+        cfg = selector_config(name)
         cfg.cluster = cluster
         selector = hydra.utils.instantiate(cfg)
         assert selector.name == name and selector.cluster == cluster and selector.uses_budget
