@@ -74,11 +74,15 @@ class Selection:
     """What a selector returns: indices into the pool and JSON-able diagnostics.
 
     ``scores`` (optional) holds one float per pool sample, for plots and for hybrids that rank by it.
+    ``artifacts`` holds the files it made for people to look at (file name -> bytes, e.g. PASER's cluster
+    map): the pipeline writes them into the run folder and keeps them with the cached selection, so a
+    selector never writes files itself.
     """
 
     indices: list[int]
     diagnostics: dict = field(default_factory=dict)
     scores: np.ndarray | None = None
+    artifacts: dict[str, bytes] = field(default_factory=dict)
 
 
 class SelectionContext:
@@ -92,7 +96,7 @@ class SelectionContext:
 
     def __init__(self, *, tokenizer, original_model: Callable[[], torch.nn.Module],
                  pruned_model: Callable[[], torch.nn.Module], embedder: Callable[[], Any],
-                 embedder_name: str, cache, cache_key: dict, seed: int, run_dir, cutoff: int = 256,
+                 embedder_name: str, cache, cache_key: dict, seed: int, cutoff: int = 256,
                  batch_size: int = 8, device: torch.device | str = "cpu", world_size: int = 1):
         self.tokenizer = tokenizer
         self._factories = {"original_model": original_model, "pruned_model": pruned_model,
@@ -101,7 +105,6 @@ class SelectionContext:
         self.cache = cache
         self.cache_key = cache_key
         self.seed = seed
-        self.run_dir = run_dir
         self.cutoff = cutoff
         self.batch_size = batch_size
         self.device = torch.device(device)

@@ -362,12 +362,10 @@ class Run:
     def selection_context(self, pruned_fn) -> SelectionContext:
         cfg = self.cfg
         embedder_device = cfg.scoring.get("embedder_device") or str(self.device)
-        # ranks other than 0 take part in the scoring; their copies of the selector's files are thrown away
-        run_dir = self.run_dir if distributed.is_main() else Path(tempfile.mkdtemp(prefix="paser-rank"))
         return SelectionContext(
             tokenizer=self.models.tok(), original_model=self.models.fresh_dense, pruned_model=pruned_fn,
             embedder=lambda: load_embedder(cfg.scoring.embedder, device=embedder_device),
-            embedder_name=cfg.scoring.embedder, cache=self.cache, seed=cfg.seed, run_dir=run_dir,
+            embedder_name=cfg.scoring.embedder, cache=self.cache, seed=cfg.seed,
             cutoff=cfg.scoring.cutoff, batch_size=cfg.scoring.batch_size, device=self.device,
             world_size=distributed.world_size(),
             cache_key={"model": config_hash(self.keys.model), "pruner": config_hash(self.keys.pruner),
@@ -377,7 +375,6 @@ class Run:
         pool, budget, selector = self.parts.pool, self.parts.budget, self.parts.selector
 
         def compute():
-            before = set(self.run_dir.iterdir())
             selection: Selection = selector.select(pool, budget, self.selection_context(pruned_fn))
             # checked before anything is stored: an over-budget selection must not be cached
             if declared(selector, "uses_budget") and len(selection.indices) > budget:
@@ -386,25 +383,21 @@ class Run:
                       "pool_size": len(pool), "pool_source": pool.source,
                       "pool_fingerprint": pool.fingerprint, "environment": self.keys.selection["environment"],
                       "diagnostics": selection.diagnostics, "stats": selection_stats(pool.rows, selection.indices)}
-            artifacts = [f for f in set(self.run_dir.iterdir()) - before if f.is_file()]
-            return record, artifacts
+            return record, selection.artifacts
 
         def save(value, d: Path):
             record, artifacts = value
             (d / "selection.json").write_text(json.dumps(record, indent=1, default=_np_default))
-            (d / "artifacts").mkdir()
-            for f in artifacts:
-                shutil.copy(f, d / "artifacts" / f.name)
+            write_files(d / "artifacts", artifacts)
 
         def load(d: Path):
-            for f in (d / "artifacts").glob("*"):  # the selector's plots, for this run's folder too
-                if not (self.run_dir / f.name).exists():
-                    shutil.copy(f, self.run_dir / f.name)
-            return _json(d / "selection.json"), []
+            return _json(d / "selection.json"), {f.name: f.read_bytes() for f in (d / "artifacts").glob("*")}
 
-        value = self.cached("select", "selection", self.keys.selection, compute, save, load, ranks="all")
+        record, artifacts = self.cached("select", "selection", self.keys.selection, compute, save, load, ranks="all")
+        if distributed.is_main():  # the selector's files (e.g. PASER's cluster map), fresh or cached
+            write_files(self.run_dir, artifacts)
         # a fresh computation's record goes through JSON like a cached one, so cold and warm runs agree
-        return json.loads(json.dumps(value[0], default=_np_default))
+        return json.loads(json.dumps(record, default=_np_default))
 
     def recover(self, selection: dict, pruned_fn):
         """(factory of the recovered model, recovery report), or (None, None) with recovery=none."""
@@ -489,6 +482,15 @@ def validation_split(pool_size: int, selected: list[int], val_size: int, seed: i
                           f"samples and the selection {len(selected)}; lower recovery.val_size")
     val = set(rng.choice(list(selected), val_size, replace=False).tolist())
     return [i for i in selected if i not in val], sorted(val), "held out of the selection"
+
+
+def write_files(folder: Path, files: dict[str, bytes]) -> None:
+    """Write a selector's artifacts (file name -> bytes) into ``folder``; names are plain file names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise ValueError(f"selector artifact name {name!r} must be a plain file name")
+        (folder / name).write_bytes(data)
 
 
 def merged(peft_model):

@@ -4,6 +4,7 @@ and one YAML file in its config group. This test writes those two files per kind
 
 from __future__ import annotations
 
+import json
 import textwrap
 
 from paser import pipeline
@@ -37,7 +38,9 @@ class LongestSelector:
 
     def select(self, pool, budget, ctx):
         order = sorted(range(len(pool)), key=lambda i: (-len(pool.rows[i]["output"]), i))
-        return Selection(indices=sorted(order[:budget]), diagnostics={"rule": "longest output"})
+        chosen = sorted(order[:budget])
+        return Selection(indices=chosen, diagnostics={"rule": "longest output"},
+                         artifacts={"chosen.txt": " ".join(map(str, chosen)).encode()})
 
 
 class ZeroFraction:
@@ -71,3 +74,7 @@ def test_a_new_pruner_selector_and_evaluator_need_one_module_and_one_yaml_each(t
     # the declared neutral knob is not in the key: the pruned model is reused
     again = pipeline.run(compose_config(overrides + ["pruner.verbose=true"], tmp_path), run_dir=tmp_path / "b")
     assert again["timings"]["prune"]["reused"]
+    # the selector's returned files reach the run folder, also from the cached selection
+    chosen = " ".join(map(str, json.loads((tmp_path / "run" / "selected_indices.json").read_text())))
+    assert (tmp_path / "run" / "chosen.txt").read_text() == chosen
+    assert again["timings"]["select"]["reused"] and (tmp_path / "b" / "chosen.txt").read_text() == chosen

@@ -516,7 +516,7 @@ def test_every_selector_selects(family, tmp_path):
     ctx = SelectionContext(tokenizer=TOK, original_model=lambda: original, pruned_model=lambda: pruned,
                            embedder=_Embedder, embedder_name="stub", cache=StageCache(tmp_path / "cache"),
                            cache_key={"model": family, "pruner": "p", "pool": "rows"}, seed=0,
-                           run_dir=tmp_path / "run", cutoff=128, batch_size=4)
+                           cutoff=128, batch_size=4)
     pool = Pool(rows=[dict(r) for r in ROWS], source="test", fingerprint="rows")
     selectors = {
         "paser": PaserSelector(n_components=2, n_neighbors=3, k_range=(2, 3), plot=False),

@@ -1,6 +1,7 @@
 """PaserSelector end to end on the tiny random Llama with a magnitude-pruned copy and a stub embedder."""
 
 import copy
+import io
 import json
 
 import numpy as np
@@ -53,7 +54,7 @@ def make_ctx(models, tmp_path, seed=0, calls=None):
                             pruned_model=factory(pruned, "pruned"), embedder=StubEmbedder,
                             embedder_name="stub", cache=StageCache(tmp_path / "cache"),
                             cache_key={"model": "tiny", "pruner": "mag50", "pool": "paser-test-pool"},
-                            seed=seed, run_dir=tmp_path / "run", cutoff=64, batch_size=4)
+                            seed=seed, cutoff=64, batch_size=4)
 
 
 SMALL = {"n_components": 4, "n_neighbors": 5, "k_range": (2, 6)}
@@ -73,9 +74,9 @@ def test_end_to_end_diagnostics_and_files(models, tmp_path):
     assert d["ccg"]["accepted"] == len(sel.indices) and d["ccg"]["concepts"] > 0
     assert set(d["stage_times_s"]) >= {"s2ric", "cdais", "ntm"}
     json.dumps(d)  # JSON-able for results.json
-    run = tmp_path / "run"
-    assert (run / "paser_clusters.png").stat().st_size > 1000
-    arrays = np.load(run / "paser_samples.npz")
+    png = sel.artifacts["paser_clusters.png"]
+    assert png.startswith(b"\x89PNG") and len(png) > 1000 and d["files"] == sorted(sel.artifacts)
+    arrays = np.load(io.BytesIO(sel.artifacts["paser_samples.npz"]))
     assert arrays["selected"].sum() == len(sel.indices) and arrays["labels"].shape == (len(pool),)
     assert np.allclose(arrays["divergence"], sel.scores)
 
@@ -111,7 +112,7 @@ def test_ablation_switches(models, tmp_path):
     one = PaserSelector(**SMALL, use_s2ric=False, use_ntm=False).select(pool, 9, make_ctx(models, tmp_path))
     assert one.diagnostics["clustering"]["n_clusters"] == 1 and "ccg" not in one.diagnostics
     # no clustering, no NTM: the global top 9 by IES
-    arrays = np.load(tmp_path / "run" / "paser_samples.npz")
+    arrays = np.load(io.BytesIO(one.artifacts["paser_samples.npz"]))
     assert sorted(np.argsort(-arrays["ies"], kind="stable")[:9].tolist()) == one.indices
     for kw in ({"reducer": "pca"}, {"divergence": "kl"}, {"divergence": "wasserstein", "span": "response"},
                {"allocation": "sqrt", "redistribute": True, "cluster_order": "cds"}, {"n_clusters": 2}):
@@ -153,7 +154,7 @@ def test_real_smollm_and_minilm(tmp_path):
     ctx = SelectionContext(tokenizer=tok, original_model=lambda: model, pruned_model=lambda: pruned,
                            embedder=load_embedder, embedder_name="all-MiniLM-L6-v2", cache=cache,
                            cache_key={"model": "smollm2", "pruner": "mag50", "pool": pool.fingerprint},
-                           seed=0, run_dir=tmp_path, cutoff=128, batch_size=8)
+                           seed=0, cutoff=128, batch_size=8)
     sel = PaserSelector(n_components=4, n_neighbors=5, k_range=(2, 8)).select(pool, 8, ctx)
     assert 0 < len(sel.indices) <= 8
     assert 0.0 < sel.diagnostics["jsd"]["mean"] < np.log(2)

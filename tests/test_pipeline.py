@@ -117,3 +117,14 @@ def test_pool_row_missing_a_field(compose_cfg, tmp_path):
     cfg = compose_cfg(TINY_RUN + ["data=jsonl", f"data.path={pool}", "data.subsample=null", "budget=1"])
     with pytest.raises(DataError, match=r"pool.jsonl:1: missing field\(s\) \['input'\]"):
         pipeline.run(cfg, run_dir=tmp_path / "r")
+
+
+def test_selector_artifacts_must_be_plain_file_names(tmp_path):
+    from paser.pipeline import write_files
+
+    write_files(tmp_path / "run", {"map.png": b"png"})
+    assert (tmp_path / "run" / "map.png").read_bytes() == b"png"
+    for name in ("../escape.txt", "sub/x.txt", ""):
+        with pytest.raises(ValueError, match="plain file name"):
+            write_files(tmp_path / "run", {name: b"x"})
+    assert not (tmp_path / "escape.txt").exists()

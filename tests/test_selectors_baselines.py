@@ -94,8 +94,7 @@ def make_ctx(tmp_path, embedder=None, cutoff=128, batch_size=4, seed=0):
     return SelectionContext(
         tokenizer=tok, original_model=lambda: original, pruned_model=lambda: pruned,
         embedder=lambda: embedder or StubEmbedder(), embedder_name="stub", cache=StageCache(tmp_path / "cache"),
-        cache_key={"model": "tiny", "pruner": "p", "pool": "pool"}, seed=seed, run_dir=tmp_path,
-        cutoff=cutoff, batch_size=batch_size)
+        cache_key={"model": "tiny", "pruner": "p", "pool": "pool"}, seed=seed, cutoff=cutoff, batch_size=batch_size)
 
 
 # ----------------------------------------------------------------------------- independent reference

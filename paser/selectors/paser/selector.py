@@ -13,10 +13,10 @@ Per-sample divergences are cached per (model, pruner config, pool, divergence se
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -236,24 +236,19 @@ class PaserSelector:
                            "mean_concepts_per_sample": walk["concepts_seen"] / max(examined, 1),
                            "rejected_examples": walk["rejected_examples"]}
         t = time.perf_counter()
-        files = self.write_artifacts(ctx.run_dir, labels, coords, div, key if self.use_cdais else None,
-                                     selected, rejected, cds)
+        artifacts = self.artifacts(labels, coords, div, key if self.use_cdais else None, selected, rejected, cds)
         times["artifacts"] = time.perf_counter() - t
-        diag["files"] = files
+        diag["files"] = sorted(artifacts)
         diag["stage_times_s"] = {k: round(v, 3) for k, v in times.items()}
         log.info("PASER: %d of %d selected from %d clusters; stage times %s", len(selected), budget,
                  n_clusters, diag["stage_times_s"])
         return Selection(indices=sorted(selected), diagnostics=diag,
-                         scores=None if div is None else div.astype(np.float64))
+                         scores=None if div is None else div.astype(np.float64), artifacts=artifacts)
 
     # ------------------------------------------------------------------ artifacts
 
-    def write_artifacts(self, run_dir, labels, coords, div, ies_values, selected, rejected, cds) -> list[str]:
-        """paser_samples.npz (per-sample arrays) and paser_clusters.png into ``run_dir``; names written."""
-        if run_dir is None:
-            return []
-        run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
+    def artifacts(self, labels, coords, div, ies_values, selected, rejected, cds) -> dict[str, bytes]:
+        """paser_samples.npz (per-sample arrays) and, with ``plot``, paser_clusters.png, as file contents."""
         n = len(labels)
         sel = np.zeros(n, dtype=bool)
         sel[selected] = True
@@ -266,13 +261,13 @@ class PaserSelector:
         if coords is not None:
             xy = coords[:, :2] if coords.shape[1] <= 2 else _pca2(coords)
             arrays["xy"] = xy.astype(np.float32)
-        np.savez_compressed(run_dir / "paser_samples.npz", **arrays)
-        names = ["paser_samples.npz"]
+        npz = io.BytesIO()
+        np.savez_compressed(npz, **arrays)
+        files = {"paser_samples.npz": npz.getvalue()}
         if self.plot and xy is not None:
-            plot_clusters(run_dir / "paser_clusters.png", xy, labels, cds, title=json.dumps(
+            files["paser_clusters.png"] = plot_clusters(xy, labels, cds, title=json.dumps(
                 {"reducer": self.reducer, "d": self.n_components, "K": int(labels.max()) + 1}))
-            names.append("paser_clusters.png")
-        return names
+        return files
 
 
 def _pca2(coords: np.ndarray) -> np.ndarray:
@@ -281,9 +276,9 @@ def _pca2(coords: np.ndarray) -> np.ndarray:
     return centred @ vt[:2].T
 
 
-def plot_clusters(path: Path, xy: np.ndarray, labels: np.ndarray, cds: np.ndarray | None, title: str = "",
-                  max_points: int = 30000) -> None:
-    """Scatter of the clusters in 2-D (first two principal axes of the reduced coordinates)."""
+def plot_clusters(xy: np.ndarray, labels: np.ndarray, cds: np.ndarray | None, title: str = "",
+                  max_points: int = 30000) -> bytes:
+    """PNG of the clusters in 2-D (first two principal axes of the reduced coordinates)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -301,5 +296,7 @@ def plot_clusters(path: Path, xy: np.ndarray, labels: np.ndarray, cds: np.ndarra
     ax.set_xticks([])
     ax.set_yticks([])
     fig.tight_layout()
-    fig.savefig(path)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
     plt.close(fig)
+    return png.getvalue()
