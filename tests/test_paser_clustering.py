@@ -141,3 +141,34 @@ def test_nmf_flushes_denormals_without_changing_its_result(monkeypatch):
         ref_labels, ref_err, ref_h = _nmf(coords, k, 0)
         assert ((ref_h > 0) & (ref_h < tiny)).any()  # this input does produce denormals
         assert (labels == ref_labels).all() and err == pytest.approx(ref_err, abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------ min_cluster_size
+
+def test_small_clusters_fold_into_the_nearest_centroid():
+    from paser.selectors.paser.clustering import merge_small_clusters
+
+    # clusters: A (5 points near 0), B (4 points near 10), C (1 point at 8, nearest to B), D (2 near -3)
+    coords = np.array([[0.0], [0.1], [0.2], [0.3], [0.4], [10.0], [10.1], [10.2], [10.3], [8.0], [-3.0], [-3.1]])
+    labels = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 3, 3])
+    same, merges = merge_small_clusters(labels, coords, 1)
+    assert merges == [] and same.tolist() == [0, 0, 0, 0, 0, 1, 1, 1, 1, 3, 2, 2]  # relabelled largest first
+    out, merges = merge_small_clusters(labels, coords, 2)  # C (1) goes to B
+    assert merges == [{"size": 1, "into_size": 4}]
+    assert np.bincount(out).tolist() == [5, 5, 2] and len(set(out[5:10])) == 1 and out[5] != out[0]
+    out, merges = merge_small_clusters(labels, coords, 3)  # C to B, then D (2) to A, its nearest
+    assert [m["size"] for m in merges] == [1, 2] and np.bincount(out).tolist() == [7, 5]
+    assert len(set(out[[0, 10, 11]])) == 1
+    out, _ = merge_small_clusters(labels, coords, 100)  # never fewer than one cluster
+    assert np.bincount(out).tolist() == [12]
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
+def test_min_cluster_size_is_checked_before_any_work(bad):
+    from paser.selectors.ifd import IFDSelector
+    from paser.selectors.paser.selector import PaserSelector
+
+    with pytest.raises(ConfigError, match="min_cluster_size"):
+        PaserSelector(min_cluster_size=bad)
+    with pytest.raises(ConfigError, match="selector.clustering.min_cluster_size"):
+        IFDSelector(cluster="s2ric", clustering={"min_cluster_size": bad})

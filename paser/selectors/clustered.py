@@ -23,8 +23,10 @@ log = logging.getLogger(__name__)
 
 CLUSTER_MODES = (None, "s2ric")
 CLUSTERING_DEFAULTS = {"reducer": "diffusion", "n_components": 16, "n_neighbors": 10, "n_clusters": "auto",
-                       "diffusion_time": "auto", "k_range": [2, 32], "allocation": "proportional"}
-CLUSTERING_KNOBS = ("reducer", "n_components", "n_neighbors", "n_clusters", "diffusion_time", "k_range")
+                       "diffusion_time": "auto", "k_range": [2, 32], "allocation": "proportional",
+                       "min_cluster_size": 1}
+CLUSTERING_KNOBS = ("reducer", "n_components", "n_neighbors", "n_clusters", "diffusion_time", "k_range",
+                    "min_cluster_size")
 
 
 @dataclass
@@ -132,6 +134,9 @@ class ScoredSelector:
                               f"allowed: {sorted(CLUSTERING_DEFAULTS)}")
         self.cluster = cluster
         self.clustering = {**CLUSTERING_DEFAULTS, **to_plain(clustering or {})}
+        from paser.selectors.paser.clustering import check_min_cluster_size
+
+        check_min_cluster_size(self.clustering["min_cluster_size"], "selector.clustering.min_cluster_size")
 
     def score(self, pool, ctx) -> Scored:
         raise NotImplementedError

@@ -385,6 +385,32 @@ def _compact(labels: np.ndarray) -> np.ndarray:
     return remap[labels]
 
 
+def check_min_cluster_size(value, key: str = "selector.min_cluster_size") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{key}={value!r} must be an integer >= 1 (1: keep every NMF cluster)")
+    return value
+
+
+def merge_small_clusters(labels: np.ndarray, coords: np.ndarray, min_size: int) -> tuple[np.ndarray, list[dict]]:
+    """Fold every cluster smaller than ``min_size`` into the cluster whose centroid (in ``coords``, the
+    reduced coordinates) is nearest, smallest first, until none is smaller or one is left; then relabel
+    largest first. Returns the labels and what was merged (sizes before each merge)."""
+    labels = labels.copy()
+    merges = []
+    while True:
+        sizes = np.bincount(labels)
+        present = np.flatnonzero(sizes)
+        small = [int(k) for k in present if sizes[k] < min_size]
+        if not small or len(present) == 1:
+            return _compact(labels), merges
+        k = min(small, key=lambda c: (sizes[c], c))
+        centroid = coords[labels == k].mean(0)
+        into = min((int(c) for c in present if c != k),
+                   key=lambda c: (float(np.linalg.norm(coords[labels == c].mean(0) - centroid)), c))
+        merges.append({"size": int(sizes[k]), "into_size": int(sizes[into])})
+        labels[labels == k] = into
+
+
 def knee(ks: list[int], errors: list[float]) -> int:
     """The elbow of a decreasing error curve: the K furthest below the first-to-last chord (normalised)."""
     if len(ks) < 3:
@@ -398,8 +424,11 @@ def knee(ks: list[int], errors: list[float]) -> int:
 
 
 def nmf_clusters(coords: np.ndarray, n_clusters: int | str = "auto", seed: int = 0,
-                 k_range: tuple[int, int] = DEFAULT_K_RANGE) -> tuple[np.ndarray, dict]:
-    """Labels 0..K-1 (largest cluster first) from NMF of the non-negative coordinates, and diagnostics."""
+                 k_range: tuple[int, int] = DEFAULT_K_RANGE, min_cluster_size: int = 1) -> tuple[np.ndarray, dict]:
+    """Labels 0..K-1 (largest cluster first) from NMF of the non-negative coordinates, and diagnostics.
+    Clusters smaller than ``min_cluster_size`` are folded into their nearest (``merge_small_clusters``;
+    1, the default and the paper's rule, merges none)."""
+    check_min_cluster_size(min_cluster_size)
     t0 = time.perf_counter()
     x = _nonnegative(coords)
     n = len(x)
@@ -423,7 +452,9 @@ def nmf_clusters(coords: np.ndarray, n_clusters: int | str = "auto", seed: int =
         diag["k_rule"] = "fixed"
     else:
         raise ConfigError(f"selector.n_clusters={n_clusters!r} must be 'auto' or an integer in 1..{n}")
-    labels = _compact(labels)
+    labels, merges = merge_small_clusters(_compact(labels), coords, min_cluster_size)
+    if min_cluster_size > 1:
+        diag.update(min_cluster_size=min_cluster_size, merged_clusters=merges)
     diag.update(n_clusters_requested=k, n_clusters=int(labels.max()) + 1,
                 cluster_sizes=np.bincount(labels).tolist(), time_nmf_s=round(time.perf_counter() - t0, 3))
     return labels, diag
@@ -433,10 +464,10 @@ def cluster_embeddings(embeddings: np.ndarray, reducer: str = "diffusion", n_com
                        n_neighbors: int = 10, n_clusters: int | str = "auto", seed: int = 0,
                        diffusion_time: int | str = "auto", k_range: tuple[int, int] = DEFAULT_K_RANGE,
                        device: torch.device | str | None = None,
-                       knn_exact_max: int = KNN_EXACT_MAX) -> tuple[np.ndarray, dict]:
+                       knn_exact_max: int = KNN_EXACT_MAX, min_cluster_size: int = 1) -> tuple[np.ndarray, dict]:
     """S²RIC: (labels 0..K-1 with cluster 0 the largest, diagnostics). See the module docstring."""
     coords, diag = reduce_embeddings(embeddings, reducer, n_components, n_neighbors, seed, diffusion_time,
                                      device, knn_exact_max)
-    labels, cdiag = nmf_clusters(coords, n_clusters, seed, k_range)
+    labels, cdiag = nmf_clusters(coords, n_clusters, seed, k_range, min_cluster_size)
     diag.update(cdiag)
     return labels, diag
