@@ -172,3 +172,38 @@ def test_min_cluster_size_is_checked_before_any_work(bad):
         PaserSelector(min_cluster_size=bad)
     with pytest.raises(ConfigError, match="selector.clustering.min_cluster_size"):
         IFDSelector(cluster="s2ric", clustering={"min_cluster_size": bad})
+
+
+# ------------------------------------------------------------------------------------ diffusion time
+
+def _graph(x, k=10):
+    from paser.selectors.paser.clustering import gaussian_affinity
+
+    idx, dist = knn_torch(x.astype(np.float32), k)
+    return gaussian_affinity(idx, dist)[0]
+
+
+def test_diffusion_time_from_a_real_gap():
+    from paser.selectors.paser.clustering import diffusion_map
+
+    rng = np.random.default_rng(0)  # three far-apart blobs: two eigenvalues near 1, then a gap
+    x = np.concatenate([rng.normal(c, 0.3, (100, 4)) for c in (0.0, 10.0, 20.0)])
+    _, d = diffusion_map(_graph(x), 8)
+    lam = d["eigenvalues"]
+    assert d["diffusion_time_rule"] == "spectral_gap" and d["spectral_gap_index"] == 2
+    # the smallest t with (λ3/λ2)^t <= 0.1, by hand
+    t = next(t for t in range(1, 100) if (lam[2] / lam[1]) ** t <= 0.1)
+    assert d["diffusion_time"] == t > 1
+
+
+def test_no_gap_means_t_1():
+    from paser.selectors.paser.clustering import MAX_GAP_DIFFUSION_TIME, diffusion_map
+
+    theta = np.linspace(0, 2 * np.pi, 400, endpoint=False)  # a ring: the spectrum decays smoothly
+    x = np.stack([np.cos(theta), np.sin(theta)], 1)
+    _, d = diffusion_map(_graph(x), 16)
+    lam = np.array(d["eigenvalues"])
+    ratio = max(lam[i] / lam[i + 1] for i in range(len(lam) - 1) if lam[i] - lam[i + 1] == max(-np.diff(lam)))
+    # the largest gap would need more than MAX_GAP_DIFFUSION_TIME steps to damp tenfold: no gap, t = 1
+    assert np.log(10) / np.log(ratio) > MAX_GAP_DIFFUSION_TIME
+    assert d["diffusion_time_rule"] == "no_gap" and d["diffusion_time"] == 1

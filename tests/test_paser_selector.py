@@ -70,6 +70,9 @@ def test_end_to_end_diagnostics_and_files(models, tmp_path):
     assert sum(c["size"] for c in d["clusters"]) == len(pool)
     assert all(c["selected"] <= c["n_k"] <= c["size"] for c in d["clusters"])
     assert d["clustering"]["n_clusters"] == 3  # the three planted topics
+    # each cluster is named by its topic's phrases (RAKE over instruction + input)
+    tops = {" | ".join(c["top_concepts"]) for c in d["clusters"]}
+    assert all(any(t in named for named in tops) for t in ("cooking", "astronomy", "coding")), tops
     assert 0 <= d["jsd"]["min"] <= d["jsd"]["max"] <= np.log(2)
     assert d["ccg"]["accepted"] == len(sel.indices) and d["ccg"]["concepts"] > 0
     assert set(d["stage_times_s"]) >= {"s2ric", "cdais", "ntm"}

@@ -70,6 +70,26 @@ def sample_concepts(row: dict, fields=("instruction", "input", "output"), top_k:
     return rake("\n".join(row.get(f) or "" for f in fields), top_k, max_words)
 
 
+def cluster_top_concepts(rows: list[dict], labels, top: int = 3, per_cluster: int = 200, seed: int = 0,
+                         fields=("instruction", "input")) -> list[list[str]]:
+    """Per cluster, the ``top`` concepts found in most of its samples (RAKE over the fields S²RIC embeds),
+    read on up to ``per_cluster`` seeded members: what a person needs to see what a cluster is about."""
+    import numpy as np
+
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(int(labels.max()) + 1 if len(labels) else 0):
+        members = np.flatnonzero(labels == k)
+        members = rng.choice(members, min(len(members), per_cluster), replace=False) if len(members) else members
+        counts: dict[str, int] = {}
+        for i in sorted(members.tolist()):
+            for c in set(sample_concepts(rows[i], fields, top_k=None)):
+                counts[c] = counts.get(c, 0) + 1
+        out.append(sorted(counts, key=lambda c: (-counts[c], c))[:top])
+    return out
+
+
 class ConceptGraph:
     """The Concept Consistency Graph: concepts as vertices, co-occurrence in accepted samples as edges."""
 

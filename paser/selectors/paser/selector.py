@@ -33,7 +33,7 @@ from paser.selectors.paser.clustering import (
     nmf_clusters,
     reduce_embeddings,
 )
-from paser.selectors.paser.concepts import STOPWORDS_FILE, ConceptGraph, sample_concepts
+from paser.selectors.paser.concepts import STOPWORDS_FILE, ConceptGraph, cluster_top_concepts, sample_concepts
 from paser.selectors.paser.divergence import (
     DIVERGENCES,
     REDUCTIONS,
@@ -225,11 +225,13 @@ class PaserSelector:
         taken, rejected_k = walk["taken"], walk["rejected_per_cluster"]
         times["ntm"] = time.perf_counter() - t
 
+        topics = cluster_top_concepts(pool.rows, labels, seed=ctx.seed) if self.use_s2ric else [[]]
         diag = {
             "budget": int(budget), "selected": len(selected), "unfilled": int(budget - len(selected)),
             "switches": {"use_s2ric": self.use_s2ric, "use_cdais": self.use_cdais, "use_ntm": self.use_ntm},
             "clustering": cdiag,
-            "clusters": [{"cluster": k, "size": int(sizes[k]), "cds": None if cds is None else float(cds[k]),
+            "clusters": [{"cluster": k, "size": int(sizes[k]), "top_concepts": topics[k],
+                          "cds": None if cds is None else float(cds[k]),
                           "n_k": int(n_k[k]), "selected": int(taken[k]), "rejected": int(rejected_k[k])}
                          for k in range(n_clusters)],
             "allocated": int(n_k.sum()),
@@ -243,7 +245,8 @@ class PaserSelector:
                            "mean_concepts_per_sample": walk["concepts_seen"] / max(examined, 1),
                            "rejected_examples": walk["rejected_examples"]}
         t = time.perf_counter()
-        artifacts = self.artifacts(labels, coords, div, key if self.use_cdais else None, selected, rejected, cds)
+        artifacts = self.artifacts(labels, coords, div, key if self.use_cdais else None, selected, rejected, cds,
+                                   topics)
         times["artifacts"] = time.perf_counter() - t
         diag["files"] = sorted(artifacts)
         diag["stage_times_s"] = {k: round(v, 3) for k, v in times.items()}
@@ -254,7 +257,7 @@ class PaserSelector:
 
     # ------------------------------------------------------------------ artifacts
 
-    def artifacts(self, labels, coords, div, ies_values, selected, rejected, cds) -> dict[str, bytes]:
+    def artifacts(self, labels, coords, div, ies_values, selected, rejected, cds, topics) -> dict[str, bytes]:
         """paser_samples.npz (per-sample arrays) and, with ``plot``, paser_clusters.png, as file contents."""
         n = len(labels)
         sel = np.zeros(n, dtype=bool)
@@ -272,7 +275,7 @@ class PaserSelector:
         np.savez_compressed(npz, **arrays)
         files = {"paser_samples.npz": npz.getvalue()}
         if self.plot and xy is not None:
-            files["paser_clusters.png"] = plot_clusters(xy, labels, cds, title=json.dumps(
+            files["paser_clusters.png"] = plot_clusters(xy, labels, cds, topics, title=json.dumps(
                 {"reducer": self.reducer, "d": self.n_components, "K": int(labels.max()) + 1}))
         return files
 
@@ -283,8 +286,8 @@ def _pca2(coords: np.ndarray) -> np.ndarray:
     return centred @ vt[:2].T
 
 
-def plot_clusters(xy: np.ndarray, labels: np.ndarray, cds: np.ndarray | None, title: str = "",
-                  max_points: int = 30000) -> bytes:
+def plot_clusters(xy: np.ndarray, labels: np.ndarray, cds: np.ndarray | None, topics: list[list[str]],
+                  title: str = "", max_points: int = 30000) -> bytes:
     """PNG of the clusters in 2-D (first two principal axes of the reduced coordinates)."""
     import matplotlib
 
@@ -297,6 +300,7 @@ def plot_clusters(xy: np.ndarray, labels: np.ndarray, cds: np.ndarray | None, ti
     for k in range(int(labels.max()) + 1):
         m = keep[labels[keep] == k]
         lab = f"c{k} (n={int((labels == k).sum())}" + (f", CDS={cds[k]:.4f})" if cds is not None else ")")
+        lab += (": " + ", ".join(topics[k])) if topics[k] else ""
         ax.scatter(xy[m, 0], xy[m, 1], s=2, color=cmap(k % 20), label=lab, rasterized=True)
     ax.legend(fontsize=6, markerscale=4, loc="best", ncol=1 + int(labels.max()) // 16)
     ax.set_title(f"PASER clusters {title}", fontsize=8)
