@@ -1,0 +1,141 @@
+"""How healthy are S²RIC's clusters on real instructions? Balance and stability, old vs current t rule.
+
+    python scripts/s2ric_health.py                          # the embedded default pool (1,000 Alpaca samples)
+    python scripts/s2ric_health.py --pool full --seeds 0 1  # all 52,002 Alpaca samples (~25 min on 2 cores)
+
+For each d in --dims and seed in --seeds, S²RIC runs on the pool's MiniLM embeddings (instruction + input,
+as PASER embeds them) with the current diffusion-time rule (``diffusion_time: auto``: t from the spectral
+gap where there is one, else 1) and with the rule before it (t from the largest eigenvalue difference
+whatever its size, capped at 100), computed from the same eigenvalues. Per run: t, K, the largest
+cluster's share of the pool, the smallest cluster, the normalised entropy of the cluster sizes (1 = all
+equal) and, per rule, stability: adjusted Rand index (and plain Rand index, which the PASER authors report)
+between seeds at d = 16 and between each d and d = 16 at the first seed. Prints markdown; --out writes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from paser.embedding import instruction_text, load_embedder
+from paser.hardware import cpu_model, has_amx
+from paser.selectors.paser.clustering import nmf_clusters, reduce_embeddings
+
+
+def pool_rows(which: str, data_dir: Path) -> tuple[list[dict], str]:
+    """The embedded default's pool (conf/data/alpaca.yaml: 1,000 seeded samples) or all of Alpaca."""
+    from paser.data import load_pool
+
+    pool = load_pool(str(data_dir / "alpaca" / "alpaca_data.jsonl"), subsample=None if which == "full" else 1000)
+    return pool.rows, pool.source.replace(str(data_dir), "<data_dir>")
+
+
+def embeddings(rows: list[dict], cache: Path) -> np.ndarray:
+    """MiniLM embeddings (L2-normalised) of instruction + input, cached on disk by the texts' hash."""
+    texts = [instruction_text(r) for r in rows]
+    path = cache / f"minilm_{hashlib.sha256(chr(0).join(texts).encode()).hexdigest()[:16]}.npy"
+    if path.is_file():
+        return np.load(path)
+    x = load_embedder().encode(texts, batch_size=128, normalize_embeddings=True, convert_to_numpy=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    np.save(path, x.astype(np.float32))
+    return x
+
+
+def legacy_t(eigenvalues: list[float]) -> int:
+    """The rule before: t from the largest eigenvalue difference, however small, capped at 100."""
+    vals = np.asarray(eigenvalues)
+    j = int(np.argmax(vals[:-1] - vals[1:]))
+    lo, hi = vals[j + 1], vals[j]
+    return 1 if lo <= 0 or hi <= lo else int(min(100, max(1, math.ceil(math.log(10) / math.log(hi / lo)))))
+
+
+def balance(labels: np.ndarray) -> dict:
+    sizes = np.bincount(labels)
+    p = sizes / sizes.sum()
+    entropy = float(-(p * np.log(p)).sum() / math.log(len(p))) if len(p) > 1 else 0.0
+    return {"K": len(sizes), "largest_share": float(p.max()), "smallest": int(sizes.min()), "entropy": entropy}
+
+
+def run(x: np.ndarray, d: int, seed: int) -> dict:
+    """Both rules on one (d, seed): the current one (auto) and the legacy t, from the same eigenvalues."""
+    out = {}
+    start = time.perf_counter()
+    coords, diag = reduce_embeddings(x, "diffusion", d, 10, seed, "auto")
+    labels, _ = nmf_clusters(coords, "auto", seed)
+    out["current"] = {"t": diag["diffusion_time"], "rule": diag["diffusion_time_rule"], "labels": labels,
+                      **balance(labels)}
+    t_old = legacy_t(diag["eigenvalues"])
+    if t_old == diag["diffusion_time"]:
+        out["legacy"] = {**out["current"], "rule": "same"}
+    else:
+        old_coords, _ = reduce_embeddings(x, "diffusion", d, 10, seed, t_old)
+        old_labels, _ = nmf_clusters(old_coords, "auto", seed)
+        out["legacy"] = {"t": t_old, "rule": "largest_difference", "labels": old_labels, **balance(old_labels)}
+    out["seconds"] = time.perf_counter() - start
+    return out
+
+
+def main() -> int:
+    from sklearn.metrics import adjusted_rand_score, rand_score
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pool", choices=("default", "full"), default="default")
+    ap.add_argument("--dims", type=int, nargs="+", default=[4, 8, 16, 32, 64])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
+    ap.add_argument("--cache", type=Path, default=ROOT / ".cache" / "paser" / "s2ric_health")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    if 16 not in args.dims:
+        args.dims.append(16)
+    rows, what = pool_rows(args.pool, args.data_dir)
+    x = embeddings(rows, args.cache)
+    runs = {}
+    for d, seed in sorted({(d, args.seeds[0]) for d in args.dims} | {(16, s) for s in args.seeds}):
+        runs[d, seed] = run(x, d, seed)
+        print(f"d={d} seed={seed}: " + "; ".join(f"{r} t={v['t']} K={v['K']} largest={v['largest_share']:.2f}"
+                                                 for r, v in runs[d, seed].items() if r != "seconds")
+              + f" ({runs[d, seed]['seconds']:.0f} s)", flush=True)
+    lines = [f"# S²RIC cluster health: {what}", "",
+             (f"`python scripts/s2ric_health.py --pool {args.pool} --dims {' '.join(map(str, args.dims))} "
+              f"--seeds {' '.join(map(str, args.seeds))}`; host: {cpu_model()}"
+              f"{' (AMX-BF16)' if has_amx() else ''}; MiniLM embeddings of instruction + input, kNN k = 10, "
+              "K by the NMF error elbow over 2..32."), "",
+             "| d | seed | rule | t | K | largest cluster | smallest | size entropy |", "|---|---|---|---|---|---|---|---|"]
+    for (d, seed), r in sorted(runs.items()):
+        for rule in ("legacy", "current"):
+            v = r[rule]
+            lines.append(f"| {d} | {seed} | {rule} ({v['rule']}) | {v['t']} | {v['K']} | {v['largest_share']:.1%} | "
+                         f"{v['smallest']} | {v['entropy']:.3f} |")
+    lines += ["", "Stability (agreement of two clusterings; ARI 0 = chance, 1 = identical; RI = plain Rand index):", "",
+              "| rule | between | pairs | ARI mean (min) | RI mean (min) |", "|---|---|---|---|---|"]
+    for rule in ("legacy", "current"):
+        groups = {"seeds at d = 16": list(itertools.combinations([(16, s) for s in args.seeds], 2)),
+                  "each d vs d = 16": [((d, args.seeds[0]), (16, args.seeds[0])) for d in args.dims if d != 16]}
+        for name, pairs in groups.items():
+            if not pairs:
+                continue
+            ari = [adjusted_rand_score(runs[a][rule]["labels"], runs[b][rule]["labels"]) for a, b in pairs]
+            ri = [rand_score(runs[a][rule]["labels"], runs[b][rule]["labels"]) for a, b in pairs]
+            lines.append(f"| {rule} | {name} | {len(pairs)} | {np.mean(ari):.3f} ({min(ari):.3f}) | "
+                         f"{np.mean(ri):.3f} ({min(ri):.3f}) |")
+    text = "\n".join(lines) + "\n"
+    print("\n" + text)
+    if args.out:
+        args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
