@@ -1,12 +1,13 @@
-"""How healthy are S²RIC's clusters on real instructions? Balance and stability, old vs current t rule.
+"""How healthy are S²RIC's clusters on real instructions? Balance and stability, former vs current rules.
 
     python scripts/s2ric_health.py                          # the embedded default pool (1,000 Alpaca samples)
     python scripts/s2ric_health.py --pool full --seeds 0 1  # all 52,002 Alpaca samples (~25 min on 2 cores)
 
 For each d in --dims and seed in --seeds, S²RIC runs on the pool's MiniLM embeddings (instruction + input,
-as PASER embeds them) with the current diffusion-time rule (``diffusion_time: auto``: t from the spectral
-gap where there is one, else 1) and with the rule before it (t from the largest eigenvalue difference
-whatever its size, capped at 100), computed from the same eigenvalues. Per run: t, K, the largest
+as PASER embeds them) as it does now (``diffusion_time: auto``: t from the spectral gap where there is one,
+else 1; each sample's coordinates scaled to unit length before NMF) and as it did before (t from the largest
+eigenvalue difference whatever its size, capped at 100, computed from the same eigenvalues; no row
+normalisation). Per run: t, K, the largest
 cluster's share of the pool, the smallest cluster, the normalised entropy of the cluster sizes (1 = all
 equal) and, per rule, stability: adjusted Rand index (and plain Rand index, which the PASER authors report)
 between seeds at d = 16 and between each d and d = 16 at the first seed. Prints markdown; --out writes it.
@@ -76,12 +77,10 @@ def run(x: np.ndarray, d: int, seed: int) -> dict:
     out["current"] = {"t": diag["diffusion_time"], "rule": diag["diffusion_time_rule"], "labels": labels,
                       **balance(labels)}
     t_old = legacy_t(diag["eigenvalues"])
-    if t_old == diag["diffusion_time"]:
-        out["legacy"] = {**out["current"], "rule": "same"}
-    else:
-        old_coords, _ = reduce_embeddings(x, "diffusion", d, 10, seed, t_old)
-        old_labels, _ = nmf_clusters(old_coords, "auto", seed)
-        out["legacy"] = {"t": t_old, "rule": "largest_difference", "labels": old_labels, **balance(old_labels)}
+    if t_old != diag["diffusion_time"]:
+        coords, _ = reduce_embeddings(x, "diffusion", d, 10, seed, t_old)
+    old_labels, _ = nmf_clusters(coords, "auto", seed, row_normalize=False)
+    out["legacy"] = {"t": t_old, "rule": "largest_difference", "labels": old_labels, **balance(old_labels)}
     out["seconds"] = time.perf_counter() - start
     return out
 
@@ -116,7 +115,7 @@ def main() -> int:
     for (d, seed), r in sorted(runs.items()):
         for rule in ("legacy", "current"):
             v = r[rule]
-            lines.append(f"| {d} | {seed} | {rule} ({v['rule']}) | {v['t']} | {v['K']} | {v['largest_share']:.1%} | "
+            lines.append(f"| {d} | {seed} | {rule} (t: {v['rule']}) | {v['t']} | {v['K']} | {v['largest_share']:.1%} | "
                          f"{v['smallest']} | {v['entropy']:.3f} |")
     lines += ["", "Stability (agreement of two clusterings; ARI 0 = chance, 1 = identical; RI = plain Rand index):", "",
               "| rule | between | pairs | ARI mean (min) | RI mean (min) |", "|---|---|---|---|---|"]

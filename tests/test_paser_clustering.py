@@ -207,3 +207,17 @@ def test_no_gap_means_t_1():
     # the largest gap would need more than MAX_GAP_DIFFUSION_TIME steps to damp tenfold: no gap, t = 1
     assert np.log(10) / np.log(ratio) > MAX_GAP_DIFFUSION_TIME
     assert d["diffusion_time_rule"] == "no_gap" and d["diffusion_time"] == 1
+
+
+def test_row_normalised_nmf_places_samples_by_direction():
+    from paser.selectors.paser.clustering import nmf_clusters
+
+    rng = np.random.default_rng(0)  # three overlapping directions
+    coords = np.concatenate([d + rng.normal(0, 0.2, (40, 4)) for d in np.eye(4)[:3] + 1.0]).astype(np.float32)
+    scaled = coords * rng.uniform(0.01, 100, (len(coords), 1)).astype(np.float32)  # how strongly each loads
+    labels = nmf_clusters(coords, 3, 0)[0]
+    assert adjusted_rand_score(nmf_clusters(scaled, 3, 0)[0], labels) == 1.0  # direction alone decides
+    assert adjusted_rand_score(labels, np.repeat([0, 1, 2], 40)) > 0.9
+    # without it, a sample's magnitude moves it to another cluster
+    plain = [nmf_clusters(c, 3, 0, row_normalize=False)[0] for c in (coords, scaled)]
+    assert adjusted_rand_score(*plain) < 0.95  # 0.90 here

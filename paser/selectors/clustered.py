@@ -24,9 +24,9 @@ log = logging.getLogger(__name__)
 CLUSTER_MODES = (None, "s2ric")
 CLUSTERING_DEFAULTS = {"reducer": "diffusion", "n_components": 16, "n_neighbors": 10, "n_clusters": "auto",
                        "diffusion_time": "auto", "k_range": [2, 32], "allocation": "proportional",
-                       "min_cluster_size": 1}
+                       "min_cluster_size": 1, "row_normalize": True}
 CLUSTERING_KNOBS = ("reducer", "n_components", "n_neighbors", "n_clusters", "diffusion_time", "k_range",
-                    "min_cluster_size")
+                    "min_cluster_size", "row_normalize")
 
 
 @dataclass

@@ -24,7 +24,11 @@ counts only if it damps tenfold within ``MAX_GAP_DIFFUSION_TIME`` (20) steps, i.
 (three disconnected blobs: λ 1, 1, 0.83, a ratio of 1.21, t = 13); otherwise the spectrum has no gap and
 t = 1 (the diagnostics say which rule applied).
 
-NMF clustering: the reduced coordinates Y (N×d, signed) are made non-negative as X = [max(Y,0), max(−Y,0)]
+NMF clustering: each sample's reduced coordinates are first scaled to unit length (``row_normalize``, the
+Ng-Jordan-Weiss step: on all of Alpaca the leading diffusion coordinates localise on small dense groups,
+most samples load weakly on all of them, and without it NMF gathered those into one cluster of 37% of the
+pool at d = 16; with it the largest holds 25%, see experiments/s2ric_health_52k.md). The coordinates Y
+(N×d, signed) are then made non-negative as X = [max(Y,0), max(−Y,0)]
 (N×2d); X Xᵀ is then a non-negative affinity, and factoring X ≈ W H gives X Xᵀ ≈ W (H Hᵀ) Wᵀ without ever
 forming the N×N matrix (the official code factors a dense |Y Yᵀ|). A sample goes to argmax_k W_ik·‖H_k‖,
 which does not depend on NMF's arbitrary per-component scaling.
@@ -433,12 +437,17 @@ def knee(ks: list[int], errors: list[float]) -> int:
 
 
 def nmf_clusters(coords: np.ndarray, n_clusters: int | str = "auto", seed: int = 0,
-                 k_range: tuple[int, int] = DEFAULT_K_RANGE, min_cluster_size: int = 1) -> tuple[np.ndarray, dict]:
+                 k_range: tuple[int, int] = DEFAULT_K_RANGE, min_cluster_size: int = 1,
+                 row_normalize: bool = True) -> tuple[np.ndarray, dict]:
     """Labels 0..K-1 (largest cluster first) from NMF of the non-negative coordinates, and diagnostics.
-    Clusters smaller than ``min_cluster_size`` are folded into their nearest (``merge_small_clusters``;
-    1, the default and the paper's rule, merges none)."""
+    With ``row_normalize`` each sample's coordinates are scaled to unit length first (the Ng-Jordan-Weiss
+    step of spectral clustering: a sample is placed by its direction, not by how strongly it loads on the
+    leading eigenvectors; see the module docstring). Clusters smaller than ``min_cluster_size`` are folded
+    into their nearest (``merge_small_clusters``; 1, the default and the paper's rule, merges none)."""
     check_min_cluster_size(min_cluster_size)
     t0 = time.perf_counter()
+    if row_normalize:
+        coords = coords / np.maximum(np.linalg.norm(coords, axis=1, keepdims=True), 1e-12)
     x = _nonnegative(coords)
     n = len(x)
     diag: dict = {}
@@ -473,10 +482,11 @@ def cluster_embeddings(embeddings: np.ndarray, reducer: str = "diffusion", n_com
                        n_neighbors: int = 10, n_clusters: int | str = "auto", seed: int = 0,
                        diffusion_time: int | str = "auto", k_range: tuple[int, int] = DEFAULT_K_RANGE,
                        device: torch.device | str | None = None,
-                       knn_exact_max: int = KNN_EXACT_MAX, min_cluster_size: int = 1) -> tuple[np.ndarray, dict]:
+                       knn_exact_max: int = KNN_EXACT_MAX, min_cluster_size: int = 1,
+                       row_normalize: bool = True) -> tuple[np.ndarray, dict]:
     """S²RIC: (labels 0..K-1 with cluster 0 the largest, diagnostics). See the module docstring."""
     coords, diag = reduce_embeddings(embeddings, reducer, n_components, n_neighbors, seed, diffusion_time,
                                      device, knn_exact_max)
-    labels, cdiag = nmf_clusters(coords, n_clusters, seed, k_range, min_cluster_size)
+    labels, cdiag = nmf_clusters(coords, n_clusters, seed, k_range, min_cluster_size, row_normalize)
     diag.update(cdiag)
     return labels, diag

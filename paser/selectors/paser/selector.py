@@ -111,7 +111,8 @@ class PaserSelector:
                  reduction: str = "mean", allocation: str = "proportional", redistribute: bool = True,
                  ies_log: bool = True, ies_length: str = "tokens", cluster_order: str = "index",
                  concept_top_k: int | None = 5, concept_max_words: int | None = 3,
-                 concept_fields=FIELDS, plot: bool = True, min_cluster_size: int = 1):
+                 concept_fields=FIELDS, plot: bool = True, min_cluster_size: int = 1,
+                 row_normalize: bool = True):
         self.use_s2ric, self.use_cdais, self.use_ntm = bool(use_s2ric), bool(use_cdais), bool(use_ntm)
         self.embed_input = bool(embed_input)
         self.reducer = check_choice("reducer", reducer, REDUCERS)
@@ -124,6 +125,7 @@ class PaserSelector:
             raise ConfigError(f"selector.k_range={list(k_range)} must be [min, max]")
         self.diffusion_time = diffusion_time
         self.min_cluster_size = check_min_cluster_size(min_cluster_size)
+        self.row_normalize = bool(row_normalize)
         self.divergence = check_choice("divergence", divergence, DIVERGENCES)
         self.span = check_choice("span", span, SPANS)
         self.reduction = check_choice("reduction", reduction, REDUCTIONS)
@@ -153,7 +155,8 @@ class PaserSelector:
         emb = embed_pool(ctx, pool.rows, with_input=self.embed_input)
         coords, diag = reduce_embeddings(emb, self.reducer, self.n_components, self.n_neighbors, ctx.seed,
                                          self.diffusion_time, device=ctx.device)
-        labels, cdiag = nmf_clusters(coords, self.n_clusters, ctx.seed, self.k_range, self.min_cluster_size)
+        labels, cdiag = nmf_clusters(coords, self.n_clusters, ctx.seed, self.k_range, self.min_cluster_size,
+                                     self.row_normalize)
         diag.update(cdiag)
         return labels, coords, diag
 
