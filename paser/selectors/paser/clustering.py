@@ -25,9 +25,9 @@ counts only if it damps tenfold within ``MAX_GAP_DIFFUSION_TIME`` (20) steps, i.
 t = 1 (the diagnostics say which rule applied).
 
 NMF clustering: each sample's reduced coordinates are first scaled to unit length (``row_normalize``, the
-Ng-Jordan-Weiss step: on all of Alpaca the leading diffusion coordinates localise on small dense groups,
-most samples load weakly on all of them, and without it NMF gathered those into one cluster of 37% of the
-pool at d = 16; with it the largest holds 25%, see experiments/s2ric_health_52k.md). The coordinates Y
+Ng-Jordan-Weiss step: a sample's place is its direction, while its length says how strongly it loads on
+the coordinates; on all of Alpaca at d = 16, without it one NMF cluster held 37% of the pool, with it the
+largest holds 25%, see experiments/s2ric_health_52k.md). The coordinates Y
 (N×d, signed) are then made non-negative as X = [max(Y,0), max(−Y,0)]
 (N×2d); X Xᵀ is then a non-negative affinity, and factoring X ≈ W H gives X Xᵀ ≈ W (H Hᵀ) Wᵀ without ever
 forming the N×N matrix (the official code factors a dense |Y Yᵀ|). A sample goes to argmax_k W_ik·‖H_k‖,
