@@ -20,6 +20,8 @@ from functools import lru_cache
 from importlib.resources import files
 from itertools import combinations
 
+import numpy as np
+
 WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 DELIMITERS = re.compile(r"[.,;:!?()\[\]{}\"“”‘’\n\t|/\\<>=*#…–—-]+")
 
@@ -74,8 +76,6 @@ def cluster_top_concepts(rows: list[dict], labels, top: int = 3, per_cluster: in
                          fields=("instruction", "input")) -> list[list[str]]:
     """Per cluster, the ``top`` concepts found in most of its samples (RAKE over the fields S²RIC embeds),
     read on up to ``per_cluster`` seeded members: what a person needs to see what a cluster is about."""
-    import numpy as np
-
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
     out = []
