@@ -478,15 +478,21 @@ def nmf_clusters(coords: np.ndarray, n_clusters: int | str = "auto", seed: int =
     return labels, diag
 
 
-def cluster_embeddings(embeddings: np.ndarray, reducer: str = "diffusion", n_components: int = 16,
-                       n_neighbors: int = 10, n_clusters: int | str = "auto", seed: int = 0,
-                       diffusion_time: int | str = "auto", k_range: tuple[int, int] = DEFAULT_K_RANGE,
-                       device: torch.device | str | None = None,
-                       knn_exact_max: int = KNN_EXACT_MAX, min_cluster_size: int = 1,
-                       row_normalize: bool = True) -> tuple[np.ndarray, dict]:
-    """S²RIC: (labels 0..K-1 with cluster 0 the largest, diagnostics). See the module docstring."""
+def s2ric_clusters(embeddings: np.ndarray, reducer: str = "diffusion", n_components: int = 16,
+                   n_neighbors: int = 10, n_clusters: int | str = "auto", seed: int = 0,
+                   diffusion_time: int | str = "auto", k_range: tuple[int, int] = DEFAULT_K_RANGE,
+                   device: torch.device | str | None = None, knn_exact_max: int = KNN_EXACT_MAX,
+                   min_cluster_size: int = 1, row_normalize: bool = True) -> tuple[np.ndarray, np.ndarray, dict]:
+    """S²RIC, the one implementation PASER and the hybrids share: (labels 0..K-1 with cluster 0 the largest,
+    the reduced coordinates, diagnostics). See the module docstring."""
     coords, diag = reduce_embeddings(embeddings, reducer, n_components, n_neighbors, seed, diffusion_time,
                                      device, knn_exact_max)
     labels, cdiag = nmf_clusters(coords, n_clusters, seed, k_range, min_cluster_size, row_normalize)
     diag.update(cdiag)
+    return labels, coords, diag
+
+
+def cluster_embeddings(embeddings: np.ndarray, **knobs) -> tuple[np.ndarray, dict]:
+    """``s2ric_clusters`` without the coordinates: (labels, diagnostics)."""
+    labels, _, diag = s2ric_clusters(embeddings, **knobs)
     return labels, diag

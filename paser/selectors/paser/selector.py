@@ -26,13 +26,7 @@ from paser.data import encode_pool
 from paser.embedding import embed_pool
 from paser.errors import ConfigError
 from paser.selectors.paser.allocation import RULES, allocate_budget
-from paser.selectors.paser.clustering import (
-    DEFAULT_K_RANGE,
-    REDUCERS,
-    check_min_cluster_size,
-    nmf_clusters,
-    reduce_embeddings,
-)
+from paser.selectors.paser.clustering import DEFAULT_K_RANGE, REDUCERS, check_min_cluster_size, s2ric_clusters
 from paser.selectors.paser.concepts import STOPWORDS_FILE, ConceptGraph, cluster_top_concepts, sample_concepts
 from paser.selectors.paser.divergence import (
     DIVERGENCES,
@@ -152,13 +146,10 @@ class PaserSelector:
         """(labels, reduced coordinates or None, diagnostics)."""
         if not self.use_s2ric:
             return np.zeros(len(pool), dtype=np.int64), None, {"n_clusters": 1, "reducer": None}
-        emb = embed_pool(ctx, pool.rows, with_input=self.embed_input)
-        coords, diag = reduce_embeddings(emb, self.reducer, self.n_components, self.n_neighbors, ctx.seed,
-                                         self.diffusion_time, device=ctx.device)
-        labels, cdiag = nmf_clusters(coords, self.n_clusters, ctx.seed, self.k_range, self.min_cluster_size,
-                                     self.row_normalize)
-        diag.update(cdiag)
-        return labels, coords, diag
+        return s2ric_clusters(embed_pool(ctx, pool.rows, with_input=self.embed_input), self.reducer,
+                              self.n_components, self.n_neighbors, self.n_clusters, ctx.seed, self.diffusion_time,
+                              self.k_range, ctx.device, min_cluster_size=self.min_cluster_size,
+                              row_normalize=self.row_normalize)
 
     def sequences(self, pool, ctx) -> tuple[list[list[int]], list[tuple[int, int]], np.ndarray]:
         """(token sequences, per-sample position bounds, lengths L = |x|+|y| for the IES)."""
