@@ -608,6 +608,18 @@ def headline(m: dict) -> list:
     return [ppl.get("wikitext2", {}).get("ppl"), ppl.get("ptb", {}).get("ppl"), zs.get("mean")]
 
 
+def gap_closed(metrics: dict) -> dict[str, float]:
+    """Per perplexity corpus, the share of the pruning gap that recovery closed:
+    (ppl_pruned - ppl_recovered) / (ppl_pruned - ppl_dense); empty without a recovered model."""
+    states = [(metrics.get(s) or {}).get("ppl") or {} for s in ("dense", "pruned", "recovered")]
+    out = {}
+    for name in states[2]:
+        dense, pruned, recovered = (st.get(name, {}).get("ppl") for st in states)
+        if None not in (dense, pruned, recovered) and pruned != dense:
+            out[name] = (pruned - recovered) / (pruned - dense)
+    return out
+
+
 def summary_table(results: dict) -> str:
     def fmt(v):
         return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
@@ -615,6 +627,10 @@ def summary_table(results: dict) -> str:
     lines = [f"\n{'model state':<12} {'WikiText-2':>12} {'PTB':>12} {'0-shot mean':>12}"]
     for state, m in results["metrics"].items():
         lines.append(f"{state:<12} " + " ".join(f"{fmt(v):>12}" for v in headline(m)))
+    closed = gap_closed(results["metrics"])
+    if closed:
+        lines.append("recovery closed " + ", ".join(f"{share:.1%} of the {name} gap" for name, share in closed.items())
+                     + " (pruned -> dense)")
     t = results["timings"]
     lines.append("stages: " + ", ".join(f"{k} {v['seconds']:.1f}s{' (cached)' if v['reused'] else ''}"
                                         for k, v in t.items() if isinstance(v, dict)))

@@ -128,3 +128,16 @@ def test_selector_artifacts_must_be_plain_file_names(tmp_path):
         with pytest.raises(ValueError, match="plain file name"):
             write_files(tmp_path / "run", {name: b"x"})
     assert not (tmp_path / "escape.txt").exists()
+
+
+def test_summary_says_how_much_of_the_gap_recovery_closed():
+    from paser.pipeline import gap_closed, summary_table
+
+    metrics = {"dense": {"ppl": {"wikitext2": {"ppl": 50.0}, "ptb": {"ppl": 100.0}}},
+               "pruned": {"ppl": {"wikitext2": {"ppl": 250.0}, "ptb": {"ppl": 300.0}}},
+               "recovered": {"ppl": {"wikitext2": {"ppl": 200.0}, "ptb": {"ppl": 310.0}}}}
+    assert gap_closed(metrics) == {"wikitext2": 0.25, "ptb": -0.05}  # (250-200)/(250-50), (300-310)/(300-100)
+    assert gap_closed({k: v for k, v in metrics.items() if k != "recovered"}) == {}
+    text = summary_table({"metrics": metrics, "timings": {}, "run_dir": "r",
+                          "selection": {"stats": {"selected": 1}, "pool_size": 2}})
+    assert "recovery closed 25.0% of the wikitext2 gap, -5.0% of the ptb gap" in text
