@@ -19,6 +19,9 @@ Tolerances (device result vs CPU result), by the dtype the compared numbers were
     selection     overlap |S_dev ∩ S_cpu| / |S| >= 0.9 in fp32, >= 0.8 in bf16 (scores differ in the third
                   digit, so samples near the budget's edge can swap; S²RIC's clusters can move too)
     zero-shot     per task |Δ accuracy| <= 2 documents of ``limit`` (near-ties flip)
+For prune units the difference column also says how the two pruned checkpoints differ (zero masks, largest
+weight difference; informational, not a pass criterion), to tell a different choice of weights from
+forward-pass numerics.
 The table gives each unit's wall time and peak memory (torch.cuda.max_memory_allocated on a GPU, reset per
 unit; the peak resident set size on the CPU, reset per unit where Linux allows it), the largest relative
 difference and PASS/FAIL. A unit that raises is a FAIL with its error; the others still run. Exit status 1
@@ -124,6 +127,7 @@ def run_unit(model: str, name: str, overrides: list[str], device: str, side: Pat
     cfg = compose([f"paths.data_dir={data_dir}", f"paths.cache_dir={side / 'cache'}",
                    f"paths.output_dir={side / 'outputs'}", f"model={model}", f"model.device={device}",
                    *COMMON, *overrides])
+    pruned_before = set((side / "cache" / "pruned").glob("*"))
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -141,6 +145,8 @@ def run_unit(model: str, name: str, overrides: list[str], device: str, side: Pat
             traceback.print_exc()
             entry = {"ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
                                            f"(traceback in {log_path})"}
+    made = sorted(set((side / "cache" / "pruned").glob("*")) - pruned_before)
+    entry["pruned_model"] = str(made[0] / "model") if len(made) == 1 else None  # this unit's pruned weights
     entry.update(seconds=round(time.time() - start, 1), peak_gib=round(peak_gib(device), 2),
                  model_dtype=cfg.model.dtype, recovery_dtype=(cfg.recovery or {}).get("dtype"))
     return entry
@@ -180,7 +186,28 @@ def compare(name: str, dev: dict, cpu: dict) -> tuple[str, bool]:
         if c[0] not in worst or c[1] / c[2] > worst[c[0]][1] / worst[c[0]][2]:
             worst[c[0]] = c
     text = "; ".join(f"{kind} {d:.2g} <= {tol:.2g} ({where})" for kind, d, tol, where in worst.values())
+    if dev.get("pruned_model") and cpu.get("pruned_model"):  # not a pass criterion: what to look at first
+        text += "; " + weights_difference(Path(dev["pruned_model"]), Path(cpu["pruned_model"]))
     return text, all(d <= tol + 1e-12 for _, d, tol, _ in checks)
+
+
+def weights_difference(a: Path, b: Path) -> str:
+    """How two pruned checkpoints of one unit differ: for same-shaped decoder weights, the share of entries
+    pruned (zero) in exactly one of them and the largest difference relative to the tensor's largest weight;
+    otherwise how many tensors differ in shape."""
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    names = [n for n in wa if ".layers." in n and wa[n].dim() == 2 and n in wb]
+    reshaped = sum(wa[n].shape != wb[n].shape for n in names)
+    if reshaped:
+        return f"{reshaped} of {len(names)} decoder weights differ in shape"
+    differ = sum(int(((wa[n] == 0) != (wb[n] == 0)).sum()) for n in names)
+    total = sum(wa[n].numel() for n in names)
+    # structured pruning that kept other heads/channels of the same count shows here, not in the masks
+    rel = max((float((wa[n].float() - wb[n].float()).abs().max() / wb[n].float().abs().max().clamp_min(1e-12))
+               for n in names), default=0.0)
+    return f"zero masks differ at {differ / max(total, 1):.2%} of decoder weights, largest weight difference {rel:.2g}"
 
 
 def table(rows: list[dict], device: str) -> str:
