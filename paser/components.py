@@ -34,6 +34,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from paser import tracking
 from paser.data import Pool
 
 DEFAULTS = {"neutral_knobs": (), "needs_calibration": False, "changes_model": True, "uses_budget": True,
@@ -143,7 +144,13 @@ class SelectionContext:
                "code": code_version(compute)}
         if self.world_size > 1:  # enough chunks for every rank to take some
             chunk_size = max(1, min(chunk_size, -(-n_items // (4 * self.world_size))))
-        return self.cache.array(f"scores/{name}", key, n_items, compute, chunk_size=chunk_size)
+
+        def reported(start: int, end: int) -> np.ndarray:  # live progress of the long scoring stages
+            out = compute(start, end)
+            tracking.progress(f"scores/{name}", end, n_items)
+            return out
+
+        return self.cache.array(f"scores/{name}", key, n_items, reported, chunk_size=chunk_size)
 
     def cached_result(self, name: str, depends_on: tuple[str, ...], params: dict, compute: Callable[[], dict]) -> dict:
         """A JSON-able result (e.g. cluster labels with their diagnostics), computed once and cached like

@@ -590,9 +590,9 @@ def _component_name(node: DictConfig) -> str:
 def _log_results(logger, results: dict, run_dir: Path) -> None:
     if results["recovery"] and results["timings"]["recover"]["reused"]:  # a fresh one was logged live
         for point in results["recovery"]["loss_curve"]:
-            logger.log({"recovery/loss": point["loss"], "recovery/lr": point["lr"]}, step=point["step"])
+            logger.log({"recovery/step": point["step"], "recovery/loss": point["loss"], "recovery/lr": point["lr"]})
         for point in results["recovery"].get("val_curve", []):
-            logger.log({"recovery/val_loss": point["loss"]}, step=point["step"])
+            logger.log({"recovery/step": point["step"], "recovery/val_loss": point["loss"]})
     rows = [[state, *headline(m)] for state, m in results["metrics"].items()]
     logger.log_table("metrics_table", ["state", "wikitext2_ppl", "ptb_ppl", "zeroshot_mean"], rows)
     for png in sorted(run_dir.glob("*.png")):  # selector diagnostics, e.g. PASER's cluster map

@@ -175,7 +175,7 @@ class LoraRecovery:
             scheduler.step()
             state["losses"].append({"step": step + 1, "epoch": epoch, "loss": loss,
                                     "lr": scheduler.get_last_lr()[0]})
-            tracking.live({"recovery/loss": loss, "recovery/lr": scheduler.get_last_lr()[0]}, step=step + 1)
+            tracking.live({"recovery/step": step + 1, "recovery/loss": loss, "recovery/lr": scheduler.get_last_lr()[0]})
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
             every = self.eval_every or steps_per_epoch
@@ -183,7 +183,7 @@ class LoraRecovery:
                 val_loss = self._val_loss(peft_model, val, pad, masters)
                 state["val"].append({"step": step + 1, "loss": val_loss})
                 log.info("recovery: step %d validation loss %.4f", step + 1, val_loss)
-                tracking.live({"recovery/val_loss": val_loss}, step=step + 1)
+                tracking.live({"recovery/step": step + 1, "recovery/val_loss": val_loss})
                 if state["best"] is None or val_loss < state["best"]["loss"]:
                     state["best"], best = {"step": step + 1, "loss": val_loss}, masters.state()
             if (step + 1) % self.checkpoint_every == 0 and step + 1 < total_steps:

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import subprocess
+import time
 from pathlib import Path
 
 from paser.cache import atomic_write_text
@@ -61,7 +62,7 @@ class NullLogger:
     def start(self, config: dict, run_dir: Path, name: str, tags: list[str]) -> None:
         pass
 
-    def log(self, metrics: dict, step: int | None = None) -> None:
+    def log(self, metrics: dict) -> None:
         pass
 
     def log_table(self, key: str, columns: list[str], rows: list[list]) -> None:
@@ -90,10 +91,16 @@ class WandbLogger(NullLogger):
 
         self.run = wandb.init(project=self.project, entity=self.entity, group=self.group, name=name,
                               tags=tags, config=config, dir=str(run_dir), mode=self.mode, reinit="finish_previous")
+        # each kind of curve has its own x-axis, carried in the logged dict, so that progress logged while a
+        # stage runs never moves W&B's global step past the LoRA steps that come later (W&B drops logs to a
+        # step below the current one)
+        for axis, series in X_AXES.items():
+            self.run.define_metric(axis)
+            self.run.define_metric(series, step_metric=axis)
         log.info("W&B run %s (%s mode)", self.run.id, self.mode)
 
-    def log(self, metrics, step=None) -> None:
-        self.run.log(flatten(metrics), step=step)
+    def log(self, metrics) -> None:
+        self.run.log(flatten(metrics))
 
     def log_table(self, key, columns, rows) -> None:
         import wandb
@@ -110,14 +117,23 @@ class WandbLogger(NullLogger):
         self.run.finish()
 
 
-# The logger of the run in progress, so that long stages (LoRA steps) report while they run, not after.
+# The logger of the run in progress, so that long stages (scoring, LoRA steps) report while they run.
 _ACTIVE: list = [NullLogger()]
+_STARTED = [time.time()]
+X_AXES = {"recovery/step": "recovery/*", "progress/elapsed_s": "progress/*"}  # x-axis -> the series it carries
 
 
 def set_active(logger) -> None:
     _ACTIVE[0] = logger
+    _STARTED[0] = time.time()
 
 
-def live(metrics: dict, step: int | None = None) -> None:
-    """Log ``metrics`` to the run in progress now (a no-op outside a run or with logger=none)."""
-    _ACTIVE[0].log(metrics, step=step)
+def live(metrics: dict) -> None:
+    """Log ``metrics`` to the run in progress now (a no-op outside a run or with logger=none); a series
+    under one of ``X_AXES`` carries its x value in the same dict (e.g. ``recovery/step``)."""
+    _ACTIVE[0].log(metrics)
+
+
+def progress(name: str, done: int, total: int) -> None:
+    """A long stage's progress, live: ``progress/<name>`` = done / total against seconds since the run began."""
+    live({"progress/elapsed_s": round(time.time() - _STARTED[0], 1), f"progress/{name}": done / max(total, 1)})

@@ -216,8 +216,8 @@ def test_loss_and_lr_are_logged_live_every_step(tmp_path):
         def __init__(self):
             self.calls = []
 
-        def log(self, metrics, step=None):
-            self.calls.append((step, dict(metrics)))
+        def log(self, metrics):
+            self.calls.append(dict(metrics))
 
     recorder = Recorder()
     tracking.set_active(recorder)
@@ -226,10 +226,11 @@ def test_loss_and_lr_are_logged_live_every_step(tmp_path):
         _, report = recovery(val_size=2, eval_every=1).recover(model, tok, SAMPLES[2:], tmp_path, SAMPLES[:2])
     finally:
         tracking.set_active(tracking.NullLogger())
-    steps = [s for s, m in recorder.calls if "recovery/loss" in m]
+    # every point carries its own x value (recovery/step): W&B plots it against that axis
+    steps = [m["recovery/step"] for m in recorder.calls if "recovery/loss" in m]
     assert steps == [p["step"] for p in report["loss_curve"]]
-    assert [m["recovery/val_loss"] for _, m in recorder.calls if "recovery/val_loss" in m] == \
-        [v["loss"] for v in report["val_curve"]]
+    assert [(m["recovery/step"], m["recovery/val_loss"]) for m in recorder.calls if "recovery/val_loss" in m] == \
+        [(v["step"], v["loss"]) for v in report["val_curve"]]
 
 
 def test_host_dropout_drops_p_and_scales_the_rest():
