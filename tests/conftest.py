@@ -54,3 +54,21 @@ def models():
             if p.dim() == 2 and "embed" not in name:
                 p[p.abs() < p.abs().median()] = 0
     return model.eval(), pruned.eval(), tok
+
+
+@pytest.fixture
+def live_calls():
+    """What the pipeline logs live (``paser.tracking.live``) while the test runs: a list of dicts."""
+    from paser import tracking
+
+    class Recorder(tracking.NullLogger):
+        def __init__(self):
+            self.calls = []
+
+        def log(self, metrics):
+            self.calls.append(dict(metrics))
+
+    recorder = Recorder()
+    tracking.set_active(recorder)
+    yield recorder.calls
+    tracking.set_active(tracking.NullLogger())

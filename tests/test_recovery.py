@@ -209,27 +209,13 @@ def test_validation_split_sources():
         validation_split(5, list(range(5)), 5, seed=0)
 
 
-def test_loss_and_lr_are_logged_live_every_step(tmp_path):
-    from paser import tracking
-
-    class Recorder(tracking.NullLogger):
-        def __init__(self):
-            self.calls = []
-
-        def log(self, metrics):
-            self.calls.append(dict(metrics))
-
-    recorder = Recorder()
-    tracking.set_active(recorder)
-    try:
-        model, tok = tiny_llama()
-        _, report = recovery(val_size=2, eval_every=1).recover(model, tok, SAMPLES[2:], tmp_path, SAMPLES[:2])
-    finally:
-        tracking.set_active(tracking.NullLogger())
+def test_loss_and_lr_are_logged_live_every_step(tmp_path, live_calls):
+    model, tok = tiny_llama()
+    _, report = recovery(val_size=2, eval_every=1).recover(model, tok, SAMPLES[2:], tmp_path, SAMPLES[:2])
     # every point carries its own x value (recovery/step): W&B plots it against that axis
-    steps = [m["recovery/step"] for m in recorder.calls if "recovery/loss" in m]
+    steps = [m["recovery/step"] for m in live_calls if "recovery/loss" in m]
     assert steps == [p["step"] for p in report["loss_curve"]]
-    assert [(m["recovery/step"], m["recovery/val_loss"]) for m in recorder.calls if "recovery/val_loss" in m] == \
+    assert [(m["recovery/step"], m["recovery/val_loss"]) for m in live_calls if "recovery/val_loss" in m] == \
         [(v["step"], v["loss"]) for v in report["val_curve"]]
 
 

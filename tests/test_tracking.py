@@ -59,28 +59,15 @@ def test_live_series_have_their_own_x_axes(monkeypatch, tmp_path):
     assert run.logged[1] == {"recovery/step": 1, "recovery/loss": 2.5}
 
 
-def test_cached_scores_report_progress_live(tmp_path):
+def test_cached_scores_report_progress_live(tmp_path, live_calls):
     import numpy as np
     import torch
 
-    from paser import tracking
     from paser.cache import StageCache
     from paser.components import SelectionContext
-
-    class Recorder(tracking.NullLogger):
-        def __init__(self):
-            self.calls = []
-
-        def log(self, metrics):
-            self.calls.append(dict(metrics))
 
     ctx = SelectionContext(tokenizer=None, original_model=lambda: torch.nn.Linear(2, 2),
                            pruned_model=lambda: torch.nn.Linear(2, 2), embedder=lambda: None, embedder_name="x",
                            cache=StageCache(tmp_path), cache_key={"pool": "p"}, seed=0)
-    recorder = Recorder()
-    tracking.set_active(recorder)
-    try:
-        ctx.cached_scores("len", ("pool",), {}, 10, lambda s, e: np.arange(s, e, dtype=np.float64), chunk_size=4)
-    finally:
-        tracking.set_active(tracking.NullLogger())
-    assert [c["progress/scores/len"] for c in recorder.calls] == [0.4, 0.8, 1.0]
+    ctx.cached_scores("len", ("pool",), {}, 10, lambda s, e: np.arange(s, e, dtype=np.float64), chunk_size=4)
+    assert [c["progress/scores/len"] for c in live_calls] == [0.4, 0.8, 1.0]
