@@ -262,11 +262,9 @@ def diffusion_map(w: sp.csr_matrix, n_components: int, diffusion_time: int | str
     rule = "fixed"
     if diffusion_time == "auto":
         lo, hi = vals[j + 1], vals[j]
-        t = math.ceil(math.log(10.0) / math.log(hi / lo)) if 0 < lo < hi else 1
-        rule = "spectral_gap"
-        if t > MAX_GAP_DIFFUSION_TIME:  # no real gap: the spectrum decays smoothly (see the module docstring)
-            t, rule = 1, "no_gap"
-        t = max(1, t)
+        t = math.ceil(math.log(10.0) / math.log(hi / lo)) if 0 < lo < hi else None
+        # no real gap (the spectrum decays smoothly, see the module docstring): t = 1
+        t, rule = (t, "spectral_gap") if t is not None and t <= MAX_GAP_DIFFUSION_TIME else (1, "no_gap")
     elif isinstance(diffusion_time, int) and diffusion_time >= 0:
         t = diffusion_time
     else:
