@@ -9,8 +9,9 @@ The model is a seeded random LlamaForCausalLM with SmolLM2-135M's configuration 
 are random: the speed of a forward pass does not depend on the weights' or tokens' values, so no model file
 or data is needed. Each stage runs the project's own code (``window_nll``, ``sample_divergences``,
 ``LoraRecovery._optimizer_step``) and, on the same batches, its floor: bare forwards in inference mode (the
-whole model, LM head included, as in bench_recovery.py and bench_paser.py). Also: whether the pruners'
-masks on the device equal the CPU's when scores tie (as |W| of bf16 weights do).
+whole model, LM head included, as in bench_recovery.py and bench_paser.py); and the trained LoRA model's
+perplexity, unmerged and merged as the pipeline evaluates it, against the model without adapters. Also:
+whether the pruners' masks on the device equal the CPU's when scores tie (as |W| of bf16 weights do).
 Prints tables and writes every number to --out (JSON).
 """
 
@@ -114,10 +115,12 @@ def jsd_rows(model, device: str, g: torch.Generator, n: int) -> list[dict]:
     return rows
 
 
-def lora_rows(model, device: str, g: torch.Generator, steps: int) -> tuple[list[dict], str]:
+def lora_rows(model, device: str, g: torch.Generator, steps: int) -> tuple[list[dict], str, torch.nn.Module]:
+    """LoRA steps at two micro-batch sizes against bare forwards; the profile of one step; the last trained
+    peft model (for the recovered-model evaluation)."""
     rows, profile = [], ""
-    batches = [random_samples(16, g) for _ in range(steps + 1)]
-    tokens = sum(len(e.input_ids) for b in batches[1:] for e in b)
+    batches = [random_samples(16, g) for _ in range(steps)]
+    tokens = sum(len(e.input_ids) for b in batches for e in b)
     for micro in (4, 16):
         rec = LoraRecovery(batch_size=16, micro_batch_size=micro, dtype="bfloat16")
         peft_model = rec.wrap(copy.deepcopy(model))
@@ -126,19 +129,34 @@ def lora_rows(model, device: str, g: torch.Generator, steps: int) -> tuple[list[
         optimizer = torch.optim.AdamW(masters.tensors(), lr=1e-4)
 
         def train(rec=rec, peft_model=peft_model, masters=masters, optimizer=optimizer):
-            for batch in batches[1:]:
+            for batch in batches:
                 rec._optimizer_step(peft_model, masters, optimizer, batch, 0)
 
-        rec._optimizer_step(peft_model, masters, optimizer, batches[0], 0)
-        t = timed(train, device, repeats=1)
-        micro_batches = [mb for b in batches[1:] for mb in padded(sorted(b, key=lambda e: -len(e.input_ids)),
-                                                                   micro, device)]
+        t = timed(train, device, repeats=1)  # after a warm-up pass over the same steps
+        micro_batches = [mb for b in batches for mb in padded(sorted(b, key=lambda e: -len(e.input_ids)),
+                                                              micro, device)]
         floor = timed(lambda b=micro_batches: bare_forwards(model, b), device)
         rows.append({"stage": "lora step", "batch": f"16 (micro {micro})", "tok_s": tokens / t,
                      "floor_tok_s": tokens / floor, "ratio": t / floor, "step_s": t / steps})
         if micro == 4:
-            profile = profile_step(rec, peft_model, masters, optimizer, batches[1], device)
-    return rows, profile
+            profile = profile_step(rec, peft_model, masters, optimizer, batches[0], device)
+        masters.finish()
+    return rows, profile, peft_model.eval()
+
+
+def recovered_eval_rows(model, peft_model, device: str, g: torch.Generator, windows: int) -> list[dict]:
+    """Perplexity of the trained LoRA model, unmerged and merged as the pipeline evaluates it
+    (``paser.pipeline.merged``), against the same windows on the model without adapters (the floor here)."""
+    from paser.pipeline import merged
+
+    w = torch.randint(10, 49000, (windows, 128), generator=g)
+    base = timed(lambda: window_nll(model, w, 32), device)
+    rows = []
+    for label, m in (("unmerged", peft_model), ("merged", merged(peft_model))):
+        t = timed(lambda m=m: window_nll(m, w, 32), device)
+        rows.append({"stage": f"perplexity, LoRA {label}", "batch": 32, "tok_s": w.numel() / t,
+                     "floor_tok_s": w.numel() / base, "ratio": t / base})
+    return rows
 
 
 def profile_step(rec, model, masters, optimizer, batch, device: str) -> str:
@@ -188,8 +206,8 @@ def main() -> int:
     print("host:", json.dumps(facts))
     model = smollm2_shaped(args.layers, args.device)
     rows = perplexity_rows(model, args.device, g, args.windows) + jsd_rows(model, args.device, g, args.samples)
-    lora, profile = lora_rows(model, args.device, g, args.steps)
-    rows += lora
+    lora, profile, trained = lora_rows(model, args.device, g, args.steps)
+    rows += lora + recovered_eval_rows(model, trained, args.device, g, args.windows)
     ties = tie_check(args.device, g)
     print(f"\nSmolLM2-135M-shaped random model ({args.layers} layers), bf16, on {args.device}")
     print("| stage | batch | tok/s | bare-forward tok/s | time / bare forwards |\n|---|---|---|---|---|")
