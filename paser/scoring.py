@@ -125,6 +125,23 @@ def iter_logits(logits_fns: Sequence[Callable[[torch.Tensor, torch.Tensor], torc
             yield slice(s + t, s + min(t + rows_per_chunk, n)), [b[t:t + rows_per_chunk] for b in blocks]
 
 
+def window_token_nll(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """``token_nll`` of ``model`` on unpadded windows [B, T] without forming the [B, T, V] logits: the LM
+    head runs on ``HEAD_ROWS`` positions at a time (``logits_at``) and each chunk of ``math_rows`` positions
+    gives logsumexp - target logit in fp32, so the fp32 temporaries stay in cache. [B, T-1], fp32."""
+    b, t = input_ids.shape
+    at = logits_at(model, input_ids, None, use_cache=False)  # no mask, as a plain forward of the windows
+    device = input_ids.device
+    rows = torch.arange(b, device=device).repeat_interleave(t - 1)
+    cols = torch.arange(t - 1, device=device).repeat(b)
+    targets = input_ids[:, 1:].reshape(-1)
+    out = torch.empty(b * (t - 1), dtype=torch.float32, device=device)
+    for chunk, (logits,) in iter_logits((at,), rows, cols, math_rows(device)):
+        lf = logits.float()
+        out[chunk] = torch.logsumexp(lf, dim=-1) - lf.gather(1, targets[chunk, None].to(lf.device)).squeeze(1).to(out.device)
+    return out.view(b, t - 1)
+
+
 def span_index(spans: Sequence[range], device: torch.device | str | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(row, position) index tensors [P] on ``device`` of every position in each row's range, row-major,
     built from host-side bounds (no data-dependent device step)."""

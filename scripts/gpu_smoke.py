@@ -16,7 +16,10 @@ other; within a device, later units reuse the dense model, its metrics and the m
 Tolerances (device result vs CPU result), by the dtype the compared numbers were computed in:
     perplexity    relative difference <= 1e-3 in fp32, <= 2e-2 in bf16; LLM-Pruner in bf16 <= 1e-1, since its
                   gradient pass runs in bf16 on an accelerator and in fp32 on the CPU (by design), which can
-                  move the ranking of units near the cut
+                  move the ranking of units near the cut; SparseGPT in bf16 <= 1.5e-1, since its masks follow
+                  fp32 Hessians whose rounding differs between devices: on one CPU, Hessians perturbed at
+                  fp32 rounding (relative 1e-7) moved 8.4% of its masks and the 8-window perplexity by up
+                  to 11% (scripts/sparsegpt_sensitivity.py, experiments/gpu_h200/sparsegpt_sensitivity.txt)
     selection     overlap |S_dev ∩ S_cpu| / |S| >= 0.9 in fp32, >= 0.8 in bf16 (scores differ in the third
                   digit, so samples near the budget's edge can swap; S²RIC's clusters can move too)
     zero-shot     per task |Δ accuracy| <= 2 documents of ``limit`` (near-ties flip)
@@ -51,7 +54,7 @@ PRUNERS = ("magnitude", "wanda", "sparsegpt", "llm_pruner", "llm_pruner_channel"
 SELECTORS = ("random", "full", "ifd", "nuggets_cpu", "instruction_mining", "paser", "paser_official")
 CALIBRATED = {"wanda", "sparsegpt", "llm_pruner", "llm_pruner_channel"}
 PPL_TOL = {"float32": 1e-3, "bfloat16": 2e-2}
-LLM_PRUNER_BF16_PPL_TOL = 1e-1
+BF16_PRUNER_PPL_TOL = {"prune:llm_pruner": 1e-1, "prune:sparsegpt": 1.5e-1}  # unit prefix -> tolerance
 OVERLAP_TOL = {"float32": 0.9, "bfloat16": 0.8}
 ZS_TASKS, ZS_LIMIT = ("piqa", "arc_easy"), 25
 POOL, BUDGET, PPL_WINDOWS = 80, 20, 8
@@ -175,7 +178,8 @@ def compare(name: str, dev: dict, cpu: dict) -> tuple[str, bool]:
         if name.startswith("prune:") and state != "pruned":
             continue  # the dense model is compared once, in recover+eval
         dtype = dev["recovery_dtype"] if state == "recovered" and dev["recovery_dtype"] else dev["model_dtype"]
-        tol = LLM_PRUNER_BF16_PPL_TOL if name.startswith("prune:llm_pruner") and dtype == "bfloat16" else PPL_TOL[dtype]
+        tol = next((t for unit, t in BF16_PRUNER_PPL_TOL.items() if name.startswith(unit)), PPL_TOL[dtype]) \
+            if dtype == "bfloat16" else PPL_TOL[dtype]
         for corpus, r in (kinds.get("ppl") or {}).items():
             checks.append(("ppl rel", rel(dev["metrics"][state]["ppl"][corpus]["ppl"], r["ppl"]), tol,
                            f"{state} {corpus}"))

@@ -192,6 +192,9 @@ def tie_check(device: str, g: torch.Generator) -> dict:
             "rows": score.shape[0]}
 
 
+STAGES = ("perplexity", "jsd", "lora", "ties")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
@@ -199,22 +202,32 @@ def main() -> int:
     ap.add_argument("--windows", type=int, default=1024, help="perplexity windows of 128 tokens")
     ap.add_argument("--samples", type=int, default=256, help="JSD samples (64-256 tokens)")
     ap.add_argument("--steps", type=int, default=5, help="timed LoRA steps of 16 samples")
+    ap.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
+                    help="what to time (lora includes the trained model's evaluation)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     g = torch.Generator().manual_seed(0)
     facts = host_facts(torch.device(args.device))
     print("host:", json.dumps(facts))
     model = smollm2_shaped(args.layers, args.device)
-    rows = perplexity_rows(model, args.device, g, args.windows) + jsd_rows(model, args.device, g, args.samples)
-    lora, profile, trained = lora_rows(model, args.device, g, args.steps)
-    rows += lora + recovered_eval_rows(model, trained, args.device, g, args.windows)
-    ties = tie_check(args.device, g)
+    rows, profile, ties = [], "", None
+    if "perplexity" in args.stages:
+        rows += perplexity_rows(model, args.device, g, args.windows)
+    if "jsd" in args.stages:
+        rows += jsd_rows(model, args.device, g, args.samples)
+    if "lora" in args.stages:
+        lora, profile, trained = lora_rows(model, args.device, g, args.steps)
+        rows += lora + recovered_eval_rows(model, trained, args.device, g, args.windows)
+    if "ties" in args.stages:
+        ties = tie_check(args.device, g)
     print(f"\nSmolLM2-135M-shaped random model ({args.layers} layers), bf16, on {args.device}")
     print("| stage | batch | tok/s | bare-forward tok/s | time / bare forwards |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['stage']} | {r['batch']} | {r['tok_s']:,.0f} | {r['floor_tok_s']:,.0f} | {r['ratio']:.2f} |")
-    print("\nmasks with tied scores, device vs cpu:", json.dumps(ties))
-    print("\n" + profile)
+    if ties is not None:
+        print("\nmasks with tied scores, device vs cpu:", json.dumps(ties))
+    if profile:
+        print("\n" + profile)
     if args.out:
         args.out.write_text(json.dumps({"host": facts, "layers": args.layers, "rows": rows, "ties": ties,
                                         "profile": profile}, indent=1, default=str))

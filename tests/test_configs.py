@@ -94,8 +94,24 @@ def intended_changes(preset: str, want: dict) -> dict:
 
     LoRA targets: Baichuan2's q/k/v are one fused layer, adapted as ``W_pack``; Mixtral's experts are no
     Linear layers, so its LoRA adapts the attention projections (recovery refuses a target the model
-    lacks, which peft would skip silently)."""
+    lacks, which peft would skip silently).
+
+    #14: LoRA at lr 1e-3 wherever the recipe is not LLM-Pruner's (effective batch 64, which keeps its
+    1e-4): 14 steps at 1e-4 closed 4.5% of the embedded default's gap, at 1e-3 31%
+    (experiments/recipe_h200). The CPU edition is the measured one: a 5,000-sample pool, effective batch
+    16, every perplexity window, and PIQA, ARC-e and HellaSwag on 2,000 seeded documents each."""
     want = copy.deepcopy(want)
+    recovery = want["config"].get("recovery") or {}
+    if "lr" in recovery and recovery.get("batch_size") != 64:
+        recovery["lr"] = 1e-3
+    cpu_edition = preset.endswith("_cpu") or preset == "experiment=cpu_edition"
+    if cpu_edition:
+        want["config"]["data"]["subsample"] = 5000
+        recovery["batch_size"] = 16
+    if cpu_edition or preset == "evaluator=cpu_table":
+        evaluator = want["config"]["evaluator"]
+        evaluator["ppl"]["max_windows"] = None
+        evaluator["zeroshot"].update(tasks=["piqa", "arc_easy", "hellaswag"], limit=2000)
     data = want["config"]["data"]
     data.setdefault("_target_", "paser.data.pool_from_config")
     data.setdefault("field_map", None)
@@ -137,7 +153,7 @@ def test_every_preset_resolves_as_recorded(preset, default_now):
     group, option = preset.split("=")
     now, want = config_golden.resolved(group, option), intended_changes(preset, GOLDEN_CONFIGS[preset])
     now_cfg, want_cfg = dict(now["config"]), dict(want["config"])
-    default_then = GOLDEN_CONFIGS["config=default"]["config"]
+    default_then = intended_changes("config=default", GOLDEN_CONFIGS["config=default"])["config"]
     for node in FOREIGN:
         assert differences(now_cfg.pop(node), default_now[node]) == \
             differences(want_cfg.pop(node), default_then[node]), (preset, node)
@@ -198,8 +214,8 @@ def test_switching_the_data_preset_keeps_none_of_the_others_values(option, exper
         overrides.insert(0, f"experiment={experiment}")
     got = OmegaConf.to_container(compose_config(overrides).data, resolve=True)
     want = own_values(option)
-    if experiment:  # paper_setting: the whole pool; cpu_edition: a 300-sample slice of whichever pool
-        want["subsample"] = {"table1": None, "lamini_4pct": None, "table1_cpu": 300}[experiment]
+    if experiment:  # paper_setting: the whole pool; cpu_edition: a 5,000-sample slice of whichever pool
+        want["subsample"] = {"table1": None, "lamini_4pct": None, "table1_cpu": 5000}[experiment]
     assert got == want
 
 

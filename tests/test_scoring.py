@@ -1,12 +1,22 @@
 """Logits at chosen positions only: the same numbers as the full logits, for plain and post-processed heads."""
 
+import copy
+
 import pytest
 import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM
 
 from paser import scoring
 from paser.models import tiny_llama
-from paser.scoring import answer_nll_sums, iter_logits, logits_at, pad_right, span_index, token_nll
+from paser.scoring import (
+    answer_nll_sums,
+    iter_logits,
+    logits_at,
+    pad_right,
+    span_index,
+    token_nll,
+    window_token_nll,
+)
 
 SEQS = [[1, 5, 9, 13, 17, 21, 25], [4, 8, 12, 16, 20], [7, 11, 15], [3, 6]]
 STARTS = [3, 1, 0, 2]  # start 0 scores from the second token (the first has no context); row 4 scores nothing
@@ -66,3 +76,18 @@ def test_answer_nll_sums_equal_the_full_logits_loss(which, llama, monkeypatch):
     got = answer_nll_sums(model, ids, mask, [len(s) for s in SEQS], STARTS, rows_per_chunk=3)
     assert got.dtype == torch.float64
     assert got.tolist() == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("which", ["llama", "gemma2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.no_grad()
+def test_window_token_nll_equals_the_full_logits_nll(which, dtype, llama, monkeypatch):
+    """The perplexity windows' NLL from head chunks and logsumexp equals log_softmax of the full logits."""
+    monkeypatch.setattr(scoring, "HEAD_ROWS", 5)  # head blocks that do not divide a window
+    model = copy.deepcopy(llama if which == "llama" else tiny_gemma2()).to(dtype)
+    ids = torch.randint(3, 120, (3, 9), generator=torch.Generator().manual_seed(0))
+    want = token_nll(model(ids, use_cache=False).logits, ids)
+    got = window_token_nll(model, ids)
+    assert got.dtype == torch.float32 and got.shape == want.shape == (3, 8)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the head's products blocked differently
+    assert torch.allclose(got, want, rtol=tol, atol=tol)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from paser.data import ppl_corpus_path, ppl_corpus_text
 from paser.errors import ConfigError
-from paser.scoring import model_device, to_host, token_nll
+from paser.scoring import model_device, to_host, window_token_nll
 
 log = logging.getLogger(__name__)
 
@@ -86,24 +86,17 @@ def window_nll(model, windows: torch.Tensor, batch_size: int = 8, desc: str | No
     sums = []
     for start in tqdm(range(0, len(windows), batch_size), desc=desc, disable=desc is None, unit="batch"):
         batch = windows[start:start + batch_size].to(device)
-        nll = token_nll(model(batch, use_cache=False).logits, batch)
-        sums.append(nll.double().sum(dim=1))  # kept on the device: no host sync per batch
+        sums.append(window_token_nll(model, batch).double().sum(dim=1))  # on the device: no host sync per batch
     if not sums:
         return np.zeros(0, dtype=np.float64)
     return to_host(torch.cat(sums)).astype(np.float64)
 
 
-@torch.inference_mode()
 def perplexity(model, windows: torch.Tensor, batch_size: int = 8, desc: str | None = None) -> dict:
-    """exp(mean NLL) over every next-token prediction in ``windows`` [n, seq_len] (one scalar transfer)."""
-    device = model_device(model)
-    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
-    for start in tqdm(range(0, len(windows), batch_size), desc=desc, disable=desc is None, unit="batch"):
-        batch = windows[start:start + batch_size].to(device)
-        nll = token_nll(model(batch, use_cache=False).logits, batch)
-        total += nll.double().sum().to(device)  # summed on the device: no host sync per batch
-        count += nll.numel()
-    mean = float(to_host(total)) / count
+    """exp(mean NLL) over every next-token prediction in ``windows`` [n, seq_len]."""
+    sums = window_nll(model, windows, batch_size, desc)
+    count = len(windows) * (windows.shape[1] - 1)
+    mean = float(sums.sum()) / count
     return {"ppl": math.exp(mean), "nll": mean, "tokens": count, "windows": len(windows)}
 
 
