@@ -28,6 +28,7 @@ from paser.errors import ConfigError
 from paser.models import decoder_layers, layer_shapes, load_saved, save_model, tiny_tokenizer
 from paser.pruners.common import prunable_weights
 from paser.pruners.llm_pruner import LLMPruner
+from paser.pruners.llm_pruner_channel import LLMPrunerChannel
 from paser.pruners.magnitude import MagnitudePruner
 from paser.pruners.sparsegpt import SparseGPTPruner
 from paser.pruners.wanda import WandaPruner
@@ -382,7 +383,7 @@ CHANNEL_REFUSED = {"mixtral": "model.layers.0.mlp", "baichuan2": "model.layers.0
 @pytest.mark.parametrize("family", FAMILIES)
 def test_llm_pruner_channel(family, tmp_path):
     model = twin(family)
-    pruner = LLMPruner(0.25, strategy="channel")
+    pruner = LLMPrunerChannel(0.25)
     if family in CHANNEL_REFUSED:
         before = weights(model)
         with pytest.raises(ConfigError, match=CHANNEL_REFUSED[family]):

@@ -99,8 +99,16 @@ def intended_changes(preset: str, want: dict) -> dict:
     #14: LoRA at lr 1e-3 wherever the recipe is not LLM-Pruner's (effective batch 64, which keeps its
     1e-4): 14 steps at 1e-4 closed 4.5% of the embedded default's gap, at 1e-3 31%
     (experiments/recipe_h200). The CPU edition is the measured one: a 5,000-sample pool, effective batch
-    16, every perplexity window, and PIQA, ARC-e and HellaSwag on 2,000 seeded documents each."""
+    16, every perplexity window, and PIQA, ARC-e and HellaSwag on 2,000 seeded documents each.
+
+    #15: LLM-Pruner's two algorithms are two classes: block-wise ``LLMPruner`` (no ``strategy`` key) and
+    channel-wise ``LLMPrunerChannel``, which has none of the block-wise keys (GQA, layer ranges)."""
     want = copy.deepcopy(want)
+    pruner = want["config"]["pruner"]
+    if pruner.pop("strategy", None) == "channel":
+        for key in ("gqa", "gqa_grouping", "attention_layers", "mlp_layers"):
+            pruner.pop(key)
+        pruner["_target_"] = "paser.pruners.llm_pruner_channel.LLMPrunerChannel"
     recovery = want["config"].get("recovery") or {}
     if "lr" in recovery and recovery.get("batch_size") != 64:
         recovery["lr"] = 1e-3

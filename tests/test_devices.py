@@ -34,8 +34,9 @@ from paser.evaluation import shared_context_lm
 from paser.evaluation.shared_context_lm import SharedContextHFLM
 from paser.evaluation.zeroshot import split_over_devices
 from paser.models import tiny_llama
-from paser.pruners import common, llm_pruner, magnitude, sparsegpt, wanda
+from paser.pruners import common, magnitude, sparsegpt, taylor, wanda
 from paser.pruners.llm_pruner import LLMPruner
+from paser.pruners.llm_pruner_channel import LLMPrunerChannel
 from paser.pruners.magnitude import MagnitudePruner
 from paser.pruners.sparsegpt import SparseGPTPruner
 from paser.pruners.wanda import WandaPruner
@@ -47,7 +48,7 @@ from paser.selectors.paser.divergence import DIVERGENCES, make_divergence, sampl
 
 ACCELERATOR = torch.device("meta")
 # every module that hands device results to the host
-HOST_USERS = (divergence, lm_scores, nuggets, clustering, llm_pruner, perplexity_module, shared_context_lm)
+HOST_USERS = (divergence, lm_scores, nuggets, clustering, taylor, perplexity_module, shared_context_lm)
 
 
 @pytest.fixture(scope="module")
@@ -141,14 +142,15 @@ def test_nuggets_scoring(reuse_prefix_kv, tiny, host, accelerator):
 @pytest.mark.parametrize("strategy", ["block", "block_query_heads", "channel"])
 @pytest.mark.parametrize("importance", ["param_first", "param_mix", "random"])
 def test_llm_pruner(strategy, importance, tiny, host, accelerator, monkeypatch):
-    monkeypatch.setattr(llm_pruner, "sparsity_report", lambda model, before=None: {"params": 1})
+    monkeypatch.setattr(taylor, "sparsity_report", lambda model, before=None: {"params": 1})
     model = accelerator(tiny[0], torch.bfloat16)
     dtypes = set()
     model.register_forward_pre_hook(lambda module, args: dtypes.update(p.dtype for p in module.parameters()))
     model.float = lambda: pytest.fail("the gradient pass made an fp32 copy of the model on the accelerator")
     calib = torch.randint(3, 300, (2, 16))  # on the host, as the pipeline hands it over
-    gqa = "query_heads" if strategy == "block_query_heads" else "kv_groups"
-    LLMPruner(ratio=0.5, importance=importance, gqa=gqa, strategy=strategy.split("_")[0]).prune(model, calib)
+    pruner = LLMPrunerChannel(ratio=0.5, importance=importance) if strategy == "channel" else \
+        LLMPruner(ratio=0.5, importance=importance, gqa="query_heads" if strategy == "block_query_heads" else "kv_groups")
+    pruner.prune(model, calib)
     _on_accelerator(model)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     if importance != "random":  # the gradient pass ran in bf16: no fp32 copy of the model

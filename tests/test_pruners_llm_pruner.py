@@ -11,6 +11,7 @@ import torch
 from paser.errors import ConfigError
 from paser.models import decoder_layers, load_saved, save_model, tiny_llama
 from paser.pruners.llm_pruner import LLMPruner, default_layer_range
+from paser.pruners.llm_pruner_channel import LLMPrunerChannel
 from tests.conftest import TINY_RUN, compose_config, requires_shared_data
 
 # tiny_llama: hidden 96, 6 query heads / 2 KV heads of head_dim 16, MLP width 128, 4 layers
@@ -279,8 +280,7 @@ def test_default_range_scales_the_reference():
                                          ({"importance": "taylor"}, "pruner.importance"),
                                          ({"gqa": "heads"}, "pruner.gqa"),
                                          ({"gqa_grouping": "mod"}, r"pruner\.gqa_grouping.*\['hf', 'llama3'\]"),
-                                         ({"gqa_grouping": "llama3", "gqa": "query_heads"}, "pruner.gqa_grouping"),
-                                         ({"gqa_grouping": "llama3", "strategy": "channel"}, "pruner.gqa_grouping")])
+                                         ({"gqa_grouping": "llama3", "gqa": "query_heads"}, "pruner.gqa_grouping")])
 def test_bad_arguments(kwargs, key):
     with pytest.raises(ConfigError, match=key):
         LLMPruner(**kwargs)
@@ -294,7 +294,7 @@ def test_bad_layer_range_and_missing_calibration():
         LLMPruner(attention_layers=[1, 2], mlp_layers=[1, 2]).prune(model, None)
 
 
-# ---------------------------------------------------------------- channel-wise (hidden size) strategy
+# ---------------------------------------------------------------- channel-wise (hidden size)
 
 def _untied_tiny_llama():
     from transformers import LlamaForCausalLM
@@ -309,7 +309,7 @@ def _untied_tiny_llama():
 def test_channel_wise_param_count_and_shapes():
     model, tok = tiny_llama()
     vocab = model.config.vocab_size
-    report = LLMPruner(ratio=0.25, strategy="channel").prune(model, _calib(tok))
+    report = LLMPrunerChannel(ratio=0.25).prune(model, _calib(tok))
     h = 72  # 96 hidden channels, 24 removed; heads (6 q / 2 kv of 16) and MLP width 128 unchanged
     per_layer = 2 * h * 6 * HD + 2 * h * 2 * HD + 3 * h * 128 + 2 * h
     expected = vocab * h + 4 * per_layer + h  # tied embeddings/lm_head, 4 layers, final norm
@@ -337,7 +337,7 @@ def test_channel_wise_matches_independent_group_taylor_importance():
             imp = imp + taylor(lin.weight).sum(1)           # rows write it
         imp = imp + taylor(layer.input_layernorm.weight) + taylor(layer.post_attention_layernorm.weight)
     keep = imp.argsort(descending=True)[:72].sort().values
-    LLMPruner(ratio=0.25, strategy="channel").prune(model, calib)
+    LLMPrunerChannel(ratio=0.25).prune(model, calib)
     d = dense.model.layers[3]
     assert torch.equal(model.model.embed_tokens.weight, dense.model.embed_tokens.weight.detach()[:, keep])
     assert torch.equal(model.model.layers[3].self_attn.k_proj.weight, d.self_attn.k_proj.weight.detach()[:, keep])
@@ -350,7 +350,7 @@ def test_channel_wise_matches_independent_group_taylor_importance():
 def test_channel_wise_forward_generate_save_load(untied, importance, tmp_path):
     model, tok = _untied_tiny_llama() if untied else tiny_llama()
     calib = _calib(tok)
-    pruner = LLMPruner(ratio=0.5, importance=importance, strategy="channel")
+    pruner = LLMPrunerChannel(ratio=0.5, importance=importance)
     pruner.prune(model, calib if pruner.needs_calibration else None)
     assert model.lm_head.weight.shape == (model.config.vocab_size, 48)
     assert (model.lm_head.weight is model.model.embed_tokens.weight) != untied
@@ -366,13 +366,11 @@ def test_channel_wise_forward_generate_save_load(untied, importance, tmp_path):
 
 
 def test_channel_wise_bad_input_changes_nothing():
-    with pytest.raises(ConfigError, match="pruner.strategy"):
-        LLMPruner(strategy="element")
-    with pytest.raises(ConfigError, match="must be null"):
-        LLMPruner(strategy="channel", attention_layers=[1, 3])
+    with pytest.raises(ConfigError, match="pruner.importance"):
+        LLMPrunerChannel(importance="element")
     model, _tok = tiny_llama()
     decoder_layers(model)[1].mlp.extra = torch.nn.Linear(HIDDEN, 8)  # a layout the pruner does not know
     state = copy.deepcopy(model.state_dict())
     with pytest.raises(ConfigError, match=r"layers\.1\.mlp\.extra\.weight"):
-        LLMPruner(strategy="channel", importance="l1").prune(model, None)
+        LLMPrunerChannel(importance="l1").prune(model, None)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
