@@ -254,3 +254,13 @@ def test_jsonl_without_a_path_says_which_key_to_set(tmp_path):
 
     with pytest.raises(ConfigError, match=r"data\.path is not set \(data=jsonl\)"):
         pipeline.build_components(compose_config(["data=jsonl"], tmp_path))
+
+
+def test_the_hybrids_clustering_block_states_s2rics_own_defaults():
+    """conf/selector/clustering/s2ric.yaml and a hybrid built without a block agree: both are the
+    defaults of ``s2ric_clusters`` (and proportional allocation)."""
+    from paser.selectors.clustered import clustering_defaults
+
+    block = OmegaConf.to_container(OmegaConf.load(CONF / "selector" / "clustering" / "s2ric.yaml"))
+    defaults = clustering_defaults()
+    assert block == {**defaults, "k_range": list(defaults["k_range"])}

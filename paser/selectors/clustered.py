@@ -22,11 +22,20 @@ from paser.errors import ConfigError
 log = logging.getLogger(__name__)
 
 CLUSTER_MODES = (None, "s2ric")
-CLUSTERING_DEFAULTS = {"reducer": "diffusion", "n_components": 16, "n_neighbors": 10, "n_clusters": "auto",
-                       "diffusion_time": "auto", "k_range": [2, 32], "allocation": "proportional",
-                       "min_cluster_size": 1, "row_normalize": True}
 CLUSTERING_KNOBS = ("reducer", "n_components", "n_neighbors", "n_clusters", "diffusion_time", "k_range",
-                    "min_cluster_size", "row_normalize")
+                    "min_cluster_size", "row_normalize")  # s2ric_clusters' knobs; with "allocation", the block's keys
+CLUSTERING_KEYS = (*CLUSTERING_KNOBS, "allocation")
+
+
+def clustering_defaults() -> dict:
+    """The ``clustering:`` block's defaults where a hybrid is built without one: ``s2ric_clusters``' own
+    defaults (written once, there) and proportional allocation."""
+    import inspect
+
+    from paser.selectors.paser.clustering import s2ric_clusters
+
+    params = inspect.signature(s2ric_clusters).parameters
+    return {**{k: params[k].default for k in CLUSTERING_KNOBS}, "allocation": "proportional"}
 
 
 @dataclass
@@ -128,12 +137,12 @@ class ScoredSelector:
         if cluster not in CLUSTER_MODES:
             raise ConfigError(f"selector.cluster={cluster!r} is unknown; allowed: null (rank the whole pool) "
                               "or s2ric (rank inside S²RIC clusters)")
-        extra = set(to_plain(clustering or {})) - set(CLUSTERING_DEFAULTS)
+        extra = set(to_plain(clustering or {})) - set(CLUSTERING_KEYS)
         if extra:
             raise ConfigError(f"selector.clustering has unknown key(s) {sorted(extra)}; "
-                              f"allowed: {sorted(CLUSTERING_DEFAULTS)}")
+                              f"allowed: {sorted(CLUSTERING_KEYS)}")
         self.cluster = cluster
-        self.clustering = {**CLUSTERING_DEFAULTS, **to_plain(clustering or {})}
+        self.clustering = {**clustering_defaults(), **to_plain(clustering or {})}
         from paser.selectors.paser.clustering import check_min_cluster_size
 
         check_min_cluster_size(self.clustering["min_cluster_size"], "selector.clustering.min_cluster_size")
@@ -156,7 +165,7 @@ class ScoredSelector:
             indices, alloc = select_within_clusters(scored.rank_key, labels, budget,
                                                     rule=self.clustering["allocation"])
             t_cluster = time.perf_counter() - t1
-            diag["clustering"] = {"method": "s2ric", **{k: self.clustering[k] for k in CLUSTERING_DEFAULTS},
+            diag["clustering"] = {"method": "s2ric", **{k: self.clustering[k] for k in CLUSTERING_KEYS},
                                   **info, **alloc}
         if len(indices) < budget:
             log.warning("%s: only %d samples are eligible, fewer than the budget %d; selecting %d",
