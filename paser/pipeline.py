@@ -371,7 +371,8 @@ class Run:
             cache_key={"model": config_hash(self.keys.model), "pruner": config_hash(self.keys.pruner),
                        "pool": self.parts.pool.fingerprint})
 
-    def select(self, pruned_fn) -> dict:
+    def select(self, pruned_fn) -> tuple[dict, list[str]]:
+        """(selection record, names of the selector's files written into the run folder)."""
         pool, budget, selector = self.parts.pool, self.parts.budget, self.parts.selector
 
         def compute():
@@ -397,7 +398,12 @@ class Run:
         if distributed.is_main():  # the selector's files (e.g. PASER's cluster map), fresh or cached
             write_files(self.run_dir, artifacts)
         # a fresh computation's record goes through JSON like a cached one, so cold and warm runs agree
-        return json.loads(json.dumps(record, default=_np_default))
+        return json.loads(json.dumps(record, default=_np_default)), sorted(artifacts)
+
+    def adapter_dir(self) -> Path | None:
+        """The stored LoRA adapter (peft's ``save_pretrained`` folder); None with recovery=none."""
+        key = self.keys.adapter
+        return None if key is None else self.cache.entry_dir("adapter", key) / "adapter"
 
     def recover(self, selection: dict, pruned_fn):
         """(factory of the recovered model, recovery report), or (None, None) with recovery=none."""
@@ -434,8 +440,7 @@ class Run:
             if not isinstance(box.get("model"), torch.nn.Module):  # cached, or gathered from FSDP shards
                 from peft import PeftModel
 
-                box["model"] = PeftModel.from_pretrained(pruned_fn(),
-                                                         self.cache.entry_dir("adapter", key) / "adapter")
+                box["model"] = PeftModel.from_pretrained(pruned_fn(), self.adapter_dir())
             if not box.get("merged"):
                 box["model"], box["merged"] = merged(box["model"]), True
             return box["model"]
@@ -454,11 +459,12 @@ class Run:
                 return models.load_pruned(pruned_entry)
 
         metrics["pruned"] = self.evaluate("pruned", keys.pruned, pruned)
-        selection = self.select(pruned)
+        selection, selector_files = self.select(pruned)
         recovered, recovery_report = self.recover(selection, pruned)
         if recovered is not None:
             metrics["recovered"] = self.evaluate("recovered", keys.adapter, recovered)
-        return {"metrics": metrics, "prune": prune_report, "selection": selection, "recovery": recovery_report}
+        return {"metrics": metrics, "prune": prune_report, "selection": selection, "recovery": recovery_report,
+                "selector_files": selector_files, "adapter_dir": self.adapter_dir()}
 
 
 def validation_split(pool_size: int, selected: list[int], val_size: int, seed: int) \
@@ -577,6 +583,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, job_index: int | Non
     }
     (run_dir / "selected_indices.json").write_text(json.dumps(selection["indices"]))
     write_results(run_dir, results)
+    _log_artifacts(logger, results, run_dir, out["selector_files"], out["adapter_dir"])
     _log_results(logger, results, run_dir)
     print(summary_table(results))
     return results
@@ -585,6 +592,24 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, job_index: int | Non
 def _component_name(node: DictConfig) -> str:
     target = node.get("_target_") if node is not None else None
     return target.rsplit(".", 1)[-1] if target else "none"
+
+
+def _log_artifacts(logger, results: dict, run_dir: Path, selector_files: list[str],
+                   adapter_dir: Path | None) -> None:
+    """The selection (indices and the selector's files) and the LoRA adapter, for the logger to upload as
+    artifacts if ``logger.artifacts`` asks for them."""
+    name, selection = f"{results['name']}-{run_dir.name}", results["selection"]
+    logger.log_artifact(f"{name}-selection", "selection",
+                        [run_dir / "selected_indices.json", *(run_dir / f for f in selector_files)],
+                        {"selector": _component_name(results["config"]["selector"]),
+                         "budget": selection["budget"], "selected": selection["stats"]["selected"],
+                         "pool_fingerprint": selection["pool_fingerprint"]})
+    if adapter_dir is not None:
+        recovery = results["recovery"]
+        knobs_used = {k: v for k, v in results["config"]["recovery"].items() if k != "_target_"}
+        logger.log_artifact(f"{name}-adapter", "adapter", [adapter_dir],
+                            {**knobs_used, "steps": recovery["steps"], "final_loss": recovery["final_loss"],
+                             "kept": recovery["kept"]})
 
 
 def _log_results(logger, results: dict, run_dir: Path) -> None:

@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
 
 from paser.cache import atomic_write_text
+from paser.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+ARTIFACT_KINDS = ("selection", "adapter")  # what logger.artifacts may upload
 
 
 def git_commit() -> str | None:
@@ -71,6 +75,9 @@ class NullLogger:
     def log_image(self, key: str, path: Path) -> None:
         pass
 
+    def log_artifact(self, name: str, kind: str, files: list[Path], metadata: dict) -> None:
+        pass
+
     def finish(self, summary: dict) -> None:
         pass
 
@@ -81,8 +88,12 @@ class WandbLogger(NullLogger):
     never blocks (sync later with ``wandb sync``). WANDB_MODE, when set, wins."""
 
     def __init__(self, project: str = "paser", entity: str | None = None, mode: str = "auto",
-                 group: str | None = None):
-        self.project, self.entity, self.group = project, entity, group
+                 group: str | None = None, artifacts: list[str] = ()):
+        for kind in artifacts:
+            if kind not in ARTIFACT_KINDS:
+                raise ConfigError(f"logger.artifacts: {kind!r} is not an artifact kind; allowed: any of "
+                                  f"{', '.join(ARTIFACT_KINDS)} (or [] for none)")
+        self.project, self.entity, self.group, self.artifacts = project, entity, group, list(artifacts)
         self.mode = _auto_mode() if mode == "auto" else mode
         self.run = None
 
@@ -111,6 +122,20 @@ class WandbLogger(NullLogger):
         import wandb
 
         self.run.log({key: wandb.Image(str(path))})
+
+    def log_artifact(self, name, kind, files, metadata) -> None:
+        """Upload ``files`` (a folder's contents at the artifact's root) if logger.artifacts has ``kind``."""
+        if kind not in self.artifacts:
+            return
+        import wandb
+
+        artifact = wandb.Artifact(name=re.sub(r"[^A-Za-z0-9._-]", "-", name), type=kind, metadata=metadata)
+        for path in files:
+            if path.is_dir():
+                artifact.add_dir(str(path))
+            else:
+                artifact.add_file(str(path))
+        self.run.log_artifact(artifact)
 
     def finish(self, summary) -> None:
         self.run.summary.update(flatten(summary))
