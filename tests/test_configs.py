@@ -102,8 +102,12 @@ def intended_changes(preset: str, want: dict) -> dict:
     16, every perplexity window, and PIQA, ARC-e and HellaSwag on 2,000 seeded documents each.
 
     #15: LLM-Pruner's two algorithms are two classes: block-wise ``LLMPruner`` (no ``strategy`` key) and
-    channel-wise ``LLMPrunerChannel``, which has none of the block-wise keys (GQA, layer ranges)."""
+    channel-wise ``LLMPrunerChannel``, which has none of the block-wise keys (GQA, layer ranges).
+
+    #15: the W&B logger's ``artifacts`` (default ``[]``: nothing uploaded)."""
     want = copy.deepcopy(want)
+    if want["config"]["logger"].get("_target_") == "paser.tracking.WandbLogger":
+        want["config"]["logger"]["artifacts"] = []
     pruner = want["config"]["pruner"]
     if pruner.pop("strategy", None) == "channel":
         for key in ("gqa", "gqa_grouping", "attention_layers", "mlp_layers"):
