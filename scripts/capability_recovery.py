@@ -32,15 +32,25 @@ from scripts.make_tables import NAMES  # the selectors' display names, as in the
 
 
 def run_config(results: dict, cache_dir: str | None, data_dir: str | None):
-    """The run's composed config (results.json keeps it resolved), with the cache and data folders
-    replaced where given."""
+    """The run's composed config (results.json keeps it resolved, so every path derived from a folder is
+    moved with it: e.g. data.path under paths.data_dir)."""
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.create(results["config"])
-    for key, value in (("paths.cache_dir", cache_dir), ("paths.data_dir", data_dir)):
-        if value:
-            OmegaConf.update(cfg, key, value)
-    return cfg
+    config = results["config"]
+    moves = [(str(config["paths"][key]), value) for key, value in (("cache_dir", cache_dir), ("data_dir", data_dir))
+             if value]
+
+    def moved(v):
+        if isinstance(v, dict):
+            return {k: moved(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [moved(x) for x in v]
+        for old, new in moves:
+            if isinstance(v, str) and (v == old or v.startswith(old.rstrip("/") + "/")):
+                return new + v[len(old):]
+        return v
+
+    return OmegaConf.create(moved(config))
 
 
 def load_runs(run_dirs: list[Path], cache_dir: str | None, data_dir: str | None) -> list[dict]:
