@@ -72,7 +72,8 @@ def iter_batches(seqs: Sequence[Sequence[int]], batch_size: int, pad_id: int, ma
 
 
 def token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Per-position next-token negative log-likelihood [B, T-1], in fp32."""
+    """Per-position next-token negative log-likelihood [B, T-1], in fp32, from the full logits: the plain
+    form, the reference ``window_token_nll`` is tested and timed against (scripts/profile_device.py)."""
     logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
     return -logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
 

@@ -156,8 +156,8 @@ def main() -> int:
                              "changed since the run, which changes its key): rerun it, or pass --cache-dir")
         models[r["label"]] = scores(merged(PeftModel.from_pretrained(pruned(), entry / "adapter")))
 
-    at = {c: slice(int(sum(len(held[k]) for k in sorted(held) if k < c)),
-                   int(sum(len(held[k]) for k in sorted(held) if k <= c))) for c in held}
+    ends = np.cumsum([len(held[c]) for c in sorted(held)])  # ``order`` lists the clusters' samples in turn
+    at = {c: slice(int(end - len(held[c])), int(end)) for c, end in zip(sorted(held), ends)}
     rows = []
     for c in sorted(held):
         row = {"cluster": c, "size": int((labels == c).sum()), "top_concepts": concepts.get(c, []),

@@ -33,10 +33,8 @@ def test_capability_recovery_on_a_paser_and_a_random_run(tmp_path):
     from paser.models import load_model, load_saved
 
     runs = []
-    for selector in ("paser", "random"):
-        cfg = compose_config([*TINY_RUN, f"selector={selector}", "data.subsample=40", "budget=8",
-                              "selector.n_clusters=3"] if selector == "paser" else
-                             [*TINY_RUN, "selector=random", "data.subsample=40", "budget=8"], tmp_path)
+    for selector, extra in (("paser", ["selector.n_clusters=3"]), ("random", [])):
+        cfg = compose_config([*TINY_RUN, f"selector={selector}", "data.subsample=40", "budget=8", *extra], tmp_path)
         pipeline.run(cfg, run_dir=tmp_path / selector)
         runs.append(tmp_path / selector)
     out = subprocess.run([sys.executable, "scripts/capability_recovery.py", *map(str, runs), "--per-cluster",
