@@ -41,6 +41,23 @@ def requires_shared_data():
     return pytest.mark.skipif(not DATA_DIR.is_dir(), reason="../shared/data is not beside the repository")
 
 
+NLTK_STOPWORDS = ["a", "an", "the", "of", "to", "and", "in", "for", "on", "with", "is", "are", "be", "this", "that",
+                  "it", "how", "what", "your", "its", "by", "from", "as"]
+
+
+def make_nltk_data(root: Path) -> Path:
+    """A stand-in NLTK data folder for rake_nltk (selector=paser_official), which needs NLTK's stopwords and
+    punkt_tab data that cannot be downloaded here: a small English stop-word list and an empty (untrained)
+    punkt model, read through NLTK as the real ones are."""
+    (root / "corpora" / "stopwords").mkdir(parents=True)
+    (root / "corpora" / "stopwords" / "english").write_text("\n".join(NLTK_STOPWORDS) + "\n")
+    punkt = root / "tokenizers" / "punkt_tab" / "english"
+    punkt.mkdir(parents=True)
+    for name in ("collocations.tab", "sent_starters.txt", "abbrev_types.txt", "ortho_context.tab"):
+        (punkt / name).write_text("")
+    return root
+
+
 @pytest.fixture(scope="module")
 def models():
     """(original, pruned, tokenizer): the tiny Llama and a copy with the smaller half of each weight

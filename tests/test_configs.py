@@ -10,7 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from tests import config_golden
-from tests.conftest import CONF, compose_config
+from tests.conftest import CONF, compose_config, make_nltk_data
 
 GROUPS = ["pruner", "selector", "recovery", "evaluator", "logger", "data", "model"]
 
@@ -32,7 +32,10 @@ def test_every_option_composes(group, option, tmp_path):
 
 
 @pytest.mark.parametrize("group", ["pruner", "selector", "recovery", "logger"])
-def test_components_instantiate(group, tmp_path):
+def test_components_instantiate(group, tmp_path, monkeypatch):
+    import nltk
+
+    monkeypatch.setattr(nltk.data, "path", [str(make_nltk_data(tmp_path / "nltk_data"))])  # paser_official
     for option in options(group):
         node = OmegaConf.to_container(compose_config([f"{group}={option}"], tmp_path)[group], resolve=True)
         node.pop("calibration", None)  # the pipeline hands calibration windows to prune(), not __init__

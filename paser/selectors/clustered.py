@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 CLUSTER_MODES = (None, "s2ric")
 CLUSTERING_KNOBS = ("reducer", "n_components", "n_neighbors", "n_clusters", "diffusion_time", "k_range",
-                    "min_cluster_size", "row_normalize")  # s2ric_clusters' knobs; with "allocation", the block's keys
+                    "min_cluster_size", "row_normalize", "nmf_input")  # s2ric_clusters' knobs; with "allocation", the block's keys
 CLUSTERING_KEYS = (*CLUSTERING_KNOBS, "allocation")
 
 

@@ -37,6 +37,11 @@ Adaptive K ("auto"): fit NMF for every K in k_range (on a seeded subsample of 10
 components then assign every row), take the relative error e(K) = ‖X − WH‖_F / ‖X‖_F, normalise K and e to [0, 1] and pick the knee: argmax_K (1 − K̂ − ê), the point furthest below the chord
 from the first to the last point of the (decreasing) curve. Raw error always falls with K, so it cannot be
 minimised directly.
+
+The official code's dense path (``selector=paser_official``): ``reducer=laplacian`` (Gaussian affinity over
+all pairs with the median distance, eigenvectors of the random-walk Laplacian, ``laplacian_eigenvectors``)
+and ``nmf_input=gram`` (scikit-learn NMF of the dense |Y Yᵀ|, ``gram_nmf_labels``). Both build N×N
+matrices, so pools above ``DENSE_OFFICIAL_MAX`` are refused before anything is computed.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ import time
 import warnings
 
 import numpy as np
+import scipy.linalg
 import scipy.sparse as sp
 import torch
 from scipy.sparse.linalg import lobpcg
@@ -56,7 +62,8 @@ from paser.errors import ConfigError
 from paser.scoring import to_host
 
 log = logging.getLogger(__name__)
-REDUCERS = ("diffusion", "umap", "pca", "tsne")
+REDUCERS = ("diffusion", "laplacian", "umap", "pca", "tsne")
+NMF_INPUTS = ("coordinates", "gram")
 DEFAULT_K_RANGE = (2, 32)
 DENSE_MAX = 512  # pools up to this size get a dense eigendecomposition
 KNN_EXACT_MAX = 100_000  # larger pools get an approximate (IVF) kNN graph
@@ -67,6 +74,7 @@ IVF_NPROBE = 16  # lists searched per query
 RECALL_QUERIES = 1000  # query rows on which an approximate graph's recall@k is measured
 K_SEARCH_ROWS = 10000  # rows used for the NMF error curve of the auto-K rule
 MAX_GAP_DIFFUSION_TIME = 20  # a "gap" that needs more diffusion steps to damp tenfold is no gap (t = 1)
+DENSE_OFFICIAL_MAX = 10_000  # the official code's dense N×N path: 0.75 GB per float64 matrix at this size
 
 
 def _fast_bf16(device: torch.device) -> bool:
@@ -278,6 +286,63 @@ def diffusion_map(w: sp.csr_matrix, n_components: int, diffusion_time: int | str
     return coords.astype(np.float32), diag
 
 
+def check_dense_size(n: int, what: str) -> None:
+    """Refuse a pool too large for the official code's dense N×N matrices, before anything is computed."""
+    max_rows = DENSE_OFFICIAL_MAX
+    if n > max_rows:
+        raise ConfigError(
+            f"{what} builds dense {n}×{n} matrices ({n * n * 8 / 2**30:.1f} GB each in float64) for a pool of "
+            f"{n} samples; it is limited to {max_rows} samples. Use a smaller pool (data.subsample <= {max_rows}) "
+            f"or S²RIC's sparse path (selector=paser: reducer=diffusion, nmf_input=coordinates)")
+
+
+def laplacian_eigenvectors(x: np.ndarray, n_components: int) -> tuple[np.ndarray, dict]:
+    """The official code's reducer, dense: Gaussian affinity A_ij = exp(−‖x_i − x_j‖² / 2σ²) over all pairs,
+    σ = the median of the full distance matrix (its zero diagonal included), the random-walk Laplacian
+    L = I − D⁻¹A and its ``n_components`` eigenvectors of smallest eigenvalue, unit columns, unscaled.
+
+    L is not symmetric, and the official code hands it to ``eigsh``, a solver for symmetric matrices. Here
+    its eigenvectors are computed exactly: ψ = D^-1/2 v for the eigenvectors v of the symmetric
+    I − D^-1/2 A D^-1/2 (same eigenvalues), by a dense solver."""
+    n = len(x)
+    check_dense_size(n, "selector.reducer=laplacian")
+    if not 1 <= n_components < n:
+        raise ConfigError(f"selector.n_components={n_components} must be in 1..{n - 1} for a pool of {n}")
+    x = np.asarray(x, dtype=np.float64)
+    sq = np.einsum("ij,ij->i", x, x)
+    m = x @ x.T  # becomes the distances, then the affinity, then D^-1/2 A D^-1/2, in place
+    m *= -2.0
+    m += sq[:, None]
+    m += sq[None, :]
+    np.maximum(m, 0.0, out=m)
+    np.fill_diagonal(m, 0.0)
+    np.sqrt(m, out=m)
+    sigma = float(np.median(m))
+    m **= 2
+    m /= -2.0 * sigma**2 if sigma > 0 else -1.0
+    np.exp(m, out=m)
+    inv_sqrt = 1.0 / np.sqrt(m.sum(1))
+    m *= inv_sqrt[:, None]
+    m *= inv_sqrt[None, :]
+    vals, vecs = scipy.linalg.eigh(m, subset_by_index=[n - n_components, n - 1], overwrite_a=True)
+    order = np.argsort(-vals, kind="stable")  # largest of D^-1/2 A D^-1/2 = smallest of L
+    psi = vecs[:, order] * inv_sqrt[:, None]
+    psi /= np.linalg.norm(psi, axis=0, keepdims=True)
+    diag = {"sigma": sigma, "laplacian_eigenvalues": [round(float(1.0 - v), 6) for v in vals[order]]}
+    return psi.astype(np.float32), diag
+
+
+def gram_nmf_labels(coords: np.ndarray, k: int) -> np.ndarray:
+    """The official code's clustering: NMF of the dense |Y Yᵀ| (scikit-learn, K components, random
+    initialisation with random_state 0 whatever the run's seed, as there); a sample goes to argmax_k W_ik."""
+    from sklearn.decomposition import NMF
+
+    check_dense_size(len(coords), "selector.nmf_input=gram")
+    y = np.asarray(coords, dtype=np.float64)
+    w = NMF(n_components=k, init="random", random_state=0).fit_transform(np.abs(y @ y.T))
+    return w.argmax(1)
+
+
 def reduce_embeddings(embeddings: np.ndarray, reducer: str = "diffusion", n_components: int = 16,
                       n_neighbors: int = 10, seed: int = 0, diffusion_time: int | str = "auto",
                       device: torch.device | str | None = None,
@@ -297,6 +362,9 @@ def reduce_embeddings(embeddings: np.ndarray, reducer: str = "diffusion", n_comp
         t1 = time.perf_counter()
         coords, ddiag = diffusion_map(w, n_components, diffusion_time, seed)
         diag.update(ddiag, time_eigen_s=round(time.perf_counter() - t1, 3))
+    elif reducer == "laplacian":
+        coords, ddiag = laplacian_eigenvectors(x, n_components)
+        diag.update(ddiag)
     elif reducer == "pca":
         from sklearn.decomposition import PCA
 
@@ -387,10 +455,11 @@ def _nmf(x: np.ndarray, k: int, seed: int, n_iter: int = 400, tol: float = 1e-4,
     return strength.argmax(1).numpy(), err, h
 
 
-def _compact(labels: np.ndarray) -> np.ndarray:
-    """Relabel to 0..K'-1 by decreasing size (ties: lower old label first); empty components vanish."""
+def _compact(labels: np.ndarray, by_size: bool = True) -> np.ndarray:
+    """Relabel to 0..K'-1 by decreasing size (ties: lower old label first), or keeping the components'
+    order (``by_size=False``); empty components vanish."""
     ids, counts = np.unique(labels, return_counts=True)
-    order = ids[np.lexsort((ids, -counts))]
+    order = ids[np.lexsort((ids, -counts))] if by_size else ids
     remap = np.empty(labels.max() + 1, dtype=np.int64)
     remap[order] = np.arange(len(order))
     return remap[labels]
@@ -402,10 +471,11 @@ def check_min_cluster_size(value, key: str = "selector.min_cluster_size") -> int
     return value
 
 
-def merge_small_clusters(labels: np.ndarray, coords: np.ndarray, min_size: int) -> tuple[np.ndarray, list[dict]]:
+def merge_small_clusters(labels: np.ndarray, coords: np.ndarray, min_size: int,
+                         by_size: bool = True) -> tuple[np.ndarray, list[dict]]:
     """Fold every cluster smaller than ``min_size`` into the cluster whose centroid (in ``coords``, the
     reduced coordinates) is nearest, smallest first, until none is smaller or one is left; then relabel
-    largest first. Returns the labels and what was merged (sizes before each merge)."""
+    (``_compact``). Returns the labels and what was merged (sizes before each merge)."""
     labels = labels.copy()
     merges = []
     while True:
@@ -413,7 +483,7 @@ def merge_small_clusters(labels: np.ndarray, coords: np.ndarray, min_size: int) 
         present = np.flatnonzero(sizes)
         small = [int(k) for k in present if sizes[k] < min_size]
         if not small or len(present) == 1:
-            return _compact(labels), merges
+            return _compact(labels, by_size), merges
         k = min(small, key=lambda c: (sizes[c], c))
         centroid = coords[labels == k].mean(0)
         into = min((int(c) for c in present if c != k),
@@ -436,20 +506,32 @@ def knee(ks: list[int], errors: list[float]) -> int:
 
 def nmf_clusters(coords: np.ndarray, n_clusters: int | str = "auto", seed: int = 0,
                  k_range: tuple[int, int] = DEFAULT_K_RANGE, min_cluster_size: int = 1,
-                 row_normalize: bool = True) -> tuple[np.ndarray, dict]:
-    """Labels 0..K-1 (largest cluster first) from NMF of the non-negative coordinates, and diagnostics.
+                 row_normalize: bool = True, nmf_input: str = "coordinates") -> tuple[np.ndarray, dict]:
+    """Labels 0..K-1 from NMF, and diagnostics. ``nmf_input=coordinates`` factors the non-negative
+    coordinates [Y+, Y−] and labels largest cluster first; ``gram`` is the official code's NMF of the
+    dense |Y Yᵀ| (``gram_nmf_labels``; fixed K), labelled in NMF component order, as the code walks them.
     With ``row_normalize`` each sample's coordinates are scaled to unit length first (the Ng-Jordan-Weiss
     step of spectral clustering: a sample is placed by its direction, not by how strongly it loads on the
     leading eigenvectors; see the module docstring). Clusters smaller than ``min_cluster_size`` are folded
     into their nearest (``merge_small_clusters``; 1, the default and the paper's rule, merges none)."""
     check_min_cluster_size(min_cluster_size)
+    if nmf_input not in NMF_INPUTS:
+        raise ConfigError(f"selector.nmf_input={nmf_input!r} is unknown; allowed: {list(NMF_INPUTS)}")
     t0 = time.perf_counter()
     if row_normalize:
         coords = coords / np.maximum(np.linalg.norm(coords, axis=1, keepdims=True), 1e-12)
     x = _nonnegative(coords)
     n = len(x)
-    diag: dict = {}
-    if n_clusters == "auto":
+    diag: dict = {"nmf_input": nmf_input}
+    by_size = nmf_input == "coordinates"
+    if nmf_input == "gram":
+        if isinstance(n_clusters, bool) or not isinstance(n_clusters, int) or not 1 <= n_clusters <= n:
+            raise ConfigError(f"selector.nmf_input=gram needs an integer selector.n_clusters in 1..{n} (the "
+                              f"official K = 10), got {n_clusters!r}: 'auto' would factor a dense N×N matrix per K")
+        k = n_clusters
+        labels = gram_nmf_labels(coords, k)
+        diag["k_rule"] = "fixed"
+    elif n_clusters == "auto":
         lo, hi = int(k_range[0]), min(int(k_range[1]), n - 1)
         if not 2 <= lo < hi:
             raise ConfigError(f"selector.k_range={list(k_range)} must be [min, max] with 2 <= min < max < N={n}")
@@ -468,10 +550,11 @@ def nmf_clusters(coords: np.ndarray, n_clusters: int | str = "auto", seed: int =
         diag["k_rule"] = "fixed"
     else:
         raise ConfigError(f"selector.n_clusters={n_clusters!r} must be 'auto' or an integer in 1..{n}")
-    labels, merges = merge_small_clusters(_compact(labels), coords, min_cluster_size)
+    labels, merges = merge_small_clusters(_compact(labels, by_size), coords, min_cluster_size, by_size)
     if min_cluster_size > 1:
         diag.update(min_cluster_size=min_cluster_size, merged_clusters=merges)
     diag.update(n_clusters_requested=k, n_clusters=int(labels.max()) + 1,
+                label_order="size" if by_size else "nmf_component",
                 cluster_sizes=np.bincount(labels).tolist(), time_nmf_s=round(time.perf_counter() - t0, 3))
     return labels, diag
 
@@ -480,12 +563,15 @@ def s2ric_clusters(embeddings: np.ndarray, reducer: str = "diffusion", n_compone
                    n_neighbors: int = 10, n_clusters: int | str = "auto", seed: int = 0,
                    diffusion_time: int | str = "auto", k_range: tuple[int, int] = DEFAULT_K_RANGE,
                    device: torch.device | str | None = None, knn_exact_max: int = KNN_EXACT_MAX,
-                   min_cluster_size: int = 1, row_normalize: bool = True) -> tuple[np.ndarray, np.ndarray, dict]:
-    """S²RIC, the one implementation PASER and the hybrids share: (labels 0..K-1 with cluster 0 the largest,
-    the reduced coordinates, diagnostics). See the module docstring."""
+                   min_cluster_size: int = 1, row_normalize: bool = True,
+                   nmf_input: str = "coordinates") -> tuple[np.ndarray, np.ndarray, dict]:
+    """S²RIC, the one implementation PASER and the hybrids share: (labels 0..K-1, cluster 0 the largest
+    unless ``nmf_input=gram``; the reduced coordinates; diagnostics). See the module docstring."""
+    if nmf_input == "gram":  # refuse a pool too large before the reducer runs
+        check_dense_size(len(embeddings), "selector.nmf_input=gram")
     coords, diag = reduce_embeddings(embeddings, reducer, n_components, n_neighbors, seed, diffusion_time,
                                      device, knn_exact_max)
-    labels, cdiag = nmf_clusters(coords, n_clusters, seed, k_range, min_cluster_size, row_normalize)
+    labels, cdiag = nmf_clusters(coords, n_clusters, seed, k_range, min_cluster_size, row_normalize, nmf_input)
     diag.update(cdiag)
     return labels, coords, diag
 

@@ -11,22 +11,33 @@ lower-case alphanumeric words joined by single spaces; purely numeric phrases an
 CCG rule (METHOD.md §2): a sample is rejected if two of its concepts are both already vertices of the graph
 but not linked by an edge; otherwise it is accepted, its concepts become vertices and every pair of them is
 linked.
+
+The official code's variant (``selector=paser_official``): concepts from ``rake_nltk.Rake()`` with its
+defaults (NLTK's English stop words, punkt sentences, word-punctuation tokens, every phrase) over
+instruction + ' ' + input + ' ' + output, and a graph whose vertices come only with edges (networkx
+``add_edge``: an accepted sample with a single concept adds nothing).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from functools import lru_cache
 from importlib.resources import files
 from itertools import combinations
+from pathlib import Path
 
 import numpy as np
+
+from paser.errors import ConfigError
 
 WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 DELIMITERS = re.compile(r"[.,;:!?()\[\]{}\"“”‘’\n\t|/\\<>=*#…–—-]+")
 
 
 STOPWORDS_FILE = files("paser.selectors.paser").joinpath("stopwords.txt")
+CONCEPT_METHODS = ("rake", "rake_nltk")
+NLTK_DATA = {"corpora/stopwords/english": "stopwords", "tokenizers/punkt_tab/english": "punkt_tab"}
 
 
 @lru_cache(maxsize=1)
@@ -72,6 +83,53 @@ def sample_concepts(row: dict, fields=("instruction", "input", "output"), top_k:
     return rake("\n".join(row.get(f) or "" for f in fields), top_k, max_words)
 
 
+def nltk_data_files() -> list[Path]:
+    """The NLTK data ``rake_nltk.Rake()`` reads (English stop words, the punkt sentence model), to key caches
+    by content; a clear error, naming the download command, when they are not installed."""
+    import nltk
+
+    out, missing = [], []
+    for resource, package in NLTK_DATA.items():
+        try:
+            pointer = nltk.data.find(resource)
+        except LookupError:
+            missing.append(package)
+            continue
+        path = Path(getattr(pointer, "path", None) or pointer.zipfile.filename)
+        out += sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    if missing:
+        raise ConfigError(
+            f"selector.concepts=rake_nltk (the official code's RAKE) needs NLTK's {' and '.join(missing)} data, "
+            f"not found in {nltk.data.path}: run `python -m nltk.downloader {' '.join(missing)}` once with a "
+            "network connection, or set NLTK_DATA to a folder that holds them")
+    return out
+
+
+def concept_extractor(method: str = "rake", fields=("instruction", "input", "output"), top_k: int | None = 5,
+                      max_words: int | None = 3) -> Callable[[dict], list[str]]:
+    """row -> its concepts, best first: our ``rake`` over the fields joined by newlines, or ``rake_nltk``
+    (``rake_nltk.Rake()`` defaults over the fields joined by single spaces, as the official code); both cut
+    to ``top_k`` phrases of at most ``max_words`` words (None: no limit)."""
+    if method == "rake":
+        return lambda row: sample_concepts(row, fields, top_k, max_words)
+    if method != "rake_nltk":
+        raise ConfigError(f"selector.concepts={method!r} is unknown; allowed: {list(CONCEPT_METHODS)}")
+    try:
+        from rake_nltk import Rake
+    except ImportError:
+        raise ConfigError("selector.concepts=rake_nltk needs the package rake-nltk (pip install rake-nltk)") from None
+    nltk_data_files()
+    extractor = Rake()
+
+    def concepts(row: dict) -> list[str]:
+        extractor.extract_keywords_from_text(" ".join(row.get(f) or "" for f in fields))
+        phrases = [p for p in dict.fromkeys(extractor.get_ranked_phrases())
+                   if max_words is None or len(p.split()) <= max_words]
+        return phrases if top_k is None else phrases[:top_k]
+
+    return concepts
+
+
 def cluster_top_concepts(rows: list[dict], labels, top: int = 3, per_cluster: int = 200, seed: int = 0,
                          fields=("instruction", "input")) -> list[list[str]]:
     """Per cluster, the ``top`` concepts found in most of its samples (RAKE over the fields S²RIC embeds),
@@ -91,11 +149,14 @@ def cluster_top_concepts(rows: list[dict], labels, top: int = 3, per_cluster: in
 
 
 class ConceptGraph:
-    """The Concept Consistency Graph: concepts as vertices, co-occurrence in accepted samples as edges."""
+    """The Concept Consistency Graph: concepts as vertices, co-occurrence in accepted samples as edges.
+    ``edges_only``: concepts become vertices only through an edge (the official code), so an accepted
+    sample with a single concept leaves the graph unchanged."""
 
-    def __init__(self):
+    def __init__(self, edges_only: bool = False):
         self.adjacency: dict[str, set[str]] = {}
         self.n_edges = 0
+        self.edges_only = edges_only
 
     def conflict(self, concepts) -> tuple[str, str] | None:
         """The first pair of concepts that are both in the graph but not linked, else None."""
@@ -107,6 +168,8 @@ class ConceptGraph:
 
     def add(self, concepts) -> None:
         unique = list(dict.fromkeys(concepts))
+        if self.edges_only and len(unique) < 2:
+            return
         for c in unique:
             self.adjacency.setdefault(c, set())
         for a, b in combinations(unique, 2):

@@ -26,8 +26,22 @@ from paser.data import encode_pool
 from paser.embedding import embed_pool
 from paser.errors import ConfigError
 from paser.selectors.paser.allocation import RULES, allocate_budget
-from paser.selectors.paser.clustering import DEFAULT_K_RANGE, REDUCERS, check_min_cluster_size, s2ric_clusters
-from paser.selectors.paser.concepts import STOPWORDS_FILE, ConceptGraph, cluster_top_concepts, sample_concepts
+from paser.selectors.paser.clustering import (
+    DEFAULT_K_RANGE,
+    NMF_INPUTS,
+    REDUCERS,
+    check_min_cluster_size,
+    s2ric_clusters,
+)
+from paser.selectors.paser.concepts import (
+    CONCEPT_METHODS,
+    STOPWORDS_FILE,
+    ConceptGraph,
+    cluster_top_concepts,
+    concept_extractor,
+    nltk_data_files,
+    sample_concepts,
+)
 from paser.selectors.paser.divergence import (
     DIVERGENCES,
     REDUCTIONS,
@@ -41,6 +55,7 @@ from paser.selectors.paser.divergence import (
 log = logging.getLogger(__name__)
 IES_LENGTHS = ("tokens", "official")
 CLUSTER_ORDERS = ("index", "cds")
+CCG_VERTICES = ("concepts", "edges")
 FIELDS = ("instruction", "input", "output")
 
 
@@ -65,12 +80,13 @@ def summary(values: np.ndarray, bins: int = 20) -> dict:
 
 
 def ntm_walk(rows: list[dict], labels: np.ndarray, key: np.ndarray, n_k: np.ndarray, order, use_ntm: bool = True,
-             fields=FIELDS, top_k: int | None = 5, max_words: int | None = 3) -> dict:
+             concepts_of=sample_concepts, edges_only: bool = False) -> dict:
     """Walk the clusters in ``order`` and each cluster's samples by decreasing ``key`` (IES), taking
-    samples until the cluster has n_k; with ``use_ntm`` a sample whose concepts conflict with the
-    Concept Consistency Graph is rejected (and kept in the list of rejections) instead of taken."""
+    samples until the cluster has n_k; with ``use_ntm`` a sample whose concepts (``concepts_of(row)``)
+    conflict with the Concept Consistency Graph is rejected (and kept in the list of rejections) instead of
+    taken."""
     n_clusters = len(n_k)
-    graph = ConceptGraph() if use_ntm else None
+    graph = ConceptGraph(edges_only) if use_ntm else None
     selected, rejected, examples = [], [], []
     taken = np.zeros(n_clusters, dtype=np.int64)
     rejected_k = np.zeros(n_clusters, dtype=np.int64)
@@ -80,7 +96,7 @@ def ntm_walk(rows: list[dict], labels: np.ndarray, key: np.ndarray, n_k: np.ndar
             if taken[k] >= n_k[k]:
                 break
             if graph is not None:
-                concepts = sample_concepts(rows[i], fields, top_k, max_words)
+                concepts = concepts_of(rows[i])
                 seen += len(concepts)
                 pair = graph.try_add(concepts)
                 if pair is not None:
@@ -106,7 +122,8 @@ class PaserSelector:
                  ies_log: bool = True, ies_length: str = "tokens", cluster_order: str = "index",
                  concept_top_k: int | None = 5, concept_max_words: int | None = 3,
                  concept_fields=FIELDS, plot: bool = True, min_cluster_size: int = 1,
-                 row_normalize: bool = True):
+                 row_normalize: bool = True, nmf_input: str = "coordinates", concepts: str = "rake",
+                 ccg_vertices: str = "concepts"):
         self.use_s2ric, self.use_cdais, self.use_ntm = bool(use_s2ric), bool(use_cdais), bool(use_ntm)
         self.embed_input = bool(embed_input)
         self.reducer = check_choice("reducer", reducer, REDUCERS)
@@ -120,6 +137,9 @@ class PaserSelector:
         self.diffusion_time = diffusion_time
         self.min_cluster_size = check_min_cluster_size(min_cluster_size)
         self.row_normalize = bool(row_normalize)
+        self.nmf_input = check_choice("nmf_input", nmf_input, NMF_INPUTS)
+        if self.nmf_input == "gram" and (isinstance(n_clusters, bool) or not isinstance(n_clusters, int)):
+            raise ConfigError(f"selector.nmf_input=gram needs an integer selector.n_clusters, got {n_clusters!r}")
         self.divergence = check_choice("divergence", divergence, DIVERGENCES)
         self.span = check_choice("span", span, SPANS)
         self.reduction = check_choice("reduction", reduction, REDUCTIONS)
@@ -134,11 +154,17 @@ class PaserSelector:
         bad = [f for f in self.concept_fields if f not in FIELDS]
         if bad or not self.concept_fields:
             raise ConfigError(f"selector.concept_fields={list(self.concept_fields)}: choose from {list(FIELDS)}")
+        self.concepts = check_choice("concepts", concepts, CONCEPT_METHODS)
+        self.ccg_vertices = check_choice("ccg_vertices", ccg_vertices, CCG_VERTICES)
+        if self.use_ntm and self.concepts == "rake_nltk":
+            nltk_data_files()  # fail now, not after the scoring, when NLTK's data is missing
         self.plot = bool(plot)
 
     def input_files(self) -> list:
-        """The NTM stop-word list is data, not code: keyed by content."""
-        return [STOPWORDS_FILE] if self.use_ntm else []
+        """The NTM stop words (and NLTK's sentence model) are data, not code: keyed by content."""
+        if not self.use_ntm:
+            return []
+        return [STOPWORDS_FILE] if self.concepts == "rake" else nltk_data_files()
 
     # ------------------------------------------------------------------ stages
 
@@ -149,7 +175,7 @@ class PaserSelector:
         return s2ric_clusters(embed_pool(ctx, pool.rows, with_input=self.embed_input), self.reducer,
                               self.n_components, self.n_neighbors, self.n_clusters, ctx.seed, self.diffusion_time,
                               self.k_range, ctx.device, min_cluster_size=self.min_cluster_size,
-                              row_normalize=self.row_normalize)
+                              row_normalize=self.row_normalize, nmf_input=self.nmf_input)
 
     def sequences(self, pool, ctx) -> tuple[list[list[int]], list[tuple[int, int]], np.ndarray]:
         """(token sequences, per-sample position bounds, lengths L = |x|+|y| for the IES)."""
@@ -213,8 +239,10 @@ class PaserSelector:
         order = list(range(n_clusters))
         if self.cluster_order == "cds" and cds is not None:
             order = [int(k) for k in np.lexsort((np.arange(n_clusters), -cds))]
-        walk = ntm_walk(pool.rows, labels, key, n_k, order, self.use_ntm, self.concept_fields,
-                        self.concept_top_k, self.concept_max_words)
+        concepts_of = concept_extractor(self.concepts, self.concept_fields, self.concept_top_k,
+                                        self.concept_max_words) if self.use_ntm else None
+        walk = ntm_walk(pool.rows, labels, key, n_k, order, self.use_ntm, concepts_of,
+                        self.ccg_vertices == "edges")
         selected, rejected, graph = walk["selected"], walk["rejected"], walk["graph"]
         taken, rejected_k = walk["taken"], walk["rejected_per_cluster"]
         times["ntm"] = time.perf_counter() - t
