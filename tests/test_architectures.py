@@ -520,7 +520,7 @@ def test_every_selector_selects(family, tmp_path):
                            cutoff=128, batch_size=4)
     pool = Pool(rows=[dict(r) for r in ROWS], source="test", fingerprint="rows")
     selectors = {
-        "paser": PaserSelector(n_components=2, n_neighbors=3, k_range=(2, 3), plot=False),
+        "paser": PaserSelector(clustering={"n_components": 2, "n_neighbors": 3, "k_range": [2, 3]}, plot=False),
         "ifd": IFDSelector(drop_above_one=False),
         "nuggets": NuggetsSelector(n_anchors=2, prefilter=3),  # 3 candidates x 2 anchors
         "instruction_mining": InstructionMiningSelector(coefficients={"perplexity": 1.0, "output_length": 1e-3}),

@@ -33,7 +33,7 @@ def test_capability_recovery_on_a_paser_and_a_random_run(tmp_path):
     from paser.models import load_model, load_saved
 
     runs = []
-    for selector, extra in (("paser", ["selector.n_clusters=3"]), ("random", [])):
+    for selector, extra in (("paser", ["selector.clustering.n_clusters=3"]), ("random", [])):
         cfg = compose_config([*TINY_RUN, f"selector={selector}", "data.subsample=40", "budget=8", *extra], tmp_path)
         pipeline.run(cfg, run_dir=tmp_path / selector)
         runs.append(tmp_path / selector)

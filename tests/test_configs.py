@@ -107,8 +107,24 @@ def intended_changes(preset: str, want: dict) -> dict:
     #15: LLM-Pruner's two algorithms are two classes: block-wise ``LLMPruner`` (no ``strategy`` key) and
     channel-wise ``LLMPrunerChannel``, which has none of the block-wise keys (GQA, layer ranges).
 
-    #15: the W&B logger's ``artifacts`` (default ``[]``: nothing uploaded)."""
+    #15: the W&B logger's ``artifacts`` (default ``[]``: nothing uploaded).
+
+    #15: PASER's S²RIC knobs and allocation rule live in the ``clustering`` block the hybrids use (one
+    file, conf/selector/clustering/s2ric.yaml), so sweeps name ``selector.clustering.<knob>``.
+
+    #16.1: the clustering block's ``nmf_input`` (coordinates, as before); PASER's ``concepts`` (rake) and
+    ``ccg_vertices`` (concepts), as before."""
+    from paser.selectors.clustered import CLUSTERING_KEYS
+
     want = copy.deepcopy(want)
+    selector = want["config"]["selector"]
+    if selector.get("_target_") == "paser.selectors.paser.selector.PaserSelector":
+        selector["clustering"] = {k: selector.pop(k) for k in CLUSTERING_KEYS if k in selector}
+        selector.update(concepts="rake", ccg_vertices="concepts")
+    if isinstance(selector.get("clustering"), dict):
+        selector["clustering"].setdefault("nmf_input", "coordinates")
+    want["sweep"] = [[f"selector.clustering.{k.removeprefix('selector.')}"
+                      if k.removeprefix("selector.") in CLUSTERING_KEYS else k, v] for k, v in want["sweep"]]
     if want["config"]["logger"].get("_target_") == "paser.tracking.WandbLogger":
         want["config"]["logger"]["artifacts"] = []
     pruner = want["config"]["pruner"]

@@ -168,8 +168,8 @@ def test_min_cluster_size_is_checked_before_any_work(bad):
     from paser.selectors.ifd import IFDSelector
     from paser.selectors.paser.selector import PaserSelector
 
-    with pytest.raises(ConfigError, match="min_cluster_size"):
-        PaserSelector(min_cluster_size=bad)
+    with pytest.raises(ConfigError, match="selector.clustering.min_cluster_size"):
+        PaserSelector(clustering={"min_cluster_size": bad})
     with pytest.raises(ConfigError, match="selector.clustering.min_cluster_size"):
         IFDSelector(cluster="s2ric", clustering={"min_cluster_size": bad})
 

@@ -141,8 +141,8 @@ def test_our_defaults_differ_from_the_official_selection(models, tmp_path, nltk_
     rows = make_rows()
     pool = Pool(rows=rows, source="test", fingerprint="official-pool")
     official = official_selector().select(pool, 14, make_ctx(models, tmp_path))
-    ours = official_selector(reducer="diffusion", nmf_input="coordinates", n_components=4, n_neighbors=5,
-                             concepts="rake", ccg_vertices="concepts").select(pool, 14, make_ctx(models, tmp_path))
+    ours = official_selector(clustering={"n_components": 4, "n_neighbors": 5}, concepts="rake",
+                             ccg_vertices="concepts").select(pool, 14, make_ctx(models, tmp_path))
     assert ours.indices != official.indices
 
 
@@ -176,4 +176,5 @@ def test_missing_nltk_data_is_a_clear_error_at_construction(tmp_path, monkeypatc
 
 def test_the_gram_path_needs_a_fixed_k():
     with pytest.raises(ConfigError, match="nmf_input=gram needs an integer"):
-        official_selector(n_clusters="auto", concepts="rake")
+        official_selector(clustering={"reducer": "laplacian", "nmf_input": "gram", "n_clusters": "auto"},
+                          concepts="rake")

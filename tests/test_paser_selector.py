@@ -57,7 +57,12 @@ def make_ctx(models, tmp_path, seed=0, calls=None):
                             seed=seed, cutoff=64, batch_size=4)
 
 
-SMALL = {"n_components": 4, "n_neighbors": 5, "k_range": (2, 6)}
+SMALL_CLUSTERING = {"n_components": 4, "n_neighbors": 5, "k_range": [2, 6]}
+SMALL = {"clustering": SMALL_CLUSTERING}
+
+
+def small(**clustering) -> dict:
+    return {"clustering": {**SMALL_CLUSTERING, **clustering}}
 
 
 def test_end_to_end_diagnostics_and_files(models, tmp_path):
@@ -91,7 +96,7 @@ def test_same_seed_same_selection_and_cached_scores(models, tmp_path):
     assert "original" in calls
     calls.clear()
     # an allocation ablation reuses the cached JSD: no model is touched
-    b = PaserSelector(**SMALL, allocation="equal").select(pool, 10, make_ctx(models, tmp_path, calls=calls))
+    b = PaserSelector(**small(allocation="equal")).select(pool, 10, make_ctx(models, tmp_path, calls=calls))
     assert calls == [] and np.array_equal(a.scores, b.scores)
     c = PaserSelector(**SMALL).select(pool, 10, make_ctx(models, tmp_path / "fresh"))
     assert a.indices == c.indices
@@ -117,22 +122,18 @@ def test_ablation_switches(models, tmp_path):
     # no clustering, no NTM: the global top 9 by IES
     arrays = np.load(io.BytesIO(one.artifacts["paser_samples.npz"]))
     assert sorted(np.argsort(-arrays["ies"], kind="stable")[:9].tolist()) == one.indices
-    for kw in ({"reducer": "pca"}, {"divergence": "kl"}, {"divergence": "wasserstein", "span": "response"},
-               {"allocation": "sqrt", "redistribute": True, "cluster_order": "cds"}, {"n_clusters": 2}):
-        sel = PaserSelector(**{**SMALL, **kw}).select(pool, 9, make_ctx(models, tmp_path))
+    for kw in (small(reducer="pca"), {**SMALL, "divergence": "kl"},
+               {**SMALL, "divergence": "wasserstein", "span": "response"},
+               {**small(allocation="sqrt"), "redistribute": True, "cluster_order": "cds"}, small(n_clusters=2)):
+        sel = PaserSelector(**kw).select(pool, 9, make_ctx(models, tmp_path))
         assert 0 < len(sel.indices) <= 9
 
 
-def test_official_preset_runs(models, tmp_path):
-    sel = PaserSelector(**{**SMALL, "n_clusters": 3}, embed_input=False, diffusion_time=0, span="instruction",
-                        reduction="sum", ies_length="official", concept_top_k=None,
-                        concept_max_words=None).select(make_pool(), 9, make_ctx(models, tmp_path))
-    assert 0 < len(sel.indices) <= 9 and sel.diagnostics["clustering"]["diffusion_time"] == 0
-
-
-@pytest.mark.parametrize("kw, key", [({"reducer": "lle"}, "reducer"), ({"divergence": "tv"}, "divergence"),
-                                     ({"allocation": "cubic"}, "allocation"), ({"span": "all"}, "span"),
-                                     ({"n_clusters": "ten"}, "n_clusters"), ({"concept_fields": ["title"]}, "concept")])
+@pytest.mark.parametrize("kw, key", [
+    ({"clustering": {"reducer": "lle"}}, "clustering.reducer"), ({"divergence": "tv"}, "divergence"),
+    ({"clustering": {"allocation": "cubic"}}, "clustering.allocation"), ({"span": "all"}, "span"),
+    ({"clustering": {"n_clusters": "ten"}}, "clustering.n_clusters"), ({"concept_fields": ["title"]}, "concept"),
+    ({"clustering": {"n_componets": 4}}, "unknown key.*n_componets"), ({"concepts": "yake"}, "concepts")])
 def test_bad_config(kw, key):
     with pytest.raises(ConfigError, match=key):
         PaserSelector(**kw)
@@ -158,6 +159,6 @@ def test_real_smollm_and_minilm(tmp_path):
                            embedder=load_embedder, embedder_name="all-MiniLM-L6-v2", cache=cache,
                            cache_key={"model": "smollm2", "pruner": "mag50", "pool": pool.fingerprint},
                            seed=0, cutoff=128, batch_size=8)
-    sel = PaserSelector(n_components=4, n_neighbors=5, k_range=(2, 8)).select(pool, 8, ctx)
+    sel = PaserSelector(clustering={"n_components": 4, "n_neighbors": 5, "k_range": [2, 8]}).select(pool, 8, ctx)
     assert 0 < len(sel.indices) <= 8
     assert 0.0 < sel.diagnostics["jsd"]["mean"] < np.log(2)

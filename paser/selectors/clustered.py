@@ -28,7 +28,7 @@ CLUSTERING_KEYS = (*CLUSTERING_KNOBS, "allocation")
 
 
 def clustering_defaults() -> dict:
-    """The ``clustering:`` block's defaults where a hybrid is built without one: ``s2ric_clusters``' own
+    """The ``clustering:`` block's defaults where a selector is built without one: ``s2ric_clusters``' own
     defaults (written once, there) and proportional allocation."""
     import inspect
 
@@ -36,6 +36,34 @@ def clustering_defaults() -> dict:
 
     params = inspect.signature(s2ric_clusters).parameters
     return {**{k: params[k].default for k in CLUSTERING_KNOBS}, "allocation": "proportional"}
+
+
+def clustering_block(clustering: dict | None) -> dict:
+    """The ``selector.clustering`` block of PASER and the hybrids, checked and completed with the defaults:
+    S²RIC's knobs and the rule that turns cluster weights (PASER: CDS; hybrids: sizes) into budget shares."""
+    from paser.selectors.paser.allocation import RULES
+    from paser.selectors.paser.clustering import NMF_INPUTS, REDUCERS, check_min_cluster_size
+
+    given = to_plain(clustering or {})
+    extra = set(given) - set(CLUSTERING_KEYS)
+    if extra:
+        raise ConfigError(f"selector.clustering has unknown key(s) {sorted(extra)}; allowed: {sorted(CLUSTERING_KEYS)}")
+    block = {**clustering_defaults(), **given}
+    for key, allowed in (("reducer", REDUCERS), ("nmf_input", NMF_INPUTS), ("allocation", RULES)):
+        if block[key] not in allowed:
+            raise ConfigError(f"selector.clustering.{key}={block[key]!r} is unknown; allowed: {list(allowed)}")
+    k = block["n_clusters"]
+    fixed_k = isinstance(k, int) and not isinstance(k, bool) and k >= 1
+    if k != "auto" and not fixed_k:
+        raise ConfigError(f"selector.clustering.n_clusters={k!r} must be 'auto' or an integer >= 1")
+    if block["nmf_input"] == "gram" and not fixed_k:
+        raise ConfigError(f"selector.clustering.nmf_input=gram needs an integer selector.clustering.n_clusters, "
+                          f"got {k!r}")
+    block["k_range"] = [int(v) for v in block["k_range"]]
+    if len(block["k_range"]) != 2:
+        raise ConfigError(f"selector.clustering.k_range={block['k_range']} must be [min, max]")
+    check_min_cluster_size(block["min_cluster_size"], "selector.clustering.min_cluster_size")
+    return block
 
 
 @dataclass
@@ -137,15 +165,8 @@ class ScoredSelector:
         if cluster not in CLUSTER_MODES:
             raise ConfigError(f"selector.cluster={cluster!r} is unknown; allowed: null (rank the whole pool) "
                               "or s2ric (rank inside S²RIC clusters)")
-        extra = set(to_plain(clustering or {})) - set(CLUSTERING_KEYS)
-        if extra:
-            raise ConfigError(f"selector.clustering has unknown key(s) {sorted(extra)}; "
-                              f"allowed: {sorted(CLUSTERING_KEYS)}")
         self.cluster = cluster
-        self.clustering = {**clustering_defaults(), **to_plain(clustering or {})}
-        from paser.selectors.paser.clustering import check_min_cluster_size
-
-        check_min_cluster_size(self.clustering["min_cluster_size"], "selector.clustering.min_cluster_size")
+        self.clustering = clustering_block(clustering)
 
     def score(self, pool, ctx) -> Scored:
         raise NotImplementedError

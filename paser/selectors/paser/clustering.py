@@ -106,7 +106,7 @@ def knn_graph(x: np.ndarray, n_neighbors: int, block_elems: int = 1 << 25, margi
     """
     n = len(x)
     if not 1 <= n_neighbors < n:
-        raise ConfigError(f"selector.n_neighbors={n_neighbors} must be in 1..{n - 1} (pool of {n} samples)")
+        raise ConfigError(f"selector.clustering.n_neighbors={n_neighbors} must be in 1..{n - 1} (pool of {n} samples)")
     device = torch.device(device or "cpu")
     if device.type != "cpu" and not _faiss_gpu(device):
         idx, dist = knn_torch(x, n_neighbors, block_elems, margin, device)
@@ -248,7 +248,7 @@ def diffusion_map(w: sp.csr_matrix, n_components: int, diffusion_time: int | str
     """Diffusion coordinates [N, d] of the graph ``w`` and a diagnostics dict (see the module docstring)."""
     n = w.shape[0]
     if not 1 <= n_components <= n - 3:
-        raise ConfigError(f"selector.n_components={n_components} must be in 1..{n - 3} for a pool of {n}")
+        raise ConfigError(f"selector.clustering.n_components={n_components} must be in 1..{n - 3} for a pool of {n}")
     deg = np.asarray(w.sum(1)).ravel()
     inv_sqrt = 1.0 / np.sqrt(deg)
     a = sp.diags(inv_sqrt) @ w @ sp.diags(inv_sqrt)
@@ -276,7 +276,7 @@ def diffusion_map(w: sp.csr_matrix, n_components: int, diffusion_time: int | str
     elif isinstance(diffusion_time, int) and diffusion_time >= 0:
         t = diffusion_time
     else:
-        raise ConfigError(f"selector.diffusion_time={diffusion_time!r} must be 'auto' or an integer >= 0")
+        raise ConfigError(f"selector.clustering.diffusion_time={diffusion_time!r} must be 'auto' or an integer >= 0")
     lam = np.clip(vals[:n_components], 0.0, None)
     psi = vecs[:, :n_components] * inv_sqrt[:, None]
     psi /= np.linalg.norm(psi, axis=0, keepdims=True)  # unit columns, so scale comes from λ^t only
@@ -305,9 +305,9 @@ def laplacian_eigenvectors(x: np.ndarray, n_components: int) -> tuple[np.ndarray
     its eigenvectors are computed exactly: ψ = D^-1/2 v for the eigenvectors v of the symmetric
     I − D^-1/2 A D^-1/2 (same eigenvalues), by a dense solver."""
     n = len(x)
-    check_dense_size(n, "selector.reducer=laplacian")
+    check_dense_size(n, "selector.clustering.reducer=laplacian")
     if not 1 <= n_components < n:
-        raise ConfigError(f"selector.n_components={n_components} must be in 1..{n - 1} for a pool of {n}")
+        raise ConfigError(f"selector.clustering.n_components={n_components} must be in 1..{n - 1} for a pool of {n}")
     x = np.asarray(x, dtype=np.float64)
     sq = np.einsum("ij,ij->i", x, x)
     m = x @ x.T  # becomes the distances, then the affinity, then D^-1/2 A D^-1/2, in place
@@ -337,7 +337,7 @@ def gram_nmf_labels(coords: np.ndarray, k: int) -> np.ndarray:
     initialisation with random_state 0 whatever the run's seed, as there); a sample goes to argmax_k W_ik."""
     from sklearn.decomposition import NMF
 
-    check_dense_size(len(coords), "selector.nmf_input=gram")
+    check_dense_size(len(coords), "selector.clustering.nmf_input=gram")
     y = np.asarray(coords, dtype=np.float64)
     w = NMF(n_components=k, init="random", random_state=0).fit_transform(np.abs(y @ y.T))
     return w.argmax(1)
@@ -350,7 +350,7 @@ def reduce_embeddings(embeddings: np.ndarray, reducer: str = "diffusion", n_comp
     """Reduced coordinates [N, d'] and diagnostics (with per-step timings in seconds); the diffusion
     map's kNN graph is built on ``device``, exactly up to ``knn_exact_max`` rows (see ``knn_graph``)."""
     if reducer not in REDUCERS:
-        raise ConfigError(f"selector.reducer='{reducer}' is unknown; allowed: {list(REDUCERS)}")
+        raise ConfigError(f"selector.clustering.reducer='{reducer}' is unknown; allowed: {list(REDUCERS)}")
     x = np.asarray(embeddings, dtype=np.float32)
     diag: dict = {"reducer": reducer, "n_components": n_components}
     t0 = time.perf_counter()
@@ -382,7 +382,7 @@ def reduce_embeddings(embeddings: np.ndarray, reducer: str = "diffusion", n_comp
         try:
             import umap
         except ImportError:
-            raise ConfigError("selector.reducer=umap needs the optional package umap-learn "
+            raise ConfigError("selector.clustering.reducer=umap needs the optional package umap-learn "
                               "(pip install umap-learn); allowed without it: diffusion, pca, tsne") from None
         coords = umap.UMAP(n_components=n_components, n_neighbors=n_neighbors,
                            random_state=seed).fit_transform(x)
@@ -465,7 +465,7 @@ def _compact(labels: np.ndarray, by_size: bool = True) -> np.ndarray:
     return remap[labels]
 
 
-def check_min_cluster_size(value, key: str = "selector.min_cluster_size") -> int:
+def check_min_cluster_size(value, key: str = "selector.clustering.min_cluster_size") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{key}={value!r} must be an integer >= 1 (1: keep every NMF cluster)")
     return value
@@ -516,7 +516,7 @@ def nmf_clusters(coords: np.ndarray, n_clusters: int | str = "auto", seed: int =
     into their nearest (``merge_small_clusters``; 1, the default and the paper's rule, merges none)."""
     check_min_cluster_size(min_cluster_size)
     if nmf_input not in NMF_INPUTS:
-        raise ConfigError(f"selector.nmf_input={nmf_input!r} is unknown; allowed: {list(NMF_INPUTS)}")
+        raise ConfigError(f"selector.clustering.nmf_input={nmf_input!r} is unknown; allowed: {list(NMF_INPUTS)}")
     t0 = time.perf_counter()
     if row_normalize:
         coords = coords / np.maximum(np.linalg.norm(coords, axis=1, keepdims=True), 1e-12)
@@ -526,7 +526,7 @@ def nmf_clusters(coords: np.ndarray, n_clusters: int | str = "auto", seed: int =
     by_size = nmf_input == "coordinates"
     if nmf_input == "gram":
         if isinstance(n_clusters, bool) or not isinstance(n_clusters, int) or not 1 <= n_clusters <= n:
-            raise ConfigError(f"selector.nmf_input=gram needs an integer selector.n_clusters in 1..{n} (the "
+            raise ConfigError(f"selector.clustering.nmf_input=gram needs an integer selector.clustering.n_clusters in 1..{n} (the "
                               f"official K = 10), got {n_clusters!r}: 'auto' would factor a dense N×N matrix per K")
         k = n_clusters
         labels = gram_nmf_labels(coords, k)
@@ -534,7 +534,7 @@ def nmf_clusters(coords: np.ndarray, n_clusters: int | str = "auto", seed: int =
     elif n_clusters == "auto":
         lo, hi = int(k_range[0]), min(int(k_range[1]), n - 1)
         if not 2 <= lo < hi:
-            raise ConfigError(f"selector.k_range={list(k_range)} must be [min, max] with 2 <= min < max < N={n}")
+            raise ConfigError(f"selector.clustering.k_range={list(k_range)} must be [min, max] with 2 <= min < max < N={n}")
         ks = list(range(lo, hi + 1))
         # the error curve is read on a seeded subsample (its shape does not need every row)
         rows = np.sort(np.random.default_rng(seed).choice(n, size=min(n, K_SEARCH_ROWS), replace=False))
@@ -549,7 +549,7 @@ def nmf_clusters(coords: np.ndarray, n_clusters: int | str = "auto", seed: int =
         labels = np.zeros(n, dtype=np.int64) if k == 1 else _nmf(x, k, seed)[0]
         diag["k_rule"] = "fixed"
     else:
-        raise ConfigError(f"selector.n_clusters={n_clusters!r} must be 'auto' or an integer in 1..{n}")
+        raise ConfigError(f"selector.clustering.n_clusters={n_clusters!r} must be 'auto' or an integer in 1..{n}")
     labels, merges = merge_small_clusters(_compact(labels, by_size), coords, min_cluster_size, by_size)
     if min_cluster_size > 1:
         diag.update(min_cluster_size=min_cluster_size, merged_clusters=merges)
@@ -568,7 +568,7 @@ def s2ric_clusters(embeddings: np.ndarray, reducer: str = "diffusion", n_compone
     """S²RIC, the one implementation PASER and the hybrids share: (labels 0..K-1, cluster 0 the largest
     unless ``nmf_input=gram``; the reduced coordinates; diagnostics). See the module docstring."""
     if nmf_input == "gram":  # refuse a pool too large before the reducer runs
-        check_dense_size(len(embeddings), "selector.nmf_input=gram")
+        check_dense_size(len(embeddings), "selector.clustering.nmf_input=gram")
     coords, diag = reduce_embeddings(embeddings, reducer, n_components, n_neighbors, seed, diffusion_time,
                                      device, knn_exact_max)
     labels, cdiag = nmf_clusters(coords, n_clusters, seed, k_range, min_cluster_size, row_normalize, nmf_input)

@@ -25,14 +25,9 @@ from paser.components import Selection
 from paser.data import encode_pool
 from paser.embedding import embed_pool
 from paser.errors import ConfigError
-from paser.selectors.paser.allocation import RULES, allocate_budget
-from paser.selectors.paser.clustering import (
-    DEFAULT_K_RANGE,
-    NMF_INPUTS,
-    REDUCERS,
-    check_min_cluster_size,
-    s2ric_clusters,
-)
+from paser.selectors.clustered import CLUSTERING_KNOBS, clustering_block
+from paser.selectors.paser.allocation import allocate_budget
+from paser.selectors.paser.clustering import s2ric_clusters
 from paser.selectors.paser.concepts import (
     CONCEPT_METHODS,
     STOPWORDS_FILE,
@@ -115,35 +110,18 @@ class PaserSelector:
     uses_budget = True
 
     def __init__(self, use_s2ric: bool = True, use_cdais: bool = True, use_ntm: bool = True,
-                 embed_input: bool = True, reducer: str = "diffusion", n_components: int = 16,
-                 n_neighbors: int = 10, n_clusters: int | str = "auto", k_range=DEFAULT_K_RANGE,
-                 diffusion_time: int | str = "auto", divergence: str = "jsd", span: str = "full",
-                 reduction: str = "mean", allocation: str = "proportional", redistribute: bool = True,
+                 embed_input: bool = True, clustering: dict | None = None, divergence: str = "jsd",
+                 span: str = "full", reduction: str = "mean", redistribute: bool = True,
                  ies_log: bool = True, ies_length: str = "tokens", cluster_order: str = "index",
                  concept_top_k: int | None = 5, concept_max_words: int | None = 3,
-                 concept_fields=FIELDS, plot: bool = True, min_cluster_size: int = 1,
-                 row_normalize: bool = True, nmf_input: str = "coordinates", concepts: str = "rake",
+                 concept_fields=FIELDS, plot: bool = True, concepts: str = "rake",
                  ccg_vertices: str = "concepts"):
         self.use_s2ric, self.use_cdais, self.use_ntm = bool(use_s2ric), bool(use_cdais), bool(use_ntm)
         self.embed_input = bool(embed_input)
-        self.reducer = check_choice("reducer", reducer, REDUCERS)
-        self.n_components, self.n_neighbors = int(n_components), int(n_neighbors)
-        if n_clusters != "auto" and (isinstance(n_clusters, bool) or not isinstance(n_clusters, int)):
-            raise ConfigError(f"selector.n_clusters={n_clusters!r} must be 'auto' or an integer >= 1")
-        self.n_clusters = n_clusters
-        self.k_range = tuple(int(k) for k in k_range)
-        if len(self.k_range) != 2:
-            raise ConfigError(f"selector.k_range={list(k_range)} must be [min, max]")
-        self.diffusion_time = diffusion_time
-        self.min_cluster_size = check_min_cluster_size(min_cluster_size)
-        self.row_normalize = bool(row_normalize)
-        self.nmf_input = check_choice("nmf_input", nmf_input, NMF_INPUTS)
-        if self.nmf_input == "gram" and (isinstance(n_clusters, bool) or not isinstance(n_clusters, int)):
-            raise ConfigError(f"selector.nmf_input=gram needs an integer selector.n_clusters, got {n_clusters!r}")
+        self.clustering = clustering_block(clustering)  # S²RIC's knobs and the allocation rule, as the hybrids'
         self.divergence = check_choice("divergence", divergence, DIVERGENCES)
         self.span = check_choice("span", span, SPANS)
         self.reduction = check_choice("reduction", reduction, REDUCTIONS)
-        self.allocation = check_choice("allocation", allocation, RULES)
         self.redistribute = bool(redistribute)
         self.ies_log = bool(ies_log)
         self.ies_length = check_choice("ies_length", ies_length, IES_LENGTHS)
@@ -172,10 +150,9 @@ class PaserSelector:
         """(labels, reduced coordinates or None, diagnostics)."""
         if not self.use_s2ric:
             return np.zeros(len(pool), dtype=np.int64), None, {"n_clusters": 1, "reducer": None}
-        return s2ric_clusters(embed_pool(ctx, pool.rows, with_input=self.embed_input), self.reducer,
-                              self.n_components, self.n_neighbors, self.n_clusters, ctx.seed, self.diffusion_time,
-                              self.k_range, ctx.device, min_cluster_size=self.min_cluster_size,
-                              row_normalize=self.row_normalize, nmf_input=self.nmf_input)
+        knobs = {k: self.clustering[k] for k in CLUSTERING_KNOBS}
+        return s2ric_clusters(embed_pool(ctx, pool.rows, with_input=self.embed_input), seed=ctx.seed,
+                              device=ctx.device, **{**knobs, "k_range": tuple(knobs["k_range"])})
 
     def sequences(self, pool, ctx) -> tuple[list[list[int]], list[tuple[int, int]], np.ndarray]:
         """(token sequences, per-sample position bounds, lengths L = |x|+|y| for the IES)."""
@@ -228,7 +205,7 @@ class PaserSelector:
             div = self.divergences(pool, ctx, seqs, bounds)
             key = ies(div, lengths, self.ies_log)
             cds = np.array([div[labels == k].mean() for k in range(n_clusters)])
-            n_k = allocate_budget(cds, sizes, budget, self.allocation, self.redistribute)
+            n_k = allocate_budget(cds, sizes, budget, self.clustering["allocation"], self.redistribute)
         else:
             div = cds = None
             key = np.random.default_rng(ctx.seed).permutation(len(pool)).astype(np.float64)
@@ -298,7 +275,7 @@ class PaserSelector:
         files = {"paser_samples.npz": npz.getvalue()}
         if self.plot and xy is not None:
             files["paser_clusters.png"] = plot_clusters(xy, labels, cds, topics, title=json.dumps(
-                {"reducer": self.reducer, "d": self.n_components, "K": int(labels.max()) + 1}))
+                {"reducer": self.clustering["reducer"], "d": self.clustering["n_components"], "K": int(labels.max()) + 1}))
         return files
 
 
