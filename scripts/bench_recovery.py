@@ -4,9 +4,11 @@
 
 A fixed workload: a seeded 16 x (steps + 1) Alpaca samples (templated, cutoff 256), LoRA with the default
 recipe (r 8 on all seven projections, bf16, micro-batch 4, effective batch 16), ``--steps`` optimizer steps
-after one warm-up step. The floor is a bare bf16 forward pass over the same micro-batches (inference mode).
+after one warm-up step. The floor is a bare bf16 forward pass over the same micro-batches (inference mode),
+grouped by length as the loop groups them.
 Also timed: the same steps as the loop ran before this benchmark existed (fp32 adapters, the loss over
-every position's full-vocabulary logits), for the speed-up of those changes.
+every position's full-vocabulary logits, the model's SDPA attention), and this loop with the model's own
+attention instead of the one it trains with on the CPU (eager), for the speed-up of those changes.
 Prints the host first and, as its last line, ``train/forward throughput ratio: X`` (train tokens/s over
 forward tokens/s; a training step costs ~3 forwards, so ~0.33 is the natural ceiling).
 """
@@ -25,7 +27,7 @@ from paser.cache import StageCache
 from paser.data import encode_pool, load_pool
 from paser.hardware import host_facts
 from paser.models import load_model
-from paser.recovery import LoraRecovery, response_nll
+from paser.recovery import LoraRecovery, response_nll, training_attention
 from paser.scoring import pad_right
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,12 +84,13 @@ def main():
 
     model.to(torch.bfloat16)
     with torch.inference_mode():
-        micro = [b[k:k + 4] for b in steps for k in range(0, 16, 4)]
+        # the micro-batches the loop runs: each step's samples grouped by length, then cut into fours
+        grouped = [sorted(b, key=lambda e: -len(e.input_ids)) for b in steps]
+        micro = [b[k:k + 4] for b in grouped for k in range(0, 16, 4)]
         model(input_ids=pad_right([e.input_ids for e in micro[0]], tok.pad_token_id)[0])  # warm-up
         start = time.perf_counter()
         for m in micro[4:]:
-            ids, mask = pad_right([e.input_ids for e in sorted(m, key=lambda e: -len(e.input_ids))],
-                                  tok.pad_token_id)
+            ids, mask = pad_right([e.input_ids for e in m], tok.pad_token_id)
             model(input_ids=ids, attention_mask=mask, use_cache=False)
         forward_s = time.perf_counter() - start
 
@@ -97,13 +100,18 @@ def main():
         r=rec.r, lora_alpha=rec.alpha, lora_dropout=rec.dropout, target_modules=rec.target_modules))
     old_s = time_steps(rec, former, steps, tok.pad_token_id, full_logits_nll)
     del former
-    train_s = time_steps(rec, rec.wrap(model), steps, tok.pad_token_id, response_nll)
+    peft_model = rec.wrap(model)
+    own_s = time_steps(rec, peft_model, steps, tok.pad_token_id, response_nll)  # the model's own attention
+    with training_attention(peft_model) as attention:  # as LoraRecovery.recover trains
+        train_s = time_steps(rec, peft_model, steps, tok.pad_token_id, response_nll)
 
-    fwd, train, old = tokens / forward_s, tokens / train_s, tokens / old_s
+    fwd, train, old, own = tokens / forward_s, tokens / train_s, tokens / old_s, tokens / own_s
     print(f"workload: {args.steps} steps x 16 samples, {tokens} tokens ({args.model}, bf16)")
     print(f"bare forward            {forward_s:7.2f} s  {fwd:8.0f} tok/s")
     print(f"LoRA steps (former)     {old_s:7.2f} s  {old:8.0f} tok/s  ratio {old / fwd:.3f}")
-    print(f"LoRA steps (this loop)  {train_s:7.2f} s  {train:8.0f} tok/s  ratio {train / fwd:.3f}")
+    print(f"LoRA steps (own attn.)  {own_s:7.2f} s  {own:8.0f} tok/s  ratio {own / fwd:.3f}  "
+          f"({model.config._attn_implementation} attention)")
+    print(f"LoRA steps (this loop)  {train_s:7.2f} s  {train:8.0f} tok/s  ratio {train / fwd:.3f}  ({attention} attention)")
     print(f"train/forward throughput ratio: {train / fwd:.3f}")
 
 

@@ -2,6 +2,7 @@
 
     python scripts/s2ric_health.py                          # the embedded default pool (1,000 Alpaca samples)
     python scripts/s2ric_health.py --pool full --seeds 0 1  # all 52,002 Alpaca samples (~7 min on 2 cores)
+    python scripts/s2ric_health.py --pool full --seeds 0 1 --k 12  # K fixed: is the K rule what moves?
 
 For each d in --dims and seed in --seeds, S²RIC runs on the pool's MiniLM embeddings (instruction + input,
 as PASER embeds them) as it does now (``diffusion_time: auto``: t from the spectral gap where there is one,
@@ -67,19 +68,19 @@ def balance(labels: np.ndarray) -> dict:
     return {"K": len(sizes), "largest_share": float(p.max()), "smallest": int(sizes.min()), "entropy": entropy}
 
 
-def run(x: np.ndarray, d: int, seed: int) -> dict:
+def run(x: np.ndarray, d: int, seed: int, k: int | str = "auto") -> dict:
     """Both rules on one (d, seed): the current one (auto) and the legacy t, from the same eigenvalues."""
     out = {}
     start = time.perf_counter()
     coords, diag = reduce_embeddings(x, "diffusion", d, 10, seed, "auto")
-    labels, _ = nmf_clusters(coords, "auto", seed)
+    labels, _ = nmf_clusters(coords, k, seed)
     out["current"] = {"t": diag["diffusion_time"], "rule": diag["diffusion_time_rule"], "labels": labels,
                       **balance(labels)}
     t_old = legacy_t(diag["eigenvalues"])
     # the same eigenvectors rescaled from λ^t to λ^t_old (t_old >= t): no second kNN graph or eigensolve
     lam = np.clip(np.asarray(diag["eigenvalues"][:d], dtype=np.float64), 0.0, None)
     old_coords = (coords * lam[None, :] ** (t_old - diag["diffusion_time"])).astype(np.float32)
-    old_labels, _ = nmf_clusters(old_coords, "auto", seed, row_normalize=False)
+    old_labels, _ = nmf_clusters(old_coords, k, seed, row_normalize=False)
     out["legacy"] = {"t": t_old, "rule": "largest_difference", "labels": old_labels, **balance(old_labels)}
     out["seconds"] = time.perf_counter() - start
     return out
@@ -94,23 +95,26 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
     ap.add_argument("--cache", type=Path, default=ROOT / ".cache" / "paser" / "s2ric_health")
+    ap.add_argument("--k", default="auto", help="K: auto (the NMF error elbow over 2..32) or an integer")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    k = args.k if args.k == "auto" else int(args.k)
     if 16 not in args.dims:
         args.dims.append(16)
     rows, what = pool_rows(args.pool, args.data_dir)
     x = embeddings(rows, args.cache)
     runs = {}
     for d, seed in sorted({(d, args.seeds[0]) for d in args.dims} | {(16, s) for s in args.seeds}):
-        runs[d, seed] = run(x, d, seed)
+        runs[d, seed] = run(x, d, seed, k)
         print(f"d={d} seed={seed}: " + "; ".join(f"{r} t={v['t']} K={v['K']} largest={v['largest_share']:.2f}"
                                                  for r, v in runs[d, seed].items() if r != "seconds")
               + f" ({runs[d, seed]['seconds']:.0f} s)", flush=True)
     lines = [f"# S²RIC cluster health: {what}", "",
              (f"`python scripts/s2ric_health.py --pool {args.pool} --dims {' '.join(map(str, args.dims))} "
-              f"--seeds {' '.join(map(str, args.seeds))}`; host: {cpu_model()}"
+              f"--seeds {' '.join(map(str, args.seeds))}" + ("" if k == "auto" else f" --k {k}")
+              + f"`; host: {cpu_model()}"
               f"{' (AMX-BF16)' if has_amx() else ''}; MiniLM embeddings of instruction + input, kNN k = 10, "
-              "K by the NMF error elbow over 2..32."), "",
+              + ("K by the NMF error elbow over 2..32." if k == "auto" else f"K fixed at {k}.")), "",
              "| d | seed | rule | t | K | largest cluster | smallest | size entropy |", "|---|---|---|---|---|---|---|---|"]
     for (d, seed), r in sorted(runs.items()):
         for rule in ("legacy", "current"):

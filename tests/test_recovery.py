@@ -247,3 +247,41 @@ def test_target_modules_the_model_lacks_are_refused_before_wrapping():
     model, _ = tiny_llama()
     with pytest.raises(ConfigError, match=r"recovery.target_modules names \['W_pack'\].*q_proj"):
         recovery(target_modules=["W_pack", "o_proj"]).wrap(model)
+
+
+def test_cpu_training_uses_eager_attention_and_restores_the_models_own(tmp_path):
+    """SDPA's CPU backward is slow, so the loop trains with eager attention on the CPU (paser.recovery.
+    training_attention); the model leaves recovery with its own implementation for evaluation."""
+    model, tok = tiny_llama()
+    model.set_attn_implementation("sdpa")
+    seen = []
+    original = LoraRecovery._optimizer_step
+
+    def spy(self, peft_model, *args):
+        seen.append(peft_model.get_base_model().config._attn_implementation)
+        return original(self, peft_model, *args)
+
+    rec = recovery()
+    rec._optimizer_step = spy.__get__(rec)
+    trained, report = rec.recover(model, tok, SAMPLES, tmp_path)
+    assert seen == ["eager", "eager"] and report["attention"] == "eager"
+    assert trained.get_base_model().config._attn_implementation == "sdpa"
+
+
+def test_eager_and_sdpa_attention_give_the_same_training_loss_in_bf16():
+    from paser.data import encode_pool
+    from paser.recovery import response_nll
+
+    model, tok = tiny_llama()
+    model.to(torch.bfloat16)
+    micro = encode_pool(tok, SAMPLES[:4], 512)  # padded: the masks of both paths are exercised
+    losses, grads = {}, {}
+    for impl in ("sdpa", "eager"):
+        model.set_attn_implementation(impl)
+        model.zero_grad(set_to_none=True)
+        loss = response_nll(model, micro, tok.pad_token_id, "cpu")
+        loss.backward()
+        losses[impl] = loss.item()
+        grads[impl] = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
+    assert losses["eager"] == pytest.approx(losses["sdpa"], rel=1e-2)
+    assert torch.nn.functional.cosine_similarity(grads["eager"], grads["sdpa"], dim=0) > 0.999
