@@ -61,6 +61,14 @@ def legacy_t(eigenvalues: list[float]) -> int:
     return 1 if lo <= 0 or hi <= lo else int(min(100, max(1, math.ceil(math.log(10) / math.log(hi / lo)))))
 
 
+def localisation(coords: np.ndarray) -> list[float]:
+    """Per coordinate, the share of its energy (Σ ψ²) held by its top 1% rows: near 1 = localised on a
+    small group (e.g. near-duplicate instructions), so it says nothing about the other 99% of the pool."""
+    energy = coords.astype(np.float64) ** 2
+    top = np.sort(energy, axis=0)[::-1][: max(1, len(coords) // 100)]
+    return (top.sum(0) / np.maximum(energy.sum(0), 1e-300)).tolist()
+
+
 def balance(labels: np.ndarray) -> dict:
     sizes = np.bincount(labels)
     p = sizes / sizes.sum()
@@ -76,6 +84,7 @@ def run(x: np.ndarray, d: int, seed: int, k: int | str = "auto") -> dict:
     labels, _ = nmf_clusters(coords, k, seed)
     out["current"] = {"t": diag["diffusion_time"], "rule": diag["diffusion_time_rule"], "labels": labels,
                       **balance(labels)}
+    out["localisation"] = localisation(coords)
     t_old = legacy_t(diag["eigenvalues"])
     # the same eigenvectors rescaled from λ^t to λ^t_old (t_old >= t): no second kNN graph or eigensolve
     lam = np.clip(np.asarray(diag["eigenvalues"][:d], dtype=np.float64), 0.0, None)
@@ -107,7 +116,7 @@ def main() -> int:
     for d, seed in sorted({(d, args.seeds[0]) for d in args.dims} | {(16, s) for s in args.seeds}):
         runs[d, seed] = run(x, d, seed, k)
         print(f"d={d} seed={seed}: " + "; ".join(f"{r} t={v['t']} K={v['K']} largest={v['largest_share']:.2f}"
-                                                 for r, v in runs[d, seed].items() if r != "seconds")
+                                                 for r, v in runs[d, seed].items() if r in ("current", "legacy"))
               + f" ({runs[d, seed]['seconds']:.0f} s)", flush=True)
     lines = [f"# S²RIC cluster health: {what}", "",
              (f"`python scripts/s2ric_health.py --pool {args.pool} --dims {' '.join(map(str, args.dims))} "
@@ -121,6 +130,12 @@ def main() -> int:
             v = r[rule]
             lines.append(f"| {d} | {seed} | {rule} (t: {v['rule']}) | {v['t']} | {v['K']} | {v['largest_share']:.1%} | "
                          f"{v['smallest']} | {v['entropy']:.3f} |")
+    lines += ["", ("Eigenvector localisation (current rule, first seed): per coordinate ψ_1..ψ_d, the share of its "
+                   "energy held by its top 1% rows; a coordinate counts as delocalised below 0.5."), "",
+              "| d | delocalised coordinates | shares |", "|---|---|---|"]
+    for d in args.dims:
+        shares = runs[d, args.seeds[0]]["localisation"]
+        lines.append(f"| {d} | {sum(v < 0.5 for v in shares)} of {d} | {' '.join(f'{v:.2f}' for v in shares)} |")
     lines += ["", "Stability (agreement of two clusterings; ARI 0 = chance, 1 = identical; RI = plain Rand index):", "",
               "| rule | between | pairs | ARI mean (min) | RI mean (min) |", "|---|---|---|---|---|"]
     for rule in ("legacy", "current"):
