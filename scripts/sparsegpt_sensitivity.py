@@ -32,16 +32,18 @@ from paser.pruners import sparsegpt
 from paser.pruners.common import prunable_weights
 
 
-def perturbed(rel: float, seed: int):
-    """sparsegpt_prune with its Hessian scaled entrywise by a symmetric 1 + rel * N(0, 1)."""
-    exact, gen = sparsegpt.sparsegpt_prune, torch.Generator().manual_seed(seed)
+class PerturbedSparseGPT(sparsegpt.SparseGPTPruner):
+    """SparseGPT with each layer's Hessian scaled entrywise by a symmetric 1 + rel * N(0, 1)."""
 
-    def prune(weight, hessian, *args, **kwargs):
-        noise = torch.randn(hessian.shape, generator=gen, dtype=torch.float32)
+    def __init__(self, rel: float, seed: int, **knobs):
+        super().__init__(**knobs)
+        self.rel, self.gen = rel, torch.Generator().manual_seed(seed)
+
+    def hessian(self, target):
+        h = super().hessian(target).float()
+        noise = torch.randn(h.shape, generator=self.gen, dtype=torch.float32)
         noise = (noise + noise.T) / 2 ** 0.5
-        return exact(weight, hessian.float() * (1 + rel * noise), *args, **kwargs)
-
-    return prune
+        return h * (1 + self.rel * noise)
 
 
 def main() -> int:
@@ -55,14 +57,10 @@ def main() -> int:
         cfg = compose(config_name="config", overrides=overrides)
     model, tokenizer = load_model(cfg.model, StageCache(cfg.paths.cache_dir), "cpu")
     calib, _ = calibration_set(tokenizer, calibration_recipe(cfg.pruner.calibration, cfg.model.get("context_length")))
-    pruner = sparsegpt.SparseGPTPruner(**{k: v for k, v in cfg.pruner.items() if k not in ("_target_", "calibration")})
+    knobs = {k: v for k, v in cfg.pruner.items() if k not in ("_target_", "calibration")}
     exact, twin = copy.deepcopy(model), model
-    pruner.prune(exact, calib)
-    sparsegpt.sparsegpt_prune, original = perturbed(rel, seed), sparsegpt.sparsegpt_prune
-    try:
-        pruner.prune(twin, calib)
-    finally:
-        sparsegpt.sparsegpt_prune = original
+    sparsegpt.SparseGPTPruner(**knobs).prune(exact, calib)
+    PerturbedSparseGPT(rel, seed, **knobs).prune(twin, calib)
     a = {n: w.detach() for n, w in prunable_weights(exact)}
     b = {n: w.detach() for n, w in prunable_weights(twin)}
     differ = sum(int(((a[n] == 0) != (b[n] == 0)).sum()) for n in a)

@@ -120,15 +120,16 @@ class SparseGPTPruner:
             raise ConfigError(f"pruner.percdamp={percdamp!r} must be >= 0 (reference: 0.01)")
         self.blocksize, self.percdamp, self.batch_size = blocksize, float(percdamp), batch_size
 
-    def prune_target(self, target: Target) -> None:
-        stat = target.stat
-        if stat.tokens == 0:  # an MoE expert no calibration token was routed to: H = I is magnitude pruning
+    def hessian(self, target: Target) -> torch.Tensor:
+        """The layer's H = 2XXᵀ/n from its calibration inputs."""
+        if target.stat.tokens == 0:  # an MoE expert no calibration token was routed to: H = I is magnitude pruning
             log.warning("%s received no calibration tokens; pruning it by magnitude", target.name)
-            h = torch.eye(target.weight.shape[1], device=target.weight.device)
-        else:
-            h = stat.matrix()
-        pruned = sparsegpt_prune(target.weight, h, self.sparsity, self.nm, self.blocksize, self.percdamp,
-                                 target.name)
+            return torch.eye(target.weight.shape[1], device=target.weight.device)
+        return target.stat.matrix()
+
+    def prune_target(self, target: Target) -> None:
+        pruned = sparsegpt_prune(target.weight, self.hessian(target), self.sparsity, self.nm, self.blocksize,
+                                 self.percdamp, target.name)
         target.weight.copy_(pruned.to(target.weight.dtype))
 
     def prune(self, model, calib: torch.Tensor | None) -> dict:
