@@ -113,7 +113,7 @@ def main() -> int:
     from paser.data import encode_pool
     from paser.models import load_model, load_saved
     from paser.pipeline import merged
-    from paser.selectors.paser.divergence import make_divergence, sample_divergences, span_bounds
+    from paser.selectors.paser.divergence import divergences_to, make_divergence, span_bounds
 
     runs = load_runs(args.runs, args.cache_dir, args.data_dir)
     source = args.clusters or next((r["dir"] for r in runs if (r["dir"] / "paser_samples.npz").is_file()), None)
@@ -135,10 +135,12 @@ def main() -> int:
     seqs = [e.input_ids for e in enc]
     bounds = span_bounds([len(s) for s in seqs], [e.prompt_len for e in enc], "full")  # PASER's default span
 
-    def scores(model) -> np.ndarray:
+    def scores(compared: dict) -> dict[str, np.ndarray]:
+        """Each model's JSD to the dense one; the dense forward runs once per batch for all of them."""
         with torch.inference_mode():
-            return sample_divergences(dense, model, seqs, bounds, make_divergence("jsd"), "mean", cfg.scoring.batch_size,
-                                      tok.pad_token_id or 0)
+            rows = divergences_to(dense, list(compared.values()), seqs, bounds, make_divergence("jsd"), "mean",
+                                  cfg.scoring.batch_size, tok.pad_token_id or 0)
+        return dict(zip(compared, rows))
 
     pruned_entry = cache.lookup("pruned", first["keys"].pruned)
     if pruned_entry is None:
@@ -148,13 +150,14 @@ def main() -> int:
     def pruned():
         return load_saved(pruned_entry / "model", dtype=cfg.model.dtype, device=device)[0]
 
-    models = {"pruned": scores(pruned())}
+    compared = {"pruned": pruned()}  # every compared model is held in memory at once (small models)
     for r in runs:
         entry = cache.lookup("adapter", r["keys"].adapter)
         if entry is None:
             raise SystemExit(f"the adapter of {r['dir']} is not in the cache {cfg.paths.cache_dir} (or the code "
                              "changed since the run, which changes its key): rerun it, or pass --cache-dir")
-        models[r["label"]] = scores(merged(PeftModel.from_pretrained(pruned(), entry / "adapter")))
+        compared[r["label"]] = merged(PeftModel.from_pretrained(pruned(), entry / "adapter"))
+    models = scores(compared)
 
     ends = np.cumsum([len(held[c]) for c in sorted(held)])  # ``order`` lists the clusters' samples in turn
     at = {c: slice(int(end - len(held[c])), int(end)) for c, end in zip(sorted(held), ends)}

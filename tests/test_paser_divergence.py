@@ -9,6 +9,7 @@ import torch
 from paser.errors import ConfigError
 from paser.selectors.paser.divergence import (
     SlicedWasserstein,
+    divergences_to,
     jsd,
     kl,
     make_divergence,
@@ -83,6 +84,9 @@ def test_sample_divergences_on_tiny_models(models):
     alone = [sample_divergences(model, pruned, [s], [b], jsd, pad_id=tok.pad_token_id)[0]
              for s, b in zip(seqs, bounds)]
     assert np.allclose(alone, mean, rtol=1e-4, atol=1e-7)
+    # several models against one original in one pass: each row is that model's own sample_divergences
+    both = divergences_to(model, [pruned, model], seqs, bounds, jsd, batch_size=2, pad_id=tok.pad_token_id)
+    assert both.shape == (2, 3) and np.array_equal(both[0], mean) and np.array_equal(both[1], same)
 
 
 def reference_jsd(a, b, dtype=torch.float32):

@@ -137,18 +137,30 @@ def sample_divergences(original_model, pruned_model, seqs: Sequence[Sequence[int
     runs on their hidden states, ``paser.scoring.logits_at``), ``rows_per_chunk`` positions at a time
     (default: ``paser.scoring.math_rows``), so the logits and the fp32 temporaries stay small.
     """
+    return divergences_to(original_model, [pruned_model], seqs, bounds, divergence, reduction, batch_size, pad_id,
+                          rows_per_chunk, desc)[0]
+
+
+@torch.no_grad()
+def divergences_to(original_model, models: Sequence, seqs: Sequence[Sequence[int]],
+                   bounds: Sequence[tuple[int, int]], divergence, reduction: str = "mean", batch_size: int = 8,
+                   pad_id: int = 0, rows_per_chunk: int | None = None, desc: str | None = None) -> np.ndarray:
+    """``sample_divergences`` of several models against one original, [len(models), len(seqs)]: the
+    original's forward pass runs once per batch for all of them."""
     check_choice("reduction", reduction, REDUCTIONS)
-    out = np.zeros(len(seqs), dtype=np.float64)
-    device, pruned_device = model_device(original_model), model_device(pruned_model)
+    out = np.zeros((len(models), len(seqs)), dtype=np.float64)
+    device = model_device(original_model)
     for idx, ids, mask in iter_batches(seqs, batch_size, pad_id, desc=desc, device=device):
         logits_p = logits_at(original_model, ids, mask, use_cache=False)
-        logits_q = logits_at(pruned_model, ids.to(pruned_device), mask.to(pruned_device), use_cache=False)
         spans = [range(*bounds[i]) for i in idx]
         rows, cols = span_index(spans, device)
-        sums = torch.zeros(len(idx), dtype=torch.float64, device=device)
-        for chunk, (lo, lq) in iter_logits((logits_p, logits_q), rows, cols, rows_per_chunk or math_rows(device)):
-            sums.index_add_(0, rows[chunk], divergence(lo, lq.to(lo.device)).to(device, torch.float64))
-        if reduction == "mean":
-            sums /= torch.tensor([max(len(span), 1) for span in spans], dtype=torch.float64, device=device)
-        out[idx] = to_host(sums)
+        for m, model in enumerate(models):
+            model_dev = model_device(model)
+            logits_q = logits_at(model, ids.to(model_dev), mask.to(model_dev), use_cache=False)
+            sums = torch.zeros(len(idx), dtype=torch.float64, device=device)
+            for chunk, (lo, lq) in iter_logits((logits_p, logits_q), rows, cols, rows_per_chunk or math_rows(device)):
+                sums.index_add_(0, rows[chunk], divergence(lo, lq.to(lo.device)).to(device, torch.float64))
+            if reduction == "mean":
+                sums /= torch.tensor([max(len(span), 1) for span in spans], dtype=torch.float64, device=device)
+            out[m, idx] = to_host(sums)
     return out
