@@ -47,12 +47,13 @@ class LoraRecovery:
     # adapter is the same
     neutral_knobs = ("checkpoint_every", "fsdp")
 
+    # the defaults are LLM-Pruner's recipe, as conf/recovery/lora.yaml states them (a test holds the two equal)
     def __init__(self, r: int = 8, alpha: int = 16, dropout: float = 0.05,
                  target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
                  lr: float = 1e-4, epochs: int = 2, batch_size: int = 64, micro_batch_size: int = 4,
-                 cutoff: int = 256, warmup_steps: int = 0, weight_decay: float = 0.0,
-                 dtype: str = "bfloat16", checkpoint_every: int = 10, seed: int = 0, val_size: int = 0,
-                 eval_every: int = 0, keep: str = "last", fsdp: bool = False):
+                 cutoff: int = 256, warmup_steps: int = 100, weight_decay: float = 0.0,
+                 dtype: str = "bfloat16", checkpoint_every: int = 10, seed: int = 0, val_size: int = 2000,
+                 eval_every: int = 100, keep: str = "best", fsdp: bool = False):
         if dtype == "float16":
             raise ConfigError("recovery.dtype=float16 is refused: LLaMA-family models overflow to NaN in "
                               "fp16 training; use bfloat16 (or float32)")

@@ -21,7 +21,7 @@ SAMPLES = [{"instruction": f"Repeat the word number {k}.", "input": "" if k % 2 
 VAL = [{"instruction": f"Count to {k}.", "input": "", "output": " ".join(map(str, range(k)))} for k in range(2, 7)]
 # 3 micro-batches per step and 5 validation samples: on 2 ranks one of them runs a weight-0 copy
 RECIPE = {"r": 4, "alpha": 8, "dropout": 0.0, "lr": 1e-3, "epochs": 2, "batch_size": 3, "micro_batch_size": 1,
-          "cutoff": 256, "dtype": "bfloat16", "checkpoint_every": 3, "seed": 0, "val_size": 5, "eval_every": 2,
+          "cutoff": 256, "warmup_steps": 0, "dtype": "bfloat16", "checkpoint_every": 3, "seed": 0, "val_size": 5, "eval_every": 2,
           "keep": "best"}
 
 

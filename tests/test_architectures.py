@@ -562,7 +562,7 @@ def test_one_lora_step(family, tmp_path):
     model = copy.deepcopy(pruned_twin(family))
     expected = response_loss(model, SAMPLES)
     rec = LoraRecovery(r=4, alpha=8, dropout=0.0, lr=1e-2, epochs=1, batch_size=2, micro_batch_size=2, cutoff=128,
-                       dtype="float32", checkpoint_every=10, target_modules=LORA_TARGETS.get(
+                       dtype="float32", checkpoint_every=10, warmup_steps=0, val_size=0, keep="last", target_modules=LORA_TARGETS.get(
                            family, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     peft_model, report = rec.recover(model, TOK, SAMPLES, tmp_path)
     assert report["steps"] == 1

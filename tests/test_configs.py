@@ -287,3 +287,20 @@ def test_the_hybrids_clustering_block_states_s2rics_own_defaults():
     block = OmegaConf.to_container(OmegaConf.load(CONF / "selector" / "clustering" / "s2ric.yaml"))
     defaults = clustering_defaults()
     assert block == {**defaults, "k_range": list(defaults["k_range"])}
+
+
+def test_lora_yaml_states_the_recoverys_own_defaults():
+    """conf/recovery/lora.yaml (the paper recipe) and LoraRecovery built without arguments agree, so each
+    default is stated once (the embedded default's overrides live in conf/config.yaml, said there)."""
+    import inspect
+
+    from paser.recovery import LoraRecovery
+
+    node = OmegaConf.load(CONF / "recovery" / "lora.yaml")
+    params = inspect.signature(LoraRecovery).parameters
+    stated = OmegaConf.to_container(node)
+    assert stated.pop("_target_") == "paser.recovery.LoraRecovery"
+    assert stated.pop("seed") == "${seed}"  # the run's seed, not a default
+    assert set(stated) == set(params) - {"seed"}
+    assert stated == {k: list(p.default) if isinstance(p.default, tuple) else p.default
+                      for k, p in params.items() if k != "seed"}

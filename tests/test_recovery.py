@@ -18,7 +18,8 @@ SAMPLES = [{"instruction": f"Repeat the word number {k}.", "input": "" if k % 2 
 
 def recovery(**kw):
     args = {"r": 4, "alpha": 8, "dropout": 0.0, "lr": 1e-3, "epochs": 1, "batch_size": 4, "micro_batch_size": 2, "cutoff": 512,
-                "dtype": "float32", "checkpoint_every": 1, "seed": 0}
+                "dtype": "float32", "checkpoint_every": 1, "seed": 0, "warmup_steps": 0, "val_size": 0, "eval_every": 0,
+            "keep": "last"}
     args.update(kw)
     return LoraRecovery(**args)
 
