@@ -70,12 +70,12 @@ def rows(runs: list[dict]) -> list[dict]:
         t = run["timings"]
         recovered = {kind: computed(t, stage) for kind, stage in eval_kinds(t, "recovered").items()}
         base = pruned.get(pruned_group(run))
-        ratios = {}
-        if recovered and base and None not in recovered.values() and set(base) == set(recovered):
-            ratios = {kind: recovered[kind] / base[kind] for kind in recovered}
+        base = base or {}
+        ratios = {kind: t / base[kind] for kind, t in recovered.items() if t is not None and kind in base}
+        if recovered and set(ratios) == set(base) == set(recovered):  # every kind computed: the total too
             ratios["all"] = sum(recovered.values()) / sum(base.values())
         out.append({"run": Path(run["_path"]).name, "host": host_label(run["host"]),
-                    **{s: computed(t, s) for s in SHOWN}, "pruned": base or {}, "recovered": recovered,
+                    **{s: computed(t, s) for s in SHOWN}, "pruned": base, "recovered": recovered,
                     "ratio": ratios})
     return out
 

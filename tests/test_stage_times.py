@@ -31,7 +31,8 @@ def test_ratios_pair_each_recovered_evaluation_with_its_groups_computed_pruned_o
     runs = {"a_first": result((100.0, 200.0), (110.0, 190.0)),            # computes the pruned evaluation
             "b_later": result((None, None), (120.0, 240.0)),               # pruned from the cache
             "c_other_host": result((None, None), (50.0, 50.0), host={**AMD, "torch_threads": 2}),
-            "d_other_eval": result((None, None), (50.0, 50.0), evaluator="quick")}
+            "d_other_eval": result((None, None), (50.0, 50.0), evaluator="quick"),
+            "e_ppl_cached": result((None, None), (None, 220.0))}                # only zero-shot computed
     for name, r in runs.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(json.dumps(r))
@@ -44,5 +45,6 @@ def test_ratios_pair_each_recovered_evaluation_with_its_groups_computed_pruned_o
     assert [c.strip(" |") for c in rows["b_later"][4:6]] == ["100.0", "200.0"]
     for other in ("c_other_host", "d_other_eval"):  # no computed pruned evaluation in their group
         assert [c.strip(" |") for c in rows[other][-3:]] == ["–", "–", "–"]
+    assert [c.strip(" |") for c in rows["e_ppl_cached"][-3:]] == ["–", "1.100", "–"]  # no total from a part
     assert "AMD EPYC, 1 thread(s), 2 run(s): mean 1.100, sd 0.141 (range 1.000–1.200)" in out
     assert (tmp_path / "t.md").read_text() == out
