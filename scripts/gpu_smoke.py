@@ -71,9 +71,11 @@ RECOVER_AND_EVALUATE = [
     f"evaluator.zeroshot.limit={ZS_LIMIT}", "evaluator.zeroshot.limit_mode=first", "evaluator.zeroshot.batch_size=8",
     "evaluator.zeroshot.bootstrap_iters=0"]
 MODELS = ("tiny-llama", "smollm2-135m")
+SELECTOR_EXTRA = {"nuggets_cpu": [f"selector.prefilter={3 * BUDGET}"]}  # its preset's 1,000 exceeds the pool
 UNITS = ([(f"prune:{p}", [f"pruner={p}", "selector=random", *PPL_ONLY, *(CALIBRATION if p in CALIBRATED else [])])
           for p in PRUNERS]
-         + [(f"select:{s}", ["pruner=magnitude", f"selector={s}", *PPL_ONLY]) for s in SELECTORS]
+         + [(f"select:{s}", ["pruner=magnitude", f"selector={s}", *PPL_ONLY, *SELECTOR_EXTRA.get(s, [])])
+            for s in SELECTORS]
          + [("recover+eval", ["pruner=magnitude", "selector=random", *RECOVER_AND_EVALUATE])])
 
 

@@ -304,3 +304,23 @@ def test_lora_yaml_states_the_recoverys_own_defaults():
     assert set(stated) == set(params) - {"seed"}
     assert stated == {k: list(p.default) if isinstance(p.default, tuple) else p.default
                       for k, p in params.items() if k != "seed"}
+
+
+@pytest.mark.parametrize("preset", [k for k in sorted(GOLDEN_CONFIGS) if k.startswith("experiment=")])
+def test_nuggets_prefilter_holds_every_budget_its_presets_sweep(preset):
+    """A preset that sweeps a Nuggets selector with ``prefilter`` must give it at least the budget (it scores
+    only the prefiltered candidates): table1_cpu once swept nuggets_cpu with 60 candidates for 500 samples and
+    failed at selection, after hours of other runs."""
+    sweep = dict(GOLDEN_CONFIGS[preset]["sweep"])
+    for selector in str(sweep.get("selector", "")).split(","):
+        if not selector.startswith("nuggets"):
+            continue
+        for budget in str(sweep.get("budget", "")).split(",") if "budget" in sweep else [None]:
+            overrides = [f"{preset}", f"selector={selector}"] + ([f"budget={budget}"] if budget else [])
+            cfg = compose_config(overrides)
+            pool, prefilter = cfg.data.subsample, cfg.selector.prefilter
+            if prefilter is None:  # every candidate scored
+                continue
+            assert pool is not None, f"{preset}: a prefiltering Nuggets needs a stated pool size (data.subsample)"
+            count = round(cfg.budget * pool) if cfg.budget <= 1 else int(cfg.budget)
+            assert count <= prefilter <= pool, (preset, selector, budget, prefilter, count, pool)
