@@ -69,9 +69,8 @@ def rows(runs: list[dict]) -> list[dict]:
     for run in runs:
         t = run["timings"]
         recovered = {kind: computed(t, stage) for kind, stage in eval_kinds(t, "recovered").items()}
-        base = pruned.get(pruned_group(run))
-        base = base or {}
-        ratios = {kind: t / base[kind] for kind, t in recovered.items() if t is not None and kind in base}
+        base = pruned.get(pruned_group(run), {})
+        ratios = {kind: sec / base[kind] for kind, sec in recovered.items() if sec is not None and kind in base}
         if recovered and set(ratios) == set(base) == set(recovered):  # every kind computed: the total too
             ratios["all"] = sum(recovered.values()) / sum(base.values())
         out.append({"run": Path(run["_path"]).name, "host": host_label(run["host"]),
