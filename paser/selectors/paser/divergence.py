@@ -154,6 +154,7 @@ def divergences_to(original_model, models: Sequence, seqs: Sequence[Sequence[int
         logits_p = logits_at(original_model, ids, mask, use_cache=False)
         spans = [range(*bounds[i]) for i in idx]
         rows, cols = span_index(spans, device)
+        counts = torch.tensor([max(len(span), 1) for span in spans], dtype=torch.float64, device=device)
         for m, model in enumerate(models):
             model_dev = model_device(model)
             logits_q = logits_at(model, ids.to(model_dev), mask.to(model_dev), use_cache=False)
@@ -161,6 +162,6 @@ def divergences_to(original_model, models: Sequence, seqs: Sequence[Sequence[int
             for chunk, (lo, lq) in iter_logits((logits_p, logits_q), rows, cols, rows_per_chunk or math_rows(device)):
                 sums.index_add_(0, rows[chunk], divergence(lo, lq.to(lo.device)).to(device, torch.float64))
             if reduction == "mean":
-                sums /= torch.tensor([max(len(span), 1) for span in spans], dtype=torch.float64, device=device)
+                sums /= counts
             out[m, idx] = to_host(sums)
     return out
