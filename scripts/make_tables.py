@@ -15,7 +15,8 @@ row − reference against Random (the same seed's Random run) and against w/o re
 model), on the same windows and documents, with a 95% percentile bootstrap interval: each bootstrap
 iteration resamples the seeds (outer level) and the windows/documents (inner level; one draw shared by the
 seeds, since every seed is scored on the same units), and recomputes perplexity as exp(Σ NLL / Σ tokens)
-and accuracy as the mean. A difference is significant (*) when its interval excludes 0.
+and accuracy as the mean. A difference is significant (*) when its interval excludes 0. ``--against ROW``
+adds a reference row (the same seed's run of that row), e.g. the full method in a stage ablation.
 """
 
 from __future__ import annotations
@@ -370,14 +371,19 @@ def _first_per_seed(members: list[tuple[dict, str]]) -> dict:
 
 def reference_pairs(groups: dict, row: str, reference: str) -> list | None:
     """(row member, reference member) per seed: against w/o recovery the same run's pruned model, against
-    Random the Random run of the same seed (and the same varying knobs where the rows have them)."""
+    Random the Random run of the same seed (and the same varying knobs where the rows have them), against
+    any other row that row's run of the same seed."""
     if row.startswith("w/o recovery") and reference == "w/o recovery":
         return None
     mine = _first_per_seed(groups[row])
     if reference == "w/o recovery":
         return [((r, state), (r, "pruned")) for r, state in mine.values()]
-    extras = row.split(" (", 1)[1] if " (" in row else None
-    ref = next((label for label in ([f"Random ({extras}"] if extras else []) + ["Random"] if label in groups), None)
+    if reference == "Random":
+        extras = row.split(" (", 1)[1] if " (" in row else None
+        ref = next((label for label in ([f"Random ({extras}"] if extras else []) + ["Random"] if label in groups),
+                   None)
+    else:
+        ref = reference
     if ref is None or ref == row:
         return None
     theirs = _first_per_seed(groups[ref])
@@ -385,11 +391,14 @@ def reference_pairs(groups: dict, row: str, reference: str) -> list | None:
     return pairs or None
 
 
-def paired_table(runs: list[dict], cols, iters: int = 2000, seed: int = 0) -> dict:
-    """{reference: {row: {column key: paired_bootstrap result or None}}}."""
+def paired_table(runs: list[dict], cols, iters: int = 2000, seed: int = 0, against: tuple[str, ...] = ()) -> dict:
+    """{reference: {row: {column key: paired_bootstrap result or None}}}; ``against``: extra reference rows."""
     groups, files = row_members(runs), PerSample()
+    unknown = [label for label in against if label not in groups]
+    if unknown:
+        raise SystemExit(f"--against {unknown}: no such row; the rows are {sorted(groups)}")
     out = {}
-    for reference in PAIRED_REFERENCES:
+    for reference in PAIRED_REFERENCES + tuple(against):
         out[reference] = {}
         for row in groups:
             pairs = reference_pairs(groups, row, reference)
@@ -519,6 +528,9 @@ def main() -> None:
     ap.add_argument("--wandb", action="store_true", help="also log the table and plots to a W&B run")
     ap.add_argument("--bootstrap-iters", type=int, default=2000, help="paired bootstrap iterations")
     ap.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the paired bootstrap")
+    ap.add_argument("--against", action="append", default=[], metavar="ROW",
+                    help="also pair every row against this row's run of the same seed (repeatable), "
+                         "e.g. the full method in a stage ablation")
     args = ap.parse_args()
     runs = load_runs(args.folders)
     out = args.out or args.folders[0]
@@ -528,7 +540,7 @@ def main() -> None:
     md = markdown(rows, table, cols, marks)
     note = ("Mean ± std over seeds. **Bold**: best (dense excluded). †: within two standard errors of the "
             "best (seed spread and lm-eval stderr combined), i.e. not distinguishable from it.")
-    paired = paired_table(runs, cols, args.bootstrap_iters, args.bootstrap_seed)
+    paired = paired_table(runs, cols, args.bootstrap_iters, args.bootstrap_seed, tuple(args.against))
     paired_md = paired_markdown(paired, cols) if paired else \
         "No paired statistics: the runs have no per_sample/ files (they predate them)."
     (out / "table.md").write_text(f"{describe(runs)}\n\n{md}\n\n{note}\n\n{paired_md}\n")
