@@ -17,6 +17,8 @@ iteration resamples the seeds (outer level) and the windows/documents (inner lev
 seeds, since every seed is scored on the same units), and recomputes perplexity as exp(Σ NLL / Σ tokens)
 and accuracy as the mean. A difference is significant (*) when its interval excludes 0. ``--against ROW``
 adds a reference row (the same seed's run of that row), e.g. the full method in a stage ablation.
+A difference marked ‡ pairs runs from different hosts (results.json "host": CPU model and AMX, or GPU):
+their bf16 kernels differ, so it includes a host effect besides the method's.
 """
 
 from __future__ import annotations
@@ -52,6 +54,14 @@ def load_runs(folders: list[Path]) -> list[dict]:
     if not runs:
         raise SystemExit(f"no results.json under {', '.join(map(str, folders))}")
     return runs
+
+
+def host_label(run: dict) -> str:
+    """The hardware whose kernels computed a run: its GPU, or its CPU model and whether bf16 ran on AMX."""
+    h = run.get("host") or {}
+    if h.get("gpu"):
+        return h["gpu"]
+    return (h.get("cpu") or "unknown host") + (" (AMX)" if h.get("amx_bf16") else "")
 
 
 def flat(d: dict, prefix: str = "") -> dict:
@@ -406,6 +416,8 @@ def paired_table(runs: list[dict], cols, iters: int = 2000, seed: int = 0, again
             for key, _ in cols:
                 strata = _units(files, pairs, key) if pairs else None
                 cells[key] = paired_bootstrap(strata, iters, seed) if strata else None
+                if cells[key]:
+                    cells[key]["cross_host_pairs"] = sum(host_label(a[0]) != host_label(b[0]) for a, b in pairs)
             if any(cells.values()):
                 out[reference][row] = cells
     return {ref: rows for ref, rows in out.items() if rows}
@@ -414,14 +426,16 @@ def paired_table(runs: list[dict], cols, iters: int = 2000, seed: int = 0, again
 def fmt_paired(cell: dict | None) -> str:
     if cell is None:
         return "–"
-    return f"{cell['diff']:+.2f} [{cell['lo']:+.2f}, {cell['hi']:+.2f}]" + ("*" if cell["significant"] else "")
+    return (f"{cell['diff']:+.2f} [{cell['lo']:+.2f}, {cell['hi']:+.2f}]" + ("*" if cell["significant"] else "")
+            + (" ‡" if cell.get("cross_host_pairs") else ""))
 
 
 def paired_markdown(paired: dict, cols) -> str:
     parts = []
     for reference, rows in paired.items():
         title = (f"Paired difference vs {reference} (row − {reference}; perplexity in ppl, accuracy in points; "
-                 "95% bootstrap interval; * = the interval excludes 0)")
+                 "95% bootstrap interval; * = the interval excludes 0; ‡ = some seed pairs come from different "
+                 "hosts, so the difference includes a host effect)")
         lines = [title, "",
                  "| Method | " + " | ".join(h for _, h in cols) + " |", "|---|" + "---|" * len(cols)]
         for row, cells in rows.items():
@@ -514,11 +528,15 @@ def describe(runs: list[dict]) -> str:
     if any((dense.get("ppl") or {}).get(k, {}).get("subset") for k in ("wikitext2", "ptb")):
         subset_notes.append(f"perplexity on the first {c['evaluator']['ppl']['max_windows']} windows")
     zs = dense.get("zeroshot") or {}
+    counts = defaultdict(int)
+    for r in runs:
+        counts[host_label(r)] += 1
+    hosts = ", ".join(f"{h} ({n} run{'s' * (n > 1)})" for h, n in sorted(counts.items()))
     if zs.get("subset"):
         subset_notes.append(f"zero-shot on {zs['limit']} {zs['limit_mode']} documents per task")
     return (f"{len(runs)} runs; model {c['model']['name']}; pool {runs[0]['selection']['pool_size']} samples "
             f"({runs[0]['selection']['pool_source']}); budget {sorted({r['selection']['budget'] for r in runs})}; "
-            f"seeds {seeds}" + (f"; subsets: {', '.join(subset_notes)}" if subset_notes else ""))
+            f"seeds {seeds}; hosts: {hosts}" + (f"; subsets: {', '.join(subset_notes)}" if subset_notes else ""))
 
 
 def main() -> None:

@@ -165,3 +165,24 @@ def test_against_an_unknown_row_names_the_rows(tmp_path):
     out = subprocess.run([sys.executable, "scripts/make_tables.py", str(tmp_path), "--out", str(tmp_path / "t"),
                           "--against", "PASER (full)"], check=False, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "PASER (full)" in out.stderr and "'PASER'" in out.stderr
+
+
+def test_pairs_across_hosts_are_marked(tmp_path):
+    """A PASER run from an AMX host paired with an AMD host's Random run carries ‡ (and the count of such
+    seed pairs); the same run against its own pruned model does not, and the header lists the hosts."""
+    runs = [result("RandomSelector", s, 20.0, 0.62, 0.01) for s in (0, 1)] + \
+           [result("PaserSelector", s, 15.0, 0.63, 0.01) for s in (0, 1)]
+    for r in runs:
+        r["host"] = {"cpu": "AMD EPYC", "amx_bf16": False}
+    runs[3]["host"] = {"cpu": "Intel Xeon", "amx_bf16": True}
+    rng = np.random.default_rng(3)
+    files = {k: per_sample_files(rng, 0.0, 0.3 + 0.1 * (k >= 2), 0.0) for k in range(4)}
+    md = make_table(tmp_path, runs, files)
+    assert "hosts: AMD EPYC (3 runs), Intel Xeon (AMX) (1 run)" in md
+    vs_random = md.split("Paired difference vs Random")[1].split("Paired difference vs w/o recovery")[0]
+    vs_pruned = md.split("Paired difference vs w/o recovery")[1]
+    assert next(line for line in vs_random.splitlines() if line.startswith("| PASER |")).count("‡") == 2
+    assert "‡" not in vs_pruned.split("\n", 1)[1]  # the same run's pruned model: one host (the title aside)
+    paired = json.loads((tmp_path / "t" / "table.json").read_text())["paired"]
+    assert paired["Random"]["PASER"]["ppl/wikitext2"]["cross_host_pairs"] == 1
+    assert paired["w/o recovery"]["PASER"]["ppl/wikitext2"]["cross_host_pairs"] == 0
