@@ -11,10 +11,12 @@ purpose, regenerate the pin and say why in the commit:
 
     python -m tests.test_pinned_run --write      # rewrites tests/data/pinned_tiny_run.json (~10 s)
 
-The tolerance (relative 1e-6) covers summation order only (thread counts). A torch or transformers version
-other than the recorded one moves the last digits (transformers 5.24 -> 5.25 moved the loss curve by a relative
-1.2e-5), so with other versions the numbers are compared at relative 1e-4: a fresh install picks up new
-releases, and a change of ours moves them far more than that. The failure message names both versions.
+The tolerance (relative 1e-6) covers summation order only (thread counts), on the host and versions that wrote
+the pin. Other versions or another CPU move the last digits: transformers 5.24 -> 5.25 moved the loss curve by a
+relative 1.2e-5, and a CI host other than the AMD EPYC (AVX-512) that wrote the pin moved the third loss by
+5e-5 (its fp32 kernels sum in another order). Perplexity amplifies that by the NLL (~6 nats here), so there
+the numbers are compared at relative 1e-3: a fresh install picks up new releases and runs on whatever CPU it
+gets, and the strict check still runs wherever the pin was written. The failure message names both.
 """
 
 from __future__ import annotations
@@ -31,14 +33,27 @@ from tests.conftest import TINY_RUN, compose_config, requires_shared_data
 PIN = Path(__file__).resolve().parent / "data" / "pinned_tiny_run.json"
 OVERRIDES = [*TINY_RUN, "model.device=cpu"]  # the pin is a CPU fp32 result, also on a machine with a GPU
 REL = 1e-6
-REL_OTHER_VERSIONS = 1e-4
+REL_OTHER_HOST = 1e-3
+
+
+def kernel_identity() -> dict:
+    """What decides the fp32 summation order besides the thread count: library versions and the CPU's kernels."""
+    import torch
+    import transformers
+
+    from paser.hardware import cpu_model, has_amx
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "cpu": cpu_model(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "amx_bf16": has_amx()}
+
+
+def tolerance(pinned: dict, running: dict) -> float:
+    """Strict on the versions and host that wrote the pin, loose elsewhere (see the module docstring)."""
+    return REL if pinned == running else REL_OTHER_HOST
 
 
 def key_numbers(overrides=OVERRIDES, workdir: Path | None = None) -> dict:
     """Run the pipeline once on a cold cache and return the numbers the pin holds."""
-    import torch
-    import transformers
-
     from paser import pipeline
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -56,7 +71,7 @@ def key_numbers(overrides=OVERRIDES, workdir: Path | None = None) -> dict:
         "final_loss": recovery["final_loss"],
         "ppl": {state: {corpus: m["ppl"] for corpus, m in metrics["ppl"].items()}
                 for state, metrics in results["metrics"].items()},
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "versions": kernel_identity(),
     }
 
 
@@ -65,7 +80,7 @@ def test_tiny_run_reproduces_its_pinned_numbers(tmp_path):
     pin = json.loads(PIN.read_text())
     got = key_numbers(pin["overrides"], tmp_path)
     where = f"(pinned with {pin['versions']}, running {got['versions']}; see the module docstring to regenerate)"
-    rel = REL if got["versions"] == pin["versions"] else REL_OTHER_VERSIONS
+    rel = tolerance(pin["versions"], got["versions"])
     assert got["pool_fingerprint"] == pin["pool_fingerprint"], where
     assert got["selected_indices"] == pin["selected_indices"], where
     assert got["recovery_steps"] == pin["recovery_steps"], where
@@ -75,6 +90,15 @@ def test_tiny_run_reproduces_its_pinned_numbers(tmp_path):
     for state, corpora in pin["ppl"].items():
         assert got["ppl"][state] == pytest.approx(corpora, rel=rel), (state, where)
     assert got["ppl"].keys() == pin["ppl"].keys()
+
+
+def test_tolerance_is_strict_only_where_the_pin_was_written():
+    here = kernel_identity()
+    assert tolerance(here, dict(here)) == REL
+    assert tolerance(here, {**here, "cpu": "another CPU"}) == REL_OTHER_HOST
+    assert tolerance(here, {**here, "cpu_capability": "AVX2"}) == REL_OTHER_HOST
+    assert tolerance(here, {**here, "transformers": "0.0"}) == REL_OTHER_HOST
+    assert tolerance({k: v for k, v in here.items() if k in ("torch", "transformers")}, here) == REL_OTHER_HOST
 
 
 def main() -> None:
