@@ -166,10 +166,21 @@ def row_members(runs: list[dict]) -> dict[str, list[tuple[dict, str]]]:
         suffix = f" ({pruner})" if len(pruners) > 1 else ""
         groups[f"Dense{suffix}"].append((r, "dense"))
         groups[f"w/o recovery{suffix}"].append((r, "pruned"))
-    for r, label in zip(runs, labels(runs)):
-        if "recovered" in r["metrics"]:
-            groups[label].append((r, "recovered"))
+    recovered = [(r, label) for r, label in zip(runs, labels(runs)) if "recovered" in r["metrics"]]
+    methods = [method_name(r, flat(r["config"])) for r, _ in recovered]
+    first = {m: methods.index(m) for m in methods}
+    # one method's rows together, by budget, so that a budget curve reads top to bottom
+    order = sorted(range(len(recovered)), key=lambda i: (first[methods[i]], budget_of(recovered[i][0])))
+    for i in order:
+        r, label = recovered[i]
+        groups[label].append((r, "recovered"))
     return dict(groups)
+
+
+def budget_of(run: dict) -> tuple[float, float]:
+    """The samples a run trained on, then its configured budget (a ratio or a count), for ordering rows."""
+    config_budget = run["config"].get("budget")
+    return (run["selection"]["budget"], config_budget if isinstance(config_budget, (int, float)) else 0.0)
 
 
 def build_rows(runs: list[dict]) -> tuple[list[str], dict[str, dict[str, dict | None]], list]:

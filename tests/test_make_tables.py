@@ -72,11 +72,14 @@ def test_table_from_a_sweep(tmp_path):
 
 def test_budget_curve_when_the_budget_varies(tmp_path):
     runs = [result(sel, 0, wiki, 0.6, 0.01, budget=b) for sel, b, wiki in
-            [("RandomSelector", 0.05, 25.0), ("RandomSelector", 0.2, 21.0),
-             ("PaserSelector", 0.05, 24.0), ("PaserSelector", 0.2, 19.0)]]
+            [("RandomSelector", 0.2, 21.0), ("PaserSelector", 0.2, 19.0),
+             ("RandomSelector", 0.05, 25.0), ("PaserSelector", 0.05, 24.0), ("RandomSelector", 0.1, 23.0)]]
     md = make_table(tmp_path, runs)
     assert (tmp_path / "t" / "budget_curve.png").stat().st_size > 1000
-    assert "budget=0.05" in md and "budget=0.2" in md  # the varying knob labels the rows
+    rows = [line.split("|")[1].strip() for line in md.split("\n\n", 2)[1].splitlines()[2:]]
+    # the varying knob labels the rows; one method's rows stay together, in order of budget
+    assert rows[2:] == ["Random (budget=0.05)", "Random (budget=0.1)", "Random (budget=0.2)",
+                        "PASER (budget=0.05)", "PASER (budget=0.2)"]
 
 
 def test_reduced_instruction_mining_gets_its_own_row(tmp_path):
