@@ -67,7 +67,9 @@ def has_amx() -> bool:
 
 def host_facts(device: torch.device) -> dict:
     """What a reader needs beside a time: the device, CPU model and AMX, GPUs, torch and CUDA versions."""
-    facts = {"device": str(device), "cpu": cpu_model(), "amx_bf16": has_amx(), "cpu_cores": os.cpu_count(),
+    facts = {"device": str(device), "cpu": cpu_model(), "amx_bf16": has_amx(),
+             "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the ISA of torch's CPU kernels
+             "cpu_cores": os.cpu_count(),
              "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "cuda": torch.version.cuda,
              "world_size": distributed.world_size()}
     if torch.cuda.is_available():

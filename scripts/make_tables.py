@@ -95,8 +95,9 @@ def method_name(run: dict, config: dict) -> str:
     return NAMES.get(target, target)
 
 
-def labels(runs: list[dict]) -> list[str]:
-    """A row label per run: the method's name plus the config values that vary inside its group."""
+def labels(runs: list[dict]) -> list[tuple[str, str]]:
+    """(method, row label) per run: the label is the method's name plus the config values that vary inside
+    its group."""
     configs = [flat(r["config"]) for r in runs]
     base = [method_name(r, c) for r, c in zip(runs, configs)]
     out = []
@@ -105,7 +106,7 @@ def labels(runs: list[dict]) -> list[str]:
         keys = sorted({k for p in peers for k in set(p) | set(c)
                        if not k.startswith(IGNORED) and k != "selector._target_" and varies(peers, k)})
         extra = ", ".join(f"{k.removeprefix('selector.')}={short(c.get(k))}" for k in keys)
-        out.append(f"{base[i]} ({extra})" if extra else base[i])
+        out.append((base[i], f"{base[i]} ({extra})" if extra else base[i]))
     return out
 
 
@@ -166,21 +167,14 @@ def row_members(runs: list[dict]) -> dict[str, list[tuple[dict, str]]]:
         suffix = f" ({pruner})" if len(pruners) > 1 else ""
         groups[f"Dense{suffix}"].append((r, "dense"))
         groups[f"w/o recovery{suffix}"].append((r, "pruned"))
-    recovered = [(r, label) for r, label in zip(runs, labels(runs)) if "recovered" in r["metrics"]]
-    methods = [method_name(r, flat(r["config"])) for r, _ in recovered]
-    first = {m: methods.index(m) for m in methods}
+    recovered = [(r, method, label) for r, (method, label) in zip(runs, labels(runs)) if "recovered" in r["metrics"]]
+    first = {}
+    for _, method, _ in recovered:
+        first.setdefault(method, len(first))
     # one method's rows together, by budget, so that a budget curve reads top to bottom
-    order = sorted(range(len(recovered)), key=lambda i: (first[methods[i]], budget_of(recovered[i][0])))
-    for i in order:
-        r, label = recovered[i]
+    for r, _, label in sorted(recovered, key=lambda x: (first[x[1]], x[0]["config"]["budget"])):
         groups[label].append((r, "recovered"))
     return dict(groups)
-
-
-def budget_of(run: dict) -> tuple[float, float]:
-    """The samples a run trained on, then its configured budget (a ratio or a count), for ordering rows."""
-    config_budget = run["config"].get("budget")
-    return (run["selection"]["budget"], config_budget if isinstance(config_budget, (int, float)) else 0.0)
 
 
 def build_rows(runs: list[dict]) -> tuple[list[str], dict[str, dict[str, dict | None]], list]:
@@ -469,7 +463,7 @@ def plot_all(runs: list[dict], out: Path) -> list[Path]:
     # recovery loss curves: one line per method (first seed)
     fig, ax = plt.subplots(figsize=(7, 4))
     seen = set()
-    for r, label in zip(runs, run_labels):
+    for r, (_, label) in zip(runs, run_labels):
         curve = (r.get("recovery") or {}).get("loss_curve")
         if curve and label not in seen:
             seen.add(label)
@@ -485,8 +479,7 @@ def plot_all(runs: list[dict], out: Path) -> list[Path]:
     if len(budgets) > 1:
         fig, ax = plt.subplots(figsize=(6, 4))
         by_method = defaultdict(lambda: defaultdict(list))
-        for r, label in zip(runs, run_labels):
-            method = label.split(" (")[0]
+        for r, (method, _) in zip(runs, run_labels):
             if "recovered" in r["metrics"]:
                 by_method[method][r["config"]["budget"]].append(r["metrics"]["recovered"]["ppl"]["wikitext2"]["ppl"])
         for method, points in by_method.items():

@@ -53,4 +53,5 @@ def test_impossible_devices_are_clear_errors(monkeypatch, spec, count, message):
 def test_host_facts_name_the_machine():
     facts = host_facts(torch.device("cpu"))
     assert facts["device"] == "cpu" and facts["cpu"] and isinstance(facts["amx_bf16"], bool)
+    assert facts["cpu_capability"] in ("DEFAULT", "VSX", "ZVECTOR", "AVX2", "AVX512", "SVE256", "SVE128")
     assert facts["world_size"] == 1 and facts["gpu_count"] == (torch.cuda.device_count() if torch.cuda.is_available() else 0)

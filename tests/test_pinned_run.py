@@ -36,15 +36,11 @@ REL = 1e-6
 REL_OTHER_HOST = 1e-3
 
 
-def kernel_identity() -> dict:
-    """What decides the fp32 summation order besides the thread count: library versions and the CPU's kernels."""
-    import torch
-    import transformers
-
-    from paser.hardware import cpu_model, has_amx
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "cpu": cpu_model(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "amx_bf16": has_amx()}
+def kernel_identity(results: dict) -> dict:
+    """What decides a run's fp32 summation order besides the thread count, from what it recorded: library
+    versions and the CPU whose kernels ran it."""
+    return {"torch": results["versions"]["torch"], "transformers": results["versions"]["transformers"],
+            **{k: results["host"][k] for k in ("cpu", "cpu_capability", "amx_bf16")}}
 
 
 def tolerance(pinned: dict, running: dict) -> float:
@@ -71,7 +67,7 @@ def key_numbers(overrides=OVERRIDES, workdir: Path | None = None) -> dict:
         "final_loss": recovery["final_loss"],
         "ppl": {state: {corpus: m["ppl"] for corpus, m in metrics["ppl"].items()}
                 for state, metrics in results["metrics"].items()},
-        "versions": kernel_identity(),
+        "versions": kernel_identity(results),
     }
 
 
@@ -93,12 +89,12 @@ def test_tiny_run_reproduces_its_pinned_numbers(tmp_path):
 
 
 def test_tolerance_is_strict_only_where_the_pin_was_written():
-    here = kernel_identity()
+    here = {"torch": "2.13.0+cpu", "transformers": "5.25.0", "cpu": "AMD EPYC", "cpu_capability": "AVX512",
+            "amx_bf16": False}
     assert tolerance(here, dict(here)) == REL
-    assert tolerance(here, {**here, "cpu": "another CPU"}) == REL_OTHER_HOST
-    assert tolerance(here, {**here, "cpu_capability": "AVX2"}) == REL_OTHER_HOST
-    assert tolerance(here, {**here, "transformers": "0.0"}) == REL_OTHER_HOST
-    assert tolerance({k: v for k, v in here.items() if k in ("torch", "transformers")}, here) == REL_OTHER_HOST
+    for key, other in (("cpu", "Intel Xeon"), ("cpu_capability", "AVX2"), ("amx_bf16", True), ("transformers", "5.26.0")):
+        assert tolerance(here, {**here, key: other}) == REL_OTHER_HOST, key
+    assert tolerance({"torch": "2.13.0+cpu", "transformers": "5.25.0"}, here) == REL_OTHER_HOST  # a pin without a host
 
 
 def main() -> None:
