@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from paser.claims import Claim, is_stale, remove_stale, wait_until_free
+from paser.claims import Claim, holder, is_stale, remove_stale, wait_until_free
 from paser.fingerprint import code_hash_of_modules, file_sha256
 
 log = logging.getLogger(__name__)
@@ -226,6 +226,13 @@ class StageCache:
                 _discard(final, problem)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def claimed_elsewhere(self, stage: str, slice_) -> bool:
+        """Another live process is computing this entry: its claim is held and not stale, and the entry is
+        not stored yet. (This process holds no claim outside ``get_or_create`` and ``array``.)"""
+        entry = self.entry_dir(stage, slice_)
+        claim = entry.with_suffix(".claim")
+        return not entry.exists() and holder(claim) is not None and not is_stale(claim)
 
     def _wait(self, claim_path: Path, waited: list) -> None:
         """Wait until another process's claim goes away or goes stale; the first wait of a call is logged."""

@@ -9,6 +9,7 @@ split their work across ranks as paser.distributed describes.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -294,29 +295,44 @@ class Run:
             time.sleep(1.0)
         return hit
 
-    def evaluate(self, name: str, state: dict, get_model) -> dict:
-        """Metrics of one model state under every configured evaluator (rank 0 only)."""
+    def evaluate(self, states: list[tuple[str, dict, object]]) -> dict:
+        """{name: {evaluator kind: metrics}} of model states given as (name, state key, model factory), under
+        every configured evaluator (rank 0 only). An evaluation that another process is computing is put off
+        until the others are done: concurrent jobs of a sweep, which share the dense and pruned evaluations,
+        then split them instead of queueing behind the first job."""
         if not distributed.is_main():
             return {}
-        metrics = {}
-        for kind, ev in self.parts.evaluators.items():
-            def compute(ev=ev):
-                return evaluate_all(ev, get_model(), self.models.tok())
+        units = [(name, state, get_model, kind, ev) for name, state, get_model in states
+                 for kind, ev in self.parts.evaluators.items()]
+        metrics = {name: {} for name, _, _ in states}
+        while units:  # the first evaluation nobody else is computing; when all are, wait for the first
+            unit = next((u for u in units if not self.cache.claimed_elsewhere(
+                "metrics", self._metrics_key(u[1], u[3], u[4]))), units[0])
+            units.remove(unit)
+            name, state, get_model, kind, ev = unit
+            metrics[name][kind] = self._evaluate_one(name, state, get_model, kind, ev)
+        return {name: {kind: m[kind] for kind in self.parts.evaluators} for name, m in metrics.items()}
 
-            def save(value, d):
-                (d / "metrics.json").write_text(json.dumps(value[0], indent=1))
-                if value[1]:
-                    save_per_sample(d / PER_SAMPLE, value[1])
+    def _metrics_key(self, state: dict, kind: str, ev) -> dict:
+        return self.keys.metrics(state, kind, self.cfg.evaluator[kind], ev)
 
-            def load(d):
-                return _json(d / "metrics.json"), load_per_sample(d / PER_SAMPLE) if (d / PER_SAMPLE).is_file() else {}
+    def _evaluate_one(self, name: str, state: dict, get_model, kind: str, ev) -> dict:
+        def compute():
+            return evaluate_all(ev, get_model(), self.models.tok())
 
-            metrics[kind], samples = self.cached(
-                f"eval_{name}" if len(self.parts.evaluators) == 1 else f"eval_{name}_{kind}", "metrics",
-                self.keys.metrics(state, kind, self.cfg.evaluator[kind], ev),
-                compute=compute, save=save, load=load, ranks="only_main")
-            if samples:  # per-window NLL / per-document correctness, for paired statistics (make_tables.py)
-                save_per_sample(self.run_dir / "per_sample" / f"{name}_{kind}.npz", samples)
+        def save(value, d):
+            (d / "metrics.json").write_text(json.dumps(value[0], indent=1))
+            if value[1]:
+                save_per_sample(d / PER_SAMPLE, value[1])
+
+        def load(d):
+            return _json(d / "metrics.json"), load_per_sample(d / PER_SAMPLE) if (d / PER_SAMPLE).is_file() else {}
+
+        metrics, samples = self.cached(
+            f"eval_{name}" if len(self.parts.evaluators) == 1 else f"eval_{name}_{kind}", "metrics",
+            self._metrics_key(state, kind, ev), compute=compute, save=save, load=load, ranks="only_main")
+        if samples:  # per-window NLL / per-document correctness, for paired statistics (make_tables.py)
+            save_per_sample(self.run_dir / "per_sample" / f"{name}_{kind}.npz", samples)
         return metrics
 
     def prune(self) -> tuple[Path, dict]:
@@ -449,22 +465,26 @@ class Run:
 
     def __call__(self) -> dict:
         models, keys = self.models, self.keys
-        metrics = {"dense": self.evaluate("dense", keys.model, models.dense)}
         if keys.pruner is None:  # the pruned model *is* the dense one: no copy
-            prune_report, pruned = self.dense_report(), models.dense
+            pruned = models.dense
         else:
-            pruned_entry, prune_report = self.prune()
-
             def pruned():
-                return models.load_pruned(pruned_entry)
+                return models.load_pruned(self.pruned_stage[0])
 
-        metrics["pruned"] = self.evaluate("pruned", keys.pruned, pruned)
+        metrics = self.evaluate([("dense", keys.model, models.dense), ("pruned", keys.pruned, pruned)])
+        prune_report = self.dense_report() if keys.pruner is None else self.pruned_stage[1]
         selection, selector_files = self.select(pruned)
         recovered, recovery_report = self.recover(selection, pruned)
         if recovered is not None:
-            metrics["recovered"] = self.evaluate("recovered", keys.adapter, recovered)
+            metrics.update(self.evaluate([("recovered", keys.adapter, recovered)]))
         return {"metrics": metrics, "prune": prune_report, "selection": selection, "recovery": recovery_report,
                 "selector_files": selector_files, "adapter_dir": self.adapter_dir()}
+
+    @functools.cached_property
+    def pruned_stage(self) -> tuple[Path, dict]:
+        """The prune stage, run once: when the pruned model is first evaluated, or after the evaluations when
+        they were all cached (its report goes into results.json either way)."""
+        return self.prune()
 
 
 def validation_split(pool_size: int, selected: list[int], val_size: int, seed: int) \

@@ -177,6 +177,22 @@ def test_claims_of_a_dead_process_are_taken_over(tmp_path):
     assert result.tolist() == list(range(6)) and cache.counts["scores/x"]["computed"] == 2
 
 
+def test_claimed_elsewhere_only_while_a_live_holder_computes_a_missing_entry(tmp_path):
+    cache = StageCache(tmp_path)
+    claim_path = cache.entry_dir("stage", {"k": 1}).with_suffix(".claim")
+    assert not cache.claimed_elsewhere("stage", {"k": 1})  # nobody
+    claim = Claim.acquire(claim_path, what="another job")
+    assert cache.claimed_elsewhere("stage", {"k": 1})
+    claim.release()
+    _dead_claim(claim_path)
+    assert not cache.claimed_elsewhere("stage", {"k": 1})  # its holder is gone: taking it over is no wait
+    claim_path.unlink()
+    cache.store("stage", {"k": 1}, lambda d: (d / "a").write_text(""))
+    claim = Claim.acquire(claim_path, what="a late claim")
+    assert not cache.claimed_elsewhere("stage", {"k": 1})  # the entry is there to read
+    claim.release()
+
+
 def test_waiting_reader_falls_back_to_the_final_entry_when_chunks_vanish(tmp_path):
     cache = StageCache(tmp_path, poll_s=0.01)
     key = {"k": 1}

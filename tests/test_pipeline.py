@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
 
 import pytest
+import torch
 
 from paser import pipeline
+from paser.claims import Claim
 from paser.errors import ConfigError, DataError
 from tests.conftest import TINY_RUN, requires_shared_data
 
@@ -53,6 +57,34 @@ def test_second_selector_reuses_pruned_model(compose_cfg, tmp_path, caplog):
     assert not t["select"]["reused"] and not t["recover"]["reused"]
     assert "stage prune" in caplog.text and "(reused from cache)" in caplog.text
     assert second["selection"]["stats"]["selected"] == 24
+
+
+def test_an_evaluation_another_job_is_computing_is_put_off(compose_cfg, tmp_path):
+    """Jobs of a sweep share the dense and pruned evaluations: while another process holds the dense
+    evaluation's claim, this run evaluates the pruned model first instead of waiting. The stand-in for the
+    other job lets go once the pruned evaluation is stored (or after 30 s: then a run that waited first
+    evaluates dense first, and the order check fails)."""
+    cfg = compose_cfg(TINY_RUN)
+    run = pipeline.Run(cfg, pipeline.build_components(cfg), tmp_path / "run", torch.device("cpu"))
+    (kind, ev), = run.parts.evaluators.items()
+    dense_claim = run.cache.entry_dir("metrics", run._metrics_key(run.keys.model, kind, ev)).with_suffix(".claim")
+    pruned_key = run._metrics_key(run.keys.pruned, kind, ev)
+    claim = Claim.acquire(dense_claim, what="the other job")
+
+    def other_job():
+        deadline = time.time() + 30
+        while run.cache.lookup("metrics", pruned_key) is None and time.time() < deadline:
+            time.sleep(0.05)
+        claim.release()
+
+    releaser = threading.Thread(target=other_job)
+    releaser.start()
+    out = run()
+    releaser.join()
+    order = list(run.timer.stages)
+    assert order.index("prune") < order.index("eval_pruned") < order.index("eval_dense")
+    assert run.timer.stages["eval_dense"]["source"] == "computed"  # released without an entry: computed here
+    assert out["metrics"]["dense"][kind]["wikitext2"]["ppl"] < out["metrics"]["pruned"][kind]["wikitext2"]["ppl"]
 
 
 def test_rerun_of_finished_config_does_no_work(compose_cfg, tmp_path):
