@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import site
@@ -51,12 +52,19 @@ def machine_paths(text: str) -> list[tuple[int, str]]:
     return [(n, m.group()) for n, line in enumerate(text.splitlines(), 1) for m in MACHINE_PATH.finditer(line)]
 
 
-def started_in(results: dict) -> str | None:
-    """The folder the run was started from: run_dir minus the relative run folder Hydra made under it."""
-    run_dir, output_dir = results.get("run_dir"), (results.get("config", {}).get("paths") or {}).get("output_dir")
-    if isinstance(run_dir, str) and run_dir.startswith("/") and isinstance(output_dir, str) \
-            and not output_dir.startswith("/"):
-        marker = "/" + output_dir.strip("./").rstrip("/") + "/"
+def started_in(results: dict, src: Path) -> str | None:
+    """The folder the run was started from: where the run folder sits, minus the run_dir it recorded
+    (relative to that folder, or absolute under a relative output_dir)."""
+    run_dir = results.get("run_dir")
+    if not isinstance(run_dir, str):
+        return None
+    if not run_dir.startswith("/"):
+        here = src.resolve().as_posix()
+        tail = "/" + os.path.normpath(run_dir)
+        return here[:-len(tail)] if here.endswith(tail) else None
+    output_dir = (results.get("config", {}).get("paths") or {}).get("output_dir")
+    if isinstance(output_dir, str) and not output_dir.startswith("/"):
+        marker = "/" + os.path.normpath(output_dir) + "/"
         if marker in run_dir:
             return run_dir[:run_dir.index(marker)]
     return None
@@ -68,7 +76,7 @@ def keep(src: Path, dest: Path) -> list[Path]:
     if dest.exists():
         raise SystemExit(f"{dest} exists: keep each run in a new folder (remove it first to replace it)")
     results = json.loads((src / "results.json").read_text())
-    pairs = replacements(results, started_in(results))
+    pairs = replacements(results, started_in(results, src))
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:

@@ -54,6 +54,22 @@ def test_a_kept_run_has_placeholders_for_its_folders(tmp_path):
     assert check([dest]) == []
 
 
+def test_the_folder_a_run_started_from_becomes_dot(tmp_path, monkeypatch):
+    """The default paths are relative: run_dir is relative to the folder the run started in, which the
+    log may still name (e.g. a library's warning about a file under the run folder)."""
+    run_dir = tmp_path / "repo" / "outputs" / "multirun" / "t" / "0"
+    (run_dir / "per_sample").mkdir(parents=True)
+    (run_dir / "results.json").write_text(json.dumps({
+        "run_dir": "outputs/multirun/t/0",
+        "config": {"paths": {"data_dir": "../shared/data", "cache_dir": ".cache/paser", "output_dir": "outputs"}}}))
+    (run_dir / "run.log").write_text(f"wrote {run_dir}/adapter\n")
+    monkeypatch.chdir(tmp_path)
+    dest = tmp_path / "kept"
+    keep(run_dir.relative_to(tmp_path), dest)
+    assert (dest / "run.log").read_text() == "wrote ./outputs/multirun/t/0/adapter\n"
+    assert json.loads((dest / "results.json").read_text())["config"]["paths"]["cache_dir"] == ".cache/paser"
+
+
 def test_a_path_with_no_placeholder_stops_the_copy_and_names_its_line(tmp_path):
     dest = tmp_path / "kept" / "full_s1"
     with pytest.raises(SystemExit, match=r"run\.log:3: /home/someone/notes\.txt"):
