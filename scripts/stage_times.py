@@ -5,7 +5,8 @@
 Reads every results.json under the folders. A stage served from the cache took no time worth reporting,
 so each cell is the computed time only ("cached" otherwise). The pruned model's evaluation is computed once
 and then cached for every later run with the same model, pruner, evaluator and host; each run's recovered
-evaluation is set against that one computed time: the ratio recovered / pruned, per evaluator kind and in
+evaluation is set against the computation it reused (the latest of its group started no later, by run.log's
+first timestamp: runs of several sessions each have their own): the ratio recovered / pruned, per evaluator kind and in
 all, is the pipeline-level measure of what the merged adapter costs at inference (issue #17's target:
 ≤ 1.1×). Runs on different hosts (CPU model, thread count, GPU) are never compared.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -25,6 +27,7 @@ from scripts.make_tables import load_runs
 
 HOST_KEYS = ("device", "cpu", "amx_bf16", "torch_threads", "cuda", "gpu_count", "world_size")
 SHOWN = ("select", "recover")
+LOG_TIME = re.compile(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)")
 
 
 def host_label(host: dict) -> str:
@@ -52,24 +55,47 @@ def eval_kinds(timings: dict, state: str) -> dict[str, str]:
     return kinds or ({"all": prefix} if prefix in timings else {})
 
 
-def pruned_times(runs: list[dict]) -> dict[str, dict[str, float]]:
-    """Per pruned group, the computed evaluation time of the pruned model per evaluator kind."""
-    out: dict[str, dict[str, float]] = {}
+def started(run: dict) -> str | None:
+    """When the run began: the first timestamp of its run.log (the job log's '[YYYY-MM-DD HH:MM:SS,ms]')."""
+    log = Path(run["_path"]) / "run.log"
+    if log.is_file():
+        with log.open(errors="replace") as f:
+            for line in f:
+                if m := LOG_TIME.match(line):
+                    return m.group(1)
+    return None
+
+
+def pruned_times(runs: list[dict]) -> list[dict[str, float]]:
+    """Per run, the computed evaluation time of its pruned model per evaluator kind: its own, else that of the
+    latest run of its group that computed it and started no later, the cache entry it reused (a new machine
+    starts with an empty cache, so a later session's recomputation is never set against an earlier session's
+    runs). A run of unknown start time gets its group's computation only when there is a single one."""
+    own, computers = [], {}
     for run in runs:
         t = run["timings"]
         times = {kind: computed(t, stage) for kind, stage in eval_kinds(t, "pruned").items()}
-        if times and None not in times.values():
-            out.setdefault(pruned_group(run), times)
+        own.append(times if times and None not in times.values() else None)
+        if own[-1]:
+            computers.setdefault(pruned_group(run), []).append((started(run), own[-1]))
+    out = []
+    for run, times in zip(runs, own):
+        group, begun = computers.get(pruned_group(run), []), started(run)
+        earlier = sorted((s, i) for i, (s, _) in enumerate(group) if s and begun and s <= begun)
+        if times:
+            out.append(times)
+        elif earlier:
+            out.append(group[earlier[-1][1]][1])
+        else:
+            out.append(group[0][1] if len(group) == 1 else {})
     return out
 
 
 def rows(runs: list[dict]) -> list[dict]:
-    pruned = pruned_times(runs)
     out = []
-    for run in runs:
+    for run, base in zip(runs, pruned_times(runs)):
         t = run["timings"]
         recovered = {kind: computed(t, stage) for kind, stage in eval_kinds(t, "recovered").items()}
-        base = pruned.get(pruned_group(run), {})
         ratios = {kind: sec / base[kind] for kind, sec in recovered.items() if sec is not None and kind in base}
         if recovered and set(ratios) == set(base) == set(recovered):  # every kind computed: the total too
             ratios["all"] = sum(recovered.values()) / sum(base.values())

@@ -48,3 +48,22 @@ def test_ratios_pair_each_recovered_evaluation_with_its_groups_computed_pruned_o
     assert [c.strip(" |") for c in rows["e_ppl_cached"][-3:]] == ["–", "1.100", "–"]  # no total from a part
     assert "AMD EPYC, 1 thread(s), 2 run(s): mean 1.100, sd 0.141 (range 1.000–1.200)" in out
     assert (tmp_path / "t.md").read_text() == out
+
+
+def test_each_session_sets_its_runs_against_its_own_pruned_evaluation(tmp_path):
+    """Runs of two sessions (each with an empty cache, so each computed the pruned evaluation once): a run is
+    set against the latest computation started no later than itself, by its run.log's first timestamp."""
+    runs = {"a_s0": (result((100.0, 200.0), (110.0, 210.0)), "2026-12-05 06:56:40"),   # session 1 computes
+            "b_s1": (result((None, None), (120.0, 220.0)), "2026-12-05 08:00:00"),     # session 1, cached
+            "c_s2": (result((None, None), (150.0, 300.0)), "2026-12-06 22:02:25"),     # session 2, cached
+            "d_s3": (result((130.0, 250.0), (140.0, 260.0)), "2026-12-06 22:02:05")}   # session 2 computes
+    for name, (r, begun) in runs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(r))
+        (tmp_path / name / "run.log").write_text(f"[{begun},879][HYDRA] Launching 1 jobs locally\n")
+    out = subprocess.run([sys.executable, "scripts/stage_times.py", str(tmp_path)],
+                         check=True, cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in out.splitlines() if line.startswith("| ")}
+    assert [c.strip(" |") for c in rows["b_s1"][4:6]] == ["100.0", "200.0"]
+    assert [c.strip(" |") for c in rows["c_s2"][4:6]] == ["130.0", "250.0"]
+    assert [c.strip(" |") for c in rows["c_s2"][-3:]] == [f"{150 / 130:.3f}", "1.200", f"{450 / 380:.3f}"]
