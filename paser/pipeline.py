@@ -302,21 +302,20 @@ class Run:
         then split them instead of queueing behind the first job."""
         if not distributed.is_main():
             return {}
-        units = [(name, state, get_model, kind, ev) for name, state, get_model in states
+        units = [(name, get_model, kind, ev, self._metrics_key(state, kind, ev)) for name, state, get_model in states
                  for kind, ev in self.parts.evaluators.items()]
         metrics = {name: {} for name, _, _ in states}
         while units:  # the first evaluation nobody else is computing; when all are, wait for the first
-            unit = next((u for u in units if not self.cache.claimed_elsewhere(
-                "metrics", self._metrics_key(u[1], u[3], u[4]))), units[0])
+            unit = next((u for u in units if not self.cache.claimed_elsewhere("metrics", u[-1])), units[0])
             units.remove(unit)
-            name, state, get_model, kind, ev = unit
-            metrics[name][kind] = self._evaluate_one(name, state, get_model, kind, ev)
+            name, get_model, kind, ev, key = unit
+            metrics[name][kind] = self._evaluate_one(name, get_model, kind, ev, key)
         return {name: {kind: m[kind] for kind in self.parts.evaluators} for name, m in metrics.items()}
 
     def _metrics_key(self, state: dict, kind: str, ev) -> dict:
         return self.keys.metrics(state, kind, self.cfg.evaluator[kind], ev)
 
-    def _evaluate_one(self, name: str, state: dict, get_model, kind: str, ev) -> dict:
+    def _evaluate_one(self, name: str, get_model, kind: str, ev, key: dict) -> dict:
         def compute():
             return evaluate_all(ev, get_model(), self.models.tok())
 
@@ -330,7 +329,7 @@ class Run:
 
         metrics, samples = self.cached(
             f"eval_{name}" if len(self.parts.evaluators) == 1 else f"eval_{name}_{kind}", "metrics",
-            self._metrics_key(state, kind, ev), compute=compute, save=save, load=load, ranks="only_main")
+            key, compute=compute, save=save, load=load, ranks="only_main")
         if samples:  # per-window NLL / per-document correctness, for paired statistics (make_tables.py)
             save_per_sample(self.run_dir / "per_sample" / f"{name}_{kind}.npz", samples)
         return metrics

@@ -71,23 +71,21 @@ def pruned_times(runs: list[dict]) -> list[dict[str, float]]:
     latest run of its group that computed it and started no later, the cache entry it reused (a new machine
     starts with an empty cache, so a later session's recomputation is never set against an earlier session's
     runs). A run of unknown start time gets its group's computation only when there is a single one."""
-    own, computers = [], {}
+    begun = [started(run) for run in runs]
+    own = []
     for run in runs:
-        t = run["timings"]
-        times = {kind: computed(t, stage) for kind, stage in eval_kinds(t, "pruned").items()}
+        times = {kind: computed(run["timings"], stage) for kind, stage in eval_kinds(run["timings"], "pruned").items()}
         own.append(times if times and None not in times.values() else None)
-        if own[-1]:
-            computers.setdefault(pruned_group(run), []).append((started(run), own[-1]))
-    out = []
-    for run, times in zip(runs, own):
-        group, begun = computers.get(pruned_group(run), []), started(run)
-        earlier = sorted((s, i) for i, (s, _) in enumerate(group) if s and begun and s <= begun)
+    computers: dict[str, list[tuple[str | None, dict]]] = {}
+    for run, start, times in zip(runs, begun, own):
         if times:
-            out.append(times)
-        elif earlier:
-            out.append(group[earlier[-1][1]][1])
-        else:
-            out.append(group[0][1] if len(group) == 1 else {})
+            computers.setdefault(pruned_group(run), []).append((start, times))
+    out = []
+    for run, start, times in zip(runs, begun, own):
+        group = computers.get(pruned_group(run), [])
+        earlier = [c for c in group if start and c[0] and c[0] <= start]
+        out.append(times or (max(earlier, key=lambda c: c[0])[1] if earlier
+                             else group[0][1] if len(group) == 1 else {}))
     return out
 
 
