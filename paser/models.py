@@ -102,7 +102,15 @@ def load_tokenizer(cfg: DictConfig, cache=None):
 
 def _remote_code(cfg) -> bool:
     """Model code from the hub runs only when the model config asks for it explicitly."""
-    return bool(cfg.get("trust_remote_code", False))
+    return _flag("model.trust_remote_code", cfg.get("trust_remote_code", False))
+
+
+def _flag(key: str, value) -> bool:
+    """A boolean config value, refused unless it is one: bool('false') is True, and a string (e.g. from
+    ${oc.env:...}, which always gives one) must not turn remote code on."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r} is not a boolean; allowed: true or false")
+    return value
 
 
 def _source(cfg, cache) -> str:
@@ -312,6 +320,7 @@ def load_saved(folder: str | Path, dtype: str = "float32", trust_remote_code: bo
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    trust_remote_code = _flag("model.trust_remote_code", trust_remote_code)
     folder = Path(folder)
     tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     shapes_file = folder / SHAPES_FILE

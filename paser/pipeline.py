@@ -68,7 +68,9 @@ class Models:
 
     def load_pruned(self, entry: Path):
         if self.pruned is None:
+            # a remote-code preset (Baichuan) needs its modelling code to rebuild the pruned model too
             self.pruned, _ = load_saved(entry / "model", dtype=self.cfg.model.dtype,
+                                        trust_remote_code=self.cfg.model.get("trust_remote_code", False),
                                         device_map=self.cfg.model.get("device_map"), device=self.device)
         return self.pruned
 
