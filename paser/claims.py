@@ -5,8 +5,10 @@ A claim is a small JSON file ``{host, pid, started, what, token}`` created with 
 exactly one process creates it. While it is held, a daemon thread refreshes its mtime every
 ``stale_after / 5`` seconds. A claim is stale, and may be taken over, when its mtime is older than
 ``stale_after`` seconds (default 600, env ``PASER_CLAIM_STALE_S``; generous, so that clock skew between
-cluster nodes and file-system hiccups do not break live claims), or at once when it was made on this
-host by a process that no longer exists.
+cluster nodes and file-system hiccups do not break live claims), or at once when its content says its
+holder is gone: made on this host by a process that no longer exists, or by this process's PID but not
+held by it (a previous life of a restarted container, which got the same PID), or empty or unreadable for
+longer than a claim takes to write (a write that failed, e.g. on a full disk).
 
 Why a heartbeat file and not ``flock``: SLURM jobs on different nodes share the cache on NFS or Lustre,
 where advisory locks are unreliable (not propagated, or silently local, depending on mount options), and
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import threading
@@ -35,20 +38,36 @@ import uuid
 from pathlib import Path
 from typing import Self
 
+from paser.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_STALE_S = 600.0
 MUTEX_STALE_S = 30.0
+UNWRITTEN_GRACE_S = 10.0  # an empty claim younger than this may be one whose creator is writing it now
 HOST = socket.gethostname()
+_HELD: set[str] = set()  # tokens of the claims this process holds
 
 
 def default_stale_after() -> float:
-    return float(os.environ.get("PASER_CLAIM_STALE_S", DEFAULT_STALE_S))
+    """``PASER_CLAIM_STALE_S`` if set, else 600: it must be a number of seconds > 0 (the heartbeat runs
+    every fifth of it, so 0 or less would spin)."""
+    raw = os.environ.get("PASER_CLAIM_STALE_S")
+    if raw is None:
+        return DEFAULT_STALE_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"PASER_CLAIM_STALE_S={raw!r} is not allowed: give a number of seconds > 0 "
+                          f"(default {DEFAULT_STALE_S:g}), or unset it")
+    return value
 
 
 def holder(path) -> dict | None:
     """The claim's JSON content; None when there is no claim. ``{}`` while its creator has not written it
-    yet (or it is unreadable): held, by someone unknown."""
+    yet (or it is unreadable): held, by someone unknown, until it is older than ``UNWRITTEN_GRACE_S``."""
     try:
         text = Path(path).read_text()
     except FileNotFoundError:
@@ -70,9 +89,19 @@ def _pid_exists(pid: int) -> bool:
     return True
 
 
+def _holder_gone(info: dict) -> bool:
+    """The claim was made on this host by a process that is not running, or by this process's PID in a
+    previous life (a restarted container): a claim this process holds has its token in ``_HELD``."""
+    if info.get("host") != HOST or not isinstance(info.get("pid"), int):
+        return False
+    if info["pid"] == os.getpid():
+        return info.get("token") not in _HELD
+    return not _pid_exists(info["pid"])
+
+
 def is_stale(path, stale_after: float | None = None) -> bool:
-    """True when a claim exists and its holder is gone: no heartbeat for ``stale_after`` seconds, or its
-    process on this host has exited."""
+    """True when a claim exists and its holder is gone: no heartbeat for ``stale_after`` seconds, its
+    content says so (``_holder_gone``), or it has been empty or unreadable for ``UNWRITTEN_GRACE_S``."""
     stale_after = default_stale_after() if stale_after is None else stale_after
     try:
         age = time.time() - os.stat(path).st_mtime
@@ -80,8 +109,10 @@ def is_stale(path, stale_after: float | None = None) -> bool:
         return False
     if age > stale_after:
         return True
-    info = holder(path) or {}
-    return info.get("host") == HOST and isinstance(info.get("pid"), int) and not _pid_exists(info["pid"])
+    info = holder(path)
+    if info is None:
+        return False
+    return age > UNWRITTEN_GRACE_S if not info else _holder_gone(info)
 
 
 def _create(path: Path, content: str, make_parents: bool = False) -> bool:
@@ -97,8 +128,12 @@ def _create(path: Path, content: str, make_parents: bool = False) -> bool:
             if not make_parents:
                 raise
             path.parent.mkdir(parents=True, exist_ok=True)
-    with os.fdopen(fd, "w") as f:
-        f.write(content)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(content)
+    except OSError:  # e.g. a full disk: leave no empty claim behind
+        path.unlink(missing_ok=True)
+        raise
     return True
 
 
@@ -149,12 +184,17 @@ class Claim:
         token = uuid.uuid4().hex
         content = json.dumps({"host": HOST, "pid": os.getpid(), "started": time.time(), "what": what,
                               "token": token})
-        # Lost the race, or the holder is gone: then remove its claim and race again for the place.
-        if not _create(path, content, make_parents=True) and not (
+        _HELD.add(token)  # before the claim exists: another thread of this process must not judge it stale
+        won = False
+        try:
+            # Lost the race, or the holder is gone: then remove its claim and race again for the place.
+            won = _create(path, content, make_parents=True) or (
                 is_stale(path, stale_after) and remove_stale(path, stale_after)
-                and _create(path, content, make_parents=True)):
-            return None
-        return cls(path, token, stale_after)
+                and _create(path, content, make_parents=True))
+        finally:
+            if not won:
+                _HELD.discard(token)
+        return cls(path, token, stale_after) if won else None
 
     def _is_mine(self) -> bool:
         return (holder(self.path) or {}).get("token") == self.token
@@ -176,13 +216,13 @@ class Claim:
         self._stop.set()
         self._thread.join()
         mutex = _Mutex(self.path)
-        if not mutex.acquire(wait=True):
-            return  # its folder was removed, with the claim
-        try:
-            if self._is_mine():
-                self.path.unlink()
-        finally:
-            mutex.release()
+        if mutex.acquire(wait=True):  # else its folder was removed, with the claim
+            try:
+                if self._is_mine():
+                    self.path.unlink()
+            finally:
+                mutex.release()
+        _HELD.discard(self.token)
 
     def __enter__(self) -> Self:
         return self
