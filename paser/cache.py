@@ -5,17 +5,27 @@ run folder), so a sweep over selectors prunes once and a rerun of a finished con
 should name the code computing an entry (``paser.fingerprint.code_version``) and the content of the files
 it reads (``file_fingerprint``), so that a fixed algorithm or a changed file misses instead of hitting.
 
-Writes are atomic: an entry is written into a temporary sibling folder and renamed into place, with a
-``manifest.json`` written last: the config slice, creation time, library versions, and per file its size,
-its sha256 and a "sampled" digest of a few blocks. A lookup checks sizes and sampled digests only, so it
-stays cheap for a 13 GB model; ``lookup(full=True)`` and ``python -m paser.cache verify`` check every byte.
-A damaged entry is reported, moved aside and removed, then recomputed, never loaded. An intact entry is
-never removed in place: a second writer of the same key keeps the first one, since others may be reading it.
+Writes are atomic: an entry is written into a temporary sibling folder (named after its writer's PID and
+host) and renamed into place, with a ``manifest.json`` written last: the config slice, creation time,
+library versions, and per file its size and sha256 (and a "sampled" digest of a few blocks, which older
+versions of this module check). The first lookup of an entry in a process checks the size and sha256 of
+every file, reading every byte (sha256 runs at ~1.6 GB/s on one x86 core: ~8 s for a 13 GB model, plus
+reading it); later lookups in that process check the sizes and read again only a file whose stat (size,
+inode, modification and change times) differs from when it was read. ``python -m paser.cache verify``
+reads every byte of every entry and exits 1 if any is damaged. A damaged entry is reported, moved aside
+and removed, then recomputed, never loaded. An intact entry is never removed in place: a second writer of
+the same key keeps the first one, since others may be reading it.
+
+A lookup also leases the entry to its process (a ``.lease-<pid>@<host>`` file in it), which may load it
+much later (the pruned model, after selection): ``gc`` removes no entry leased by a process still running
+on this host, or leased from another host (whose processes it cannot see) in the last LEASE_GRACE_S.
 
 Between processes, ``get_or_create`` and ``array`` claim what they compute (``paser.claims``): a process
 that finds a key being computed waits and takes the result, one whose holder died takes over. Long score
 computations persist finished chunks under ``root/<stage>/<key>.partial/``, so a killed run resumes and
-concurrent runs share the chunks. ``python -m paser.cache ls | gc | verify`` lists, prunes and checks a cache.
+concurrent runs share the chunks. ``python -m paser.cache ls | gc | verify`` lists, prunes and checks a cache;
+``gc`` also removes what killed runs left: temporary folders of writers that are gone at once, unfinished
+score chunks (``.partial``) and LoRA checkpoints (``.work``) that no live claim covers once they are old.
 """
 
 from __future__ import annotations
@@ -38,16 +48,19 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from paser.claims import Claim, holder, is_stale, remove_stale, wait_until_free
+from paser.claims import HOST, Claim, holder, is_stale, pid_exists, remove_stale, wait_until_free
 from paser.fingerprint import code_hash_of_modules, file_sha256
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 LAST_USED = ".last_used"  # touched on every hit; not part of the entry's content
+LEASE = ".lease-"  # + "<pid>@<host>": touched by every lookup of that process (see the module's docstring)
+LEASE_GRACE_S = 86400.0
 SAMPLE_BLOCK = 64 << 10
 SAMPLED_IN_FULL = 4 << 20  # files up to this size: the sampled digest is the full one
 SAMPLE_BLOCKS = 8
 PARTIAL_MAX_AGE_DAYS = 7.0
+_CHECKED: dict[Path, dict] = {}  # entry -> its files' stat when this process last read every byte of them
 
 
 def to_plain(obj):
@@ -128,8 +141,10 @@ def _read_manifest(path: Path) -> dict | None:
     return manifest if isinstance(manifest, dict) else None
 
 
-def _problem(path: Path, full: bool) -> str | None:
-    """What is wrong with the entry at ``path``, or None when it is intact."""
+def _problem(path: Path, recheck: bool = False) -> str | None:
+    """What is wrong with the entry at ``path``, or None when it is intact: every file has the size and
+    sha256 its manifest records. Every byte is read unless this process read them before and no file's
+    stat changed since; ``recheck``: read every byte anyway."""
     if not (path / MANIFEST).is_file():
         return "no manifest"
     manifest = _read_manifest(path)
@@ -139,31 +154,78 @@ def _problem(path: Path, full: bool) -> str | None:
     if not isinstance(files, dict) or not all(isinstance(r, dict) and {"size", "sha256", "sampled"} <= r.keys()
                                               for r in files.values()):
         return "manifest of an unknown format"
+    stats = {}
     for name, record in files.items():
-        f = path / name
         try:  # an entry can vanish while it is read (gc, or another process found it damaged)
-            size = f.stat().st_size
-            if size != record["size"]:
-                return f"{name} has {size} bytes, the manifest says {record['size']}"
-            if full and file_sha256(f) != record["sha256"]:
-                return f"content hash of {name} does not match"
-            if not full and sampled_sha256(f, size) != record["sampled"]:
-                return f"sampled hash of {name} does not match"
-        except (FileNotFoundError, IsADirectoryError):
+            st = (path / name).stat()
+        except FileNotFoundError:
             return f"missing file {name}"
+        if not stat.S_ISREG(st.st_mode):
+            return f"missing file {name}"
+        if st.st_size != record["size"]:
+            return f"{name} has {st.st_size} bytes, the manifest says {record['size']}"
+        stats[name] = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if not recheck and _CHECKED.get(path) == stats:
+        return None
+    for name, record in files.items():
+        try:
+            if file_sha256(path / name) != record["sha256"]:
+                return f"content hash of {name} does not match"
+        except FileNotFoundError:
+            return f"missing file {name}"
+    _CHECKED[path] = stats
     return None
 
 
-def _remove(path: Path) -> bool:
+def _remove(path: Path, unless: Callable[[Path], bool] | None = None) -> bool:
     """Move ``path`` aside first, so that it vanishes at once and no process sees a half-removed entry;
-    then delete it. False if it was gone already."""
+    then delete it, unless ``unless(moved folder)`` (a lookup leased the entry while gc decided): then it
+    goes back. False if it was gone already or went back."""
     trash = path.with_name(f".{path.name}.trash-{uuid.uuid4().hex[:12]}")
     try:
         os.replace(path, trash)
     except FileNotFoundError:
         return False
+    if unless is not None and unless(trash):
+        try:
+            os.replace(trash, path)
+            return False
+        except OSError:  # an entry was stored there meanwhile: it serves the lookup
+            pass
     shutil.rmtree(trash, ignore_errors=True)
     return True
+
+
+def _lease(path: Path) -> bool:
+    """Mark the entry as used by this process, and touch its last use; False if it vanished meanwhile."""
+    try:
+        (path / LAST_USED).touch()
+        (path / f"{LEASE}{os.getpid()}@{HOST}").touch()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        pass  # a read-only cache: the use is only unknown to gc
+    return True
+
+
+def _leases(path: Path, now: float) -> tuple[list[str], list[Path]]:
+    """(holders of the entry's live leases, lease files of processes that are gone): a lease is live while
+    its process runs on this host (a reused PID only keeps the entry longer), or for LEASE_GRACE_S when it
+    was taken on another host."""
+    live, gone = [], []
+    for f in path.glob(LEASE + "*"):
+        who = f.name[len(LEASE):]
+        pid, _, host = who.partition("@")
+        try:
+            alive = pid_exists(int(pid)) if host == HOST and pid.isdigit() else \
+                now - f.stat().st_mtime < LEASE_GRACE_S
+        except FileNotFoundError:
+            continue
+        if alive:
+            live.append(who)
+        else:
+            gone.append(f)
+    return live, gone
 
 
 def _discard(path: Path, problem: str) -> None:
@@ -185,27 +247,24 @@ class StageCache:
     def _count(self, stage: str, how: str, n: int = 1) -> None:
         self.counts.setdefault(stage, {"computed": 0, "cached": 0, "other": 0})[how] += n
 
-    def lookup(self, stage: str, slice_, full: bool = False) -> Path | None:
-        """The entry's folder if it exists and is intact (sizes and sampled digests; every byte with
-        ``full``), else None (a damaged entry is removed)."""
+    def lookup(self, stage: str, slice_) -> Path | None:
+        """The entry's folder, leased to this process, if it exists and is intact (see ``_problem``), else
+        None (a damaged entry is removed)."""
         path = self.entry_dir(stage, slice_)
-        if not path.exists():
+        if not path.exists() or not _lease(path):  # leased before it is checked: gc then leaves it alone
             return None
-        problem = _problem(path, full)
+        problem = _problem(path)
         if problem is not None:
             _discard(path, problem)
             return None
-        try:
-            (path / LAST_USED).touch()
-        except OSError:
-            pass  # a read-only cache: the last use is only unknown to gc
         return path
 
     def store(self, stage: str, slice_, write: Callable[[Path], None]) -> Path:
         """Run ``write(tmpdir)`` and move the folder into place with its manifest. Returns the entry."""
         final = self.entry_dir(stage, slice_)
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp"))
+        # named after its writer, so that gc removes it as soon as a killed writer is known to be gone
+        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-{os.getpid()}@{HOST}-"))
         try:
             write(tmp)
             files = {str(p.relative_to(tmp)): _file_record(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
@@ -219,7 +278,7 @@ class StageCache:
                 except OSError as e:
                     if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                         raise
-                problem = _problem(final, full=False)
+                problem = _problem(final)
                 if problem is None:  # another process finished first; it may be reading its entry
                     log.info("cache entry %s was stored by another process meanwhile: keeping it", final)
                     return final
@@ -362,8 +421,8 @@ class StageCache:
 
 
 def _scan(root: Path) -> tuple[list[Path], list[Path], list[Path], list[Path]]:
-    """(entries, leftover .tmp/.trash folders, .partial folders, claim files) below ``root``."""
-    entries, leftovers, partials, claims = [], [], [], []
+    """(entries, leftover .tmp/.trash folders, unfinished .partial/.work folders, claim files) below ``root``."""
+    entries, leftovers, unfinished, claims = [], [], [], []
     for dirpath, dirnames, filenames in os.walk(root):
         here = Path(dirpath)
         if MANIFEST in filenames and here != root:
@@ -374,12 +433,29 @@ def _scan(root: Path) -> tuple[list[Path], list[Path], list[Path], list[Path]]:
         for d in sorted(dirnames):
             if d.startswith(".") and (".tmp" in d or ".trash-" in d):
                 leftovers.append(here / d)
-            elif d.endswith(".partial"):
-                partials.append(here / d)
+            elif d.endswith((".partial", ".work")):
+                unfinished.append(here / d)
             else:
                 continue
             dirnames.remove(d)
-    return sorted(entries), leftovers, partials, claims
+    return sorted(entries), leftovers, unfinished, claims
+
+
+def _claims_of(path: Path) -> list[Path]:
+    """The claims an unfinished folder is written under: a .tmp folder (".<key>.tmp...") and a .work one
+    (the LoRA checkpoints of "<key>", paser.pipeline) under their entry's, a .partial one under its chunks'."""
+    if path.name.endswith(".partial"):
+        return list(path.glob("*.claim"))
+    if path.name.endswith(".work"):
+        return [path.with_suffix(".claim")]
+    return [path.with_name(path.name[1:].split(".tmp")[0] + ".claim")]
+
+
+def _writer_gone(path: Path) -> bool:
+    """A .tmp folder whose writer (named in it by ``store``: ".<key>.tmp-<pid>@<host>-<random>") ran on this
+    host and is not running any more."""
+    pid, _, host = path.name.partition(".tmp-")[2].rpartition("-")[0].partition("@")
+    return host == HOST and pid.isdigit() and not pid_exists(int(pid))
 
 
 def _stats(path: Path) -> list[os.stat_result]:
@@ -481,7 +557,7 @@ def _cmd_ls(root: Path, args) -> None:
 
 
 def _cmd_gc(root: Path, args) -> None:
-    entries, leftovers, partials, claims = _scan(root)
+    entries, leftovers, unfinished, claims = _scan(root)
     now = time.time()
     max_age = (args.older_than if args.older_than is not None else PARTIAL_MAX_AGE_DAYS) * 86400
     doomed = []  # (path, reason)
@@ -490,23 +566,28 @@ def _cmd_gc(root: Path, args) -> None:
         reason = "unreadable manifest" if manifest is None else _unreachable(manifest.get("config"))
         if reason is None and args.older_than is not None and now - _last_used(path, manifest) > max_age:
             reason = f"unused for more than {args.older_than:g} days"
-        if reason:
+        live, gone = _leases(path, now)
+        if reason and live:
+            print(f"kept {path.relative_to(root)} ({reason}): in use by {', '.join(live)}")
+        elif reason:
             doomed.append((path, reason))
+        if not args.dry_run:
+            for lease in gone:
+                lease.unlink(missing_ok=True)
     doomed += [(p, "removed entry") for p in leftovers if ".trash-" in p.name]
-    # a .tmp folder is written under its entry's claim (".<key>.tmpXXXX"), a .partial one under its chunks'
-    unfinished = [(p, [p.with_name(p.name[1:].split(".tmp")[0] + ".claim")]) for p in leftovers
-                  if ".trash-" not in p.name] + [(p, list(p.glob("*.claim"))) for p in partials]
-    for path, its_claims in unfinished:
-        live = any(c.exists() and not is_stale(c) for c in its_claims)
-        if not live and now - _newest_mtime(path) > max_age:
+    for path in [p for p in leftovers if ".trash-" not in p.name] + unfinished:
+        if ".tmp" in path.name and _writer_gone(path):
+            doomed.append((path, "unfinished, its writer is gone"))
+        elif not any(c.exists() and not is_stale(c) for c in _claims_of(path)) and \
+                now - _newest_mtime(path) > max_age:
             doomed.append((path, "unfinished, abandoned"))
     freed = 0
     for path, reason in doomed:
         size = _size(path)
+        if not args.dry_run and not _remove(path, unless=lambda moved: bool(_leases(moved, now)[0])):
+            continue  # leased meanwhile, or removed by another process
         freed += size
         print(f"{'would remove' if args.dry_run else 'removed'} {path.relative_to(root)} ({_human(size)}): {reason}")
-        if not args.dry_run:
-            _remove(path)
     stale = [c for c in claims if is_stale(c)]
     if not args.dry_run:
         stale = [c for c in stale if remove_stale(c)]
@@ -514,16 +595,18 @@ def _cmd_gc(root: Path, args) -> None:
           f" ({len(stale)} stale claims)")
 
 
-def _cmd_verify(root: Path, args) -> None:
+def _cmd_verify(root: Path, args) -> int:
+    """1 when an entry was damaged (and removed), else 0."""
     entries = _scan(root)[0]
     damaged = 0
     for path in entries:
-        problem = _problem(path, full=True)
+        problem = _problem(path, recheck=True)
         if problem is not None:
             damaged += 1
             print(f"damaged: {path.relative_to(root)}: {problem} (removed)")
             _remove(path)
     print(f"{len(entries)} entries verified, {damaged} damaged")
+    return 1 if damaged else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -531,8 +614,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     commands = {
         "ls": (_cmd_ls, "list the entries: stage, key, what the key names, size, created, last used"),
-        "gc": (_cmd_gc, "remove entries no current code computes, old unused ones, and abandoned leftovers"),
-        "verify": (_cmd_verify, "check every byte of every entry; remove the damaged ones"),
+        "gc": (_cmd_gc, "remove entries no current code computes and old unused ones (unless a live process "
+                        "looked them up), and abandoned leftovers"),
+        "verify": (_cmd_verify, "check every byte of every entry; remove the damaged ones (exit status 1 if any)"),
     }
     for name, (_, help_) in commands.items():
         p = sub.add_parser(name, help=help_)
@@ -549,11 +633,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no cache at {root}: nothing to do", file=sys.stderr)
         return 0
     try:
-        commands[args.command][0](root, args)
+        return commands[args.command][0](root, args) or 0
     except OSError as e:  # e.g. no permission to remove another user's entry
         print(f"paser.cache {args.command}: {e}", file=sys.stderr)
         return 1
-    return 0
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ def holder(path) -> dict | None:
     return info if isinstance(info, dict) else {}
 
 
-def _pid_exists(pid: int) -> bool:
+def pid_exists(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -96,7 +96,7 @@ def _holder_gone(info: dict) -> bool:
         return False
     if info["pid"] == os.getpid():
         return info.get("token") not in _HELD
-    return not _pid_exists(info["pid"])
+    return not pid_exists(info["pid"])
 
 
 def is_stale(path, stale_after: float | None = None) -> bool:

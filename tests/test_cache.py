@@ -1,5 +1,6 @@
-"""The stage cache: keys from config slices, atomic entries, damaged entries recomputed (cheap sampled
-check, full check), chunk resume, concurrent processes sharing work, and the ls/gc/verify commands."""
+"""The stage cache: keys from config slices, atomic entries, damaged entries recomputed (every byte read at
+a process's first lookup), chunk resume, concurrent processes sharing work, leases that keep gc off the
+entries live runs looked up, and the ls/gc/verify commands."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from paser.cache import SAMPLE_BLOCK, SAMPLED_IN_FULL, StageCache, config_hash, sample_offsets
+import paser.cache
+from paser.cache import LEASE, LEASE_GRACE_S, SAMPLE_BLOCK, SAMPLED_IN_FULL, StageCache, config_hash, sample_offsets
 from paser.claims import HOST, Claim
 from paser.fingerprint import code_version
 
@@ -37,7 +39,8 @@ def test_store_then_lookup_and_manifest(tmp_path):
     assert manifest["files"] == {"a.txt": {"size": 5, "sha256": manifest["files"]["a.txt"]["sha256"],
                                            "sampled": manifest["files"]["a.txt"]["sha256"]}}
     assert cache.lookup("stage", {"k": 1}) == entry and (entry / ".last_used").is_file()
-    assert cache.lookup("stage", {"k": 1}, full=True) == entry  # the marker is not part of the content
+    assert (entry / f"{LEASE}{os.getpid()}@{HOST}").is_file()
+    assert cache.lookup("stage", {"k": 1}) == entry  # the marker and the lease are not part of the content
     assert cache.lookup("stage", {"k": 2}) is None
 
 
@@ -121,12 +124,25 @@ def _unsampled_offset(size):
     return offset
 
 
-def test_flip_outside_sampled_blocks_needs_the_full_check(tmp_path, caplog):
+def test_a_flip_between_the_sampled_blocks_is_found_at_a_processs_first_lookup(tmp_path, caplog):
     cache = StageCache(tmp_path)
     entry, size = _big_entry(cache, {"k": 1})
     _flip(entry / "big.bin", _unsampled_offset(size))
-    assert cache.lookup("stage", {"k": 1}) == entry  # the cheap check reads only the sampled blocks
-    assert cache.lookup("stage", {"k": 1}, full=True) is None and "damaged" in caplog.text
+    assert cache.lookup("stage", {"k": 1}) is None
+    assert "content hash of big.bin does not match" in caplog.text and not entry.exists()
+    assert cache.get_or_create("stage", {"k": 1}, lambda d: (d / "big.bin").write_bytes(b"again"))[1] == "computed"
+
+
+def test_later_lookups_read_every_byte_again_only_when_a_file_changed(tmp_path, monkeypatch, caplog):
+    cache = StageCache(tmp_path)
+    entry, size = _big_entry(cache, {"k": 1})
+    reads = []
+    sha256 = paser.cache.file_sha256
+    monkeypatch.setattr(paser.cache, "file_sha256", lambda path: (reads.append(path.name), sha256(path))[1])
+    assert cache.lookup("stage", {"k": 1}) == entry and reads == ["big.bin"]
+    assert StageCache(tmp_path).lookup("stage", {"k": 1}) == entry and reads == ["big.bin"]  # this process read it
+    _flip(entry / "big.bin", _unsampled_offset(size))
+    assert cache.lookup("stage", {"k": 1}) is None and "damaged" in caplog.text
 
 
 def test_storing_twice_keeps_the_first_intact_entry(tmp_path):
@@ -287,10 +303,10 @@ def test_two_processes_create_one_entry_once(tmp_path):
 # ------------------------------------------------------------------ python -m paser.cache ls | gc | verify
 
 
-def _cli(root, *args):
+def _cli(root, *args, status=0):
     out = subprocess.run([sys.executable, "-m", "paser.cache", *args, "--root", str(root)], cwd=ROOT,
                          capture_output=True, text=True, timeout=60, check=False)
-    assert out.returncode == 0, out.stderr
+    assert out.returncode == status, out.stderr
     return out.stdout
 
 
@@ -312,6 +328,7 @@ def test_gc_removes_entries_of_changed_code_and_unused_ones(tmp_path):
     current = cache.store("s", {"pruner": {"code": code_version("paser.claims")}, "n": 1}, write)
     unused = cache.store("s", {"n": 2}, write)
     cache.lookup("s", {"n": 2})
+    _lease_of_a_dead_process(unused)
     old = time.time() - 10 * 86400
     os.utime(unused / ".last_used", (old, old))
     abandoned = tmp_path / "s" / ".abc.tmpxyz"
@@ -334,6 +351,114 @@ def test_verify_removes_entries_damaged_outside_the_sampled_blocks(tmp_path):
     entry, size = _big_entry(cache, {"k": 1})
     intact = cache.store("stage", {"k": 2}, lambda d: (d / "a.txt").write_text("x"))
     _flip(entry / "big.bin", _unsampled_offset(size))
-    out = _cli(tmp_path, "verify")
+    out = _cli(tmp_path, "verify", status=1)
     assert "damaged: stage/" + entry.name in out and "2 entries verified, 1 damaged" in out
     assert not entry.exists() and intact.exists()
+    assert "1 entries verified, 0 damaged" in _cli(tmp_path, "verify", status=0)
+
+
+def _dead_pid():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _lease_of_a_dead_process(entry):
+    """This process's lease on ``entry`` as if a process that has exited had taken it."""
+    os.replace(entry / f"{LEASE}{os.getpid()}@{HOST}", entry / f"{LEASE}{_dead_pid()}@{HOST}")
+
+
+def test_gc_older_than_0_leaves_the_entry_a_live_run_looked_up_and_has_not_loaded(tmp_path):
+    cache = StageCache(tmp_path)
+    entry = cache.store("pruned", {"n": 1}, lambda d: (d / "model.bin").write_text("weights"))
+    assert cache.lookup("pruned", {"n": 1}) == entry
+    _cli(tmp_path, "gc", "--older-than", "0")
+    assert (entry / "model.bin").read_text() == "weights"
+
+
+def test_gc_leaves_entries_leased_by_live_runs(tmp_path):
+    """A run looked its pruned model up and loads it later: gc --older-than 0 must not remove it meanwhile.
+    A lease counts while its process runs here, or for LEASE_GRACE_S when it was taken on another host."""
+    cache = StageCache(tmp_path)
+    write = lambda d: (d / "a.txt").write_text("x")
+    mine, theirs, old_theirs, dead = (cache.store("s", {"n": n}, write) for n in range(4))
+    for n in range(4):
+        assert cache.lookup("s", {"n": n}) is not None  # this (live) process leases all four
+    for entry, age in ((theirs, 60), (old_theirs, LEASE_GRACE_S + 60)):
+        lease = entry / f"{LEASE}4242@another-node"
+        os.replace(entry / f"{LEASE}{os.getpid()}@{HOST}", lease)
+        os.utime(lease, (time.time() - age, time.time() - age))
+    _lease_of_a_dead_process(dead)
+
+    out = _cli(tmp_path, "gc", "--older-than", "0")
+    assert mine.exists() and theirs.exists() and not old_theirs.exists() and not dead.exists()
+    assert f"in use by {os.getpid()}@{HOST}" in out and "in use by 4242@another-node" in out
+    _lease_of_a_dead_process(mine)  # the run ended
+    _cli(tmp_path, "gc", "--older-than", "0")
+    assert not mine.exists() and not list(mine.parent.glob(".*trash*"))
+
+
+def test_gc_removes_the_leases_of_exited_processes_from_kept_entries(tmp_path):
+    cache = StageCache(tmp_path)
+    entry = cache.store("s", {"n": 1}, lambda d: (d / "a.txt").write_text("x"))
+    cache.lookup("s", {"n": 1})
+    _lease_of_a_dead_process(entry)
+    cache.lookup("s", {"n": 1})
+    _cli(tmp_path, "gc")
+    assert [p.name for p in entry.glob(LEASE + "*")] == [f"{LEASE}{os.getpid()}@{HOST}"]
+
+
+def test_gc_puts_back_an_entry_leased_while_it_was_being_removed(tmp_path, monkeypatch):
+    cache = StageCache(tmp_path)
+    entry = cache.store("s", {"n": 1}, lambda d: (d / "a.txt").write_text("x"))
+    replace = os.replace
+
+    def lookup_meanwhile(src, dst):  # gc moves the entry aside just as a live run leases it
+        if Path(src) == entry:
+            (entry / f"{LEASE}{os.getpid()}@{HOST}").touch()
+        replace(src, dst)
+
+    monkeypatch.setattr(paser.cache.os, "replace", lookup_meanwhile)
+    paser.cache.main(["gc", "--older-than", "0", "--root", str(tmp_path)])
+    monkeypatch.undo()
+    assert cache.lookup("s", {"n": 1}) == entry and (entry / "a.txt").read_text() == "x"
+
+
+def test_gc_removes_temporary_folders_of_gone_writers_at_once(tmp_path):
+    cache = StageCache(tmp_path)
+    seen = []
+    cache.store("s", {"n": 1}, lambda d: seen.append(d.name))
+    assert f".tmp-{os.getpid()}@{HOST}-" in seen[0]  # store names its temporary folder after its writer
+    key = config_hash({"n": 2})
+    killed = tmp_path / "s" / f".{key}.tmp-{_dead_pid()}@{HOST}-abc123"
+    writing = tmp_path / "s" / f".{key}.tmp-{os.getpid()}@{HOST}-def456"
+    elsewhere = tmp_path / "s" / f".{key}.tmp-4242@another-node-ghi789"
+    for folder in (killed, writing, elsewhere):
+        folder.mkdir()
+        (folder / "w.bin").write_bytes(b"0" * 100)
+    out = _cli(tmp_path, "gc")
+    assert not killed.exists() and writing.exists() and elsewhere.exists()
+    assert "its writer is gone" in out
+
+
+def test_gc_removes_old_lora_checkpoints_no_live_run_uses(tmp_path):
+    """LoRA checkpoints live in "<adapter key>.work" beside the entry until it is stored (paser.pipeline),
+    written under the entry's claim; a killed run's folder is a rerun's resume point until it is old."""
+    old = time.time() - 10 * 86400
+    work = {}
+    for name in ("abandoned", "recent", "running"):
+        work[name] = tmp_path / "adapter" / f"{config_hash({name: 1})}.work"
+        (work[name] / "checkpoint").mkdir(parents=True)
+        (work[name] / "checkpoint" / "adapter.safetensors").write_bytes(b"0" * 100)
+    for name in ("abandoned", "running"):
+        for p in (work[name], work[name] / "checkpoint", work[name] / "checkpoint" / "adapter.safetensors"):
+            os.utime(p, (old, old))
+    claim = Claim.acquire(work["running"].with_suffix(".claim"), what="adapter")
+    try:
+        out = _cli(tmp_path, "gc")
+    finally:
+        claim.release()
+    assert not work["abandoned"].exists() and work["recent"].exists() and work["running"].exists()
+    assert "adapter/" + work["abandoned"].name in out
+    _cli(tmp_path, "gc", "--older-than", "0")
+    assert not work["recent"].exists() and not work["running"].exists()
