@@ -3,7 +3,8 @@
 The loop is deliberately plain: Alpaca-templated samples, loss on the response tokens only, gradient
 accumulation up to the effective batch, AdamW with linear warm-up and decay (the HF Trainer default
 schedule the reference recipe uses). Every ``checkpoint_every`` optimizer steps the adapter, optimizer,
-scheduler and RNG state are saved atomically, so a killed run resumes from the last checkpoint and ends
+scheduler and RNG state are saved atomically (written aside with each file's sha256, fsync'ed, renamed into
+place; the checkpoint before it is kept), so a killed run resumes from the newest intact checkpoint and ends
 with the same weights as an uninterrupted one.
 
 Under torchrun the loop is data parallel (paser.distributed): every rank walks the same batch order, runs
@@ -34,11 +35,14 @@ from tqdm.auto import tqdm
 from paser import distributed, sharding, tracking
 from paser.data import encode_pool
 from paser.errors import ConfigError, TrainingError
+from paser.fingerprint import file_sha256
 from paser.models import torch_dtype
 from paser.scoring import answer_spans, logits_at, pad_right, span_index, to_host
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint"
+DIGESTS = "digests.json"  # each file's sha256, written last into a checkpoint
+CHECKPOINT_FILES = {"adapter.safetensors", "trainer_state.pt", "state.json"}  # and best.safetensors with keep=best
 KEEP = ("last", "best")
 
 
@@ -152,9 +156,10 @@ class LoraRecovery:
         state = {"step": 0, "losses": [], "val": [], "best": None}
         best = {}
         ckpt = workdir / CHECKPOINT
-        if ckpt.is_dir():
-            state, best = self._load_checkpoint(ckpt, peft_model, masters, optimizer, scheduler)
-            log.info("recovery: resuming from checkpoint at step %d/%d", state["step"], total_steps)
+        saved = _latest_checkpoint(ckpt)
+        if saved is not None:
+            state, best = self._load_checkpoint(saved, peft_model, masters, optimizer, scheduler)
+            log.info("recovery: resuming from checkpoint %s at step %d/%d", saved, state["step"], total_steps)
 
         peft_model.train()
         pad = tokenizer.pad_token_id
@@ -270,7 +275,10 @@ class LoraRecovery:
     @staticmethod
     def _save_checkpoint(path: Path, model, masters: MasterWeights, optimizer, scheduler, state: dict,
                          best: dict) -> None:
-        """Every rank calls this (sharded weights are gathered, each rank's RNG state kept); rank 0 writes."""
+        """Every rank calls this (sharded weights are gathered, each rank's RNG state kept); rank 0 writes it
+        into ``<path>.tmp`` with each file's sha256, fsyncs it (a crash must not leave a renamed checkpoint
+        whose data never reached the disk) and renames it into place, keeping the one before as
+        ``<path>.prev`` for a resume that finds the newest damaged."""
         from safetensors.torch import save_file
 
         weights, optimizer_state = masters.state(), masters.optimizer_state(model, optimizer)
@@ -287,11 +295,15 @@ class LoraRecovery:
         torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "torch_rng": rng},
                    tmp / "trainer_state.pt")
         (tmp / "state.json").write_text(json.dumps(state))
-        old = path.with_name(path.name + ".old")
+        (tmp / DIGESTS).write_text(json.dumps({f.name: file_sha256(f) for f in sorted(tmp.iterdir())}))
+        for f in [*tmp.iterdir(), tmp]:
+            _fsync(f)
+        prev = path.with_name(path.name + ".prev")
         if path.exists():
-            os.replace(path, old)
+            shutil.rmtree(prev, ignore_errors=True)
+            os.replace(path, prev)
         os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        _fsync(path.parent)
 
     @staticmethod
     def _load_checkpoint(path: Path, model, masters: MasterWeights, optimizer, scheduler) -> dict:
@@ -305,6 +317,40 @@ class LoraRecovery:
         rng = trainer["torch_rng"]  # one per rank of the run that saved it
         _set_rng_state(rng[distributed.rank() % len(rng)], next(model.parameters()).device)
         return json.loads((path / "state.json").read_text()), best
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    """The step of the checkpoint in ``path`` if it is complete and every file has the sha256 recorded when
+    it was written, else None (logged: a damaged checkpoint is skipped, not loaded)."""
+    try:
+        digests = json.loads((path / DIGESTS).read_text())
+        bad = sorted(CHECKPOINT_FILES - digests.keys()) + [
+            name for name, digest in digests.items() if file_sha256(path / name) != digest]
+        if not bad:
+            return int(json.loads((path / "state.json").read_text())["step"])
+        problem = f"{', '.join(bad)} missing or changed since it was written"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        problem = f"{type(e).__name__}: {e}"
+    log.warning("recovery: checkpoint %s is incomplete or damaged (%s): not resuming from it", path, problem)
+    return None
+
+
+def _latest_checkpoint(path: Path) -> Path | None:
+    """The newest intact checkpoint: ``path``, the one before it (``.prev``), or one that was complete but
+    not yet renamed into place when its writer was killed (``.tmp``); None to start over."""
+    steps = {}
+    for candidate in (path, path.with_name(path.name + ".prev"), path.with_name(path.name + ".tmp")):
+        if candidate.is_dir() and (step := _checkpoint_step(candidate)) is not None:
+            steps[candidate] = step
+    return max(steps, key=steps.get, default=None)
 
 
 def _rng_state(device: torch.device) -> dict:

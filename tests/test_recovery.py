@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import shutil
 
 import pytest
 import torch
@@ -286,3 +289,84 @@ def test_eager_and_sdpa_attention_give_the_same_training_loss_in_bf16():
         grads[impl] = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
     assert losses["eager"] == pytest.approx(losses["sdpa"], rel=1e-2)
     assert torch.nn.functional.cosine_similarity(grads["eager"], grads["sdpa"], dim=0) > 0.999
+
+
+# ------------------------------------------------------------------ damaged checkpoints (issue #30)
+
+
+def _crashed_run(tmp_path, monkeypatch, crash_at: int):
+    """A run killed in its optimizer step ``crash_at``: checkpoints of steps crash_at - 1 (``checkpoint``) and
+    crash_at - 2 (``checkpoint.prev``) are left in ``tmp_path / "crash"``."""
+    original = LoraRecovery._optimizer_step
+    calls = {"n": 0}
+
+    def crash(self, *args):
+        calls["n"] += 1
+        if calls["n"] == crash_at:
+            raise KeyboardInterrupt("killed")
+        return original(self, *args)
+
+    monkeypatch.setattr(LoraRecovery, "_optimizer_step", crash)
+    model, tok = tiny_llama()
+    with pytest.raises(KeyboardInterrupt):
+        recovery(epochs=3).recover(model, tok, SAMPLES, tmp_path / "crash")
+    monkeypatch.setattr(LoraRecovery, "_optimizer_step", original)
+    return tmp_path / "crash"
+
+
+def _flip_middle_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, resumed_at", [
+    ("flip the newest", 2), ("truncate the newest", 2), ("both damaged", None), ("killed between renames", 3)])
+def test_a_damaged_checkpoint_is_skipped_and_the_run_ends_as_an_uninterrupted_one(tmp_path, monkeypatch, caplog,
+                                                                                  damage, resumed_at):
+    """A damaged newest checkpoint (SafetensorError on every rerun before) is logged and the one before it
+    resumed; with none intact the run starts over; one complete but not renamed into place is taken."""
+    import logging
+
+    model, tok = tiny_llama()
+    clean, _ = recovery(epochs=3).recover(model, tok, SAMPLES, tmp_path / "clean")
+    work = _crashed_run(tmp_path, monkeypatch, crash_at=4)
+    newest, before = work / "checkpoint", work / "checkpoint.prev"
+    assert json.loads((newest / "state.json").read_text())["step"] == 3
+    assert json.loads((before / "state.json").read_text())["step"] == 2
+    if damage == "flip the newest":
+        _flip_middle_byte(newest / "adapter.safetensors")
+    elif damage == "truncate the newest":
+        (newest / "adapter.safetensors").write_bytes((newest / "adapter.safetensors").read_bytes()[:100])
+    elif damage == "both damaged":
+        _flip_middle_byte(newest / "trainer_state.pt")
+        (before / "state.json").unlink()
+    else:  # killed after the newest was moved aside as .prev, before the new one was renamed into place
+        shutil.rmtree(before)
+        os.replace(newest, before.with_name("checkpoint.tmp"))
+    model, tok = tiny_llama()
+    with caplog.at_level(logging.INFO, logger="paser.recovery"):
+        resumed, report = recovery(epochs=3).recover(model, tok, SAMPLES, work)
+    if resumed_at is None:
+        assert "recovery: resuming" not in caplog.text
+    else:
+        assert f"at step {resumed_at}/6" in caplog.text
+    assert ("incomplete or damaged" in caplog.text) == damage.startswith(("flip", "truncate", "both"))
+    got, expected = trainable(resumed), trainable(clean)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    assert [p["step"] for p in report["loss_curve"]] == list(range(1, 7))
+
+
+def test_checkpoint_files_reach_the_disk_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    synced, renamed = [], []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (renamed.append((str(a), str(b), len(synced))), replace(a, b))[1])
+    model, tok = tiny_llama()
+    recovery(epochs=1, batch_size=4).recover(model, tok, SAMPLES, tmp_path)  # one checkpoint, after step 1
+    tmp = str(tmp_path / "checkpoint.tmp")
+    (src, dst, synced_before), = [r for r in renamed if r[0] == tmp]
+    assert dst == str(tmp_path / "checkpoint")
+    names = {"adapter.safetensors", "trainer_state.pt", "state.json", "digests.json"}
+    assert {os.path.basename(p) for p in synced[:synced_before] if os.path.dirname(p) == tmp} == names
+    assert tmp in synced[:synced_before] and str(tmp_path) in synced[synced_before:]
