@@ -2,7 +2,7 @@
 evaluation/, and are built from the Hydra config through ``_target_``.
 
     Pruner.prune(model, calib) -> report                     (modifies the model in place)
-    Selector.select(pool, budget, ctx) -> Selection
+    Selector.select(pool, budget, ctx) -> Selection         (budget: paser.budget.Budget, samples or tokens)
     Recovery.recover(model, tokenizer, samples, workdir) -> (model, report)
     Evaluator.evaluate(model, tokenizer) -> metrics
 
@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from paser import tracking
+from paser.budget import Budget
 from paser.data import Pool
 
 DEFAULTS = {"neutral_knobs": (), "needs_calibration": False, "changes_model": True, "uses_budget": True,
@@ -174,7 +175,10 @@ class Selector(Protocol):
     uses_budget: bool
     uses_scoring: bool
 
-    def select(self, pool: Pool, budget: int, ctx: SelectionContext) -> Selection: ...
+    def select(self, pool: Pool, budget: Budget, ctx: SelectionContext) -> Selection:
+        """Indices into ``pool`` (the candidates: the pool without recovery's validation rows) whose cost
+        is at most ``budget.size`` (``budget.fill(ranking)`` walks a ranking); unless the selector declares
+        ``uses_budget = False``."""
 
 
 class Recovery(Protocol):

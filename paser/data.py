@@ -50,12 +50,34 @@ class Pool:
     rows: list[dict]
     source: str
     fingerprint: str  # content hash: caches keyed on the pool survive renames and moves
+    origin: tuple[int, ...] | None = None  # the rows' indices in the pool they were taken from (hold_out)
 
     def __len__(self) -> int:
         return len(self.rows)
 
+    @property
+    def positions(self):
+        """Index of each row in the pool it comes from (its own index for a pool that was not split)."""
+        return self.origin if self.origin is not None else range(len(self.rows))
+
     def subset(self, indices) -> list[dict]:
         return [self.rows[i] for i in indices]
+
+
+def hold_out(pool: Pool, size: int, seed: int) -> tuple[Pool, list[int]]:
+    """(candidates, held-out indices): ``size`` rows drawn from the pool by ``seed`` alone and kept out of
+    the candidates. Drawn before any selector runs, the held-out rows (recovery's validation set) are the
+    same for every selector and run seed of a comparison, so validation curves compare across rows."""
+    if size <= 0:
+        return pool, []
+    if size >= len(pool):
+        raise ConfigError(f"recovery.val_size={size} leaves no candidates: the pool has {len(pool)} samples; "
+                          "lower recovery.val_size")
+    held = sorted(random.Random(seed).sample(range(len(pool)), size))
+    kept = sorted(set(range(len(pool))) - set(held))
+    rows = [pool.rows[i] for i in kept]
+    return Pool(rows=rows, source=f"{pool.source} without {size} validation rows (seed {seed})",
+                fingerprint=_fingerprint(rows), origin=tuple(kept)), held
 
 
 def _fingerprint(rows: list[dict]) -> str:
@@ -161,21 +183,6 @@ def pool_from_config(path: str | None = None, hub_id: str | None = None, split: 
         raise ConfigError(f"data.path is not set{f' (data={name})' if name else ''}: add data.path=<a JSONL "
                           "file of {instruction, input, output} rows>")
     return load_pool(path, hub_id, split, subsample, subsample_seed, field_map=field_map)
-
-
-def resolve_budget(budget: float, pool_size: int) -> int:
-    """A budget is a count (int >= 1) or a fraction of the pool (0 < float <= 1)."""
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
-        raise ConfigError(f"budget must be a count or a fraction of the pool, got {budget!r}")
-    if budget <= 0:
-        raise ConfigError(f"budget={budget} must be > 0 (a count, or a fraction in (0, 1])")
-    if isinstance(budget, float) and budget <= 1.0:
-        return max(1, int(budget * pool_size))
-    if budget != int(budget):
-        raise ConfigError(f"budget={budget} is neither a fraction in (0, 1] nor a whole count")
-    if budget > pool_size:
-        raise ConfigError(f"budget={int(budget)} is larger than the pool ({pool_size} samples)")
-    return int(budget)
 
 
 @dataclass(frozen=True)

@@ -27,9 +27,10 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 from paser import distributed
+from paser.budget import Budget, check_unit, resolve_budget
 from paser.cache import StageCache, config_hash, library_versions, to_plain
 from paser.components import Selection, SelectionContext, declared, environment, evaluate_all
-from paser.data import Pool, calibration_recipe, calibration_set, resolve_budget
+from paser.data import Pool, calibration_recipe, calibration_set, encode_pool, hold_out
 from paser.embedding import load_embedder
 from paser.errors import ConfigError, DataError, PaserError
 from paser.fingerprint import code_version, file_fingerprint
@@ -141,8 +142,11 @@ class Components:
     selector: object
     recovery: object | None
     evaluators: dict
-    pool: Pool
-    budget: int
+    pool: Pool               # all of D
+    candidates: Pool         # D without the validation rows: what the selector chooses from
+    validation: list[int]    # indices into D of recovery's validation set, one draw for every selector and seed
+    budget: int | None       # the sample budget; None with budget_unit=tokens (resolved by Run.budget)
+    budget_unit: str
 
 
 def check_lengths(cfg: DictConfig) -> None:
@@ -160,13 +164,28 @@ def build_components(cfg: DictConfig) -> Components:
     check_lengths(cfg)
     pool = _instantiate(cfg.data)  # paser.data.pool_from_config (conf/data/jsonl.yaml)
     recovery = _instantiate(cfg.recovery) if cfg.recovery.get("_target_") else None
+    candidates, validation = hold_out(pool, getattr(recovery, "val_size", 0), getattr(recovery, "val_seed", 0))
+    unit = check_unit(cfg.get("budget_unit", "samples"))
+    if unit == "samples":
+        budget = resolve_budget(cfg.budget, len(pool))
+        if budget > len(candidates):
+            raise ConfigError(f"budget={cfg.budget} asks for {budget} samples, but only {len(candidates)} of the "
+                              f"{len(pool)} are candidates (recovery.val_size={len(validation)} are held out for "
+                              "validation); lower the budget or recovery.val_size, or use selector=full")
+    else:
+        budget = None
+        resolve_budget(cfg.budget, 2**62, unit)  # its form: the token total needs the tokenizer (Run.budget)
     return Components(
         pruner=_instantiate(cfg.pruner, drop=("calibration",)),
         selector=_instantiate(cfg.selector),
         recovery=recovery,
         evaluators={kind: _instantiate(node) for kind, node in cfg.evaluator.items() if node is not None},
-        pool=pool,
-        budget=resolve_budget(cfg.budget, len(pool)))
+        pool=pool, candidates=candidates, validation=validation, budget=budget, budget_unit=unit)
+
+
+def trained_cutoff(cfg: DictConfig) -> int:
+    """The token cutoff a sample is trained at: what a token budget counts."""
+    return int(OmegaConf.select(cfg, "recovery.cutoff") or cfg.scoring.cutoff)
 
 
 # ---------------------------------------------------------------------------------------- cache keys
@@ -224,10 +243,12 @@ class Keys:
                       "code": code_version(type(p))}
         pruned = {**model, "pruner": pruner} if pruner else model
         s = parts.selector
-        selection = {"state": pruned, "pool": parts.pool.fingerprint,
+        budget = parts.budget if parts.budget_unit == "samples" else \
+            {"unit": "tokens", "value": cfg.budget, "cutoff": trained_cutoff(cfg), "code": code_version(encode_pool)}
+        selection = {"state": pruned, "pool": parts.candidates.fingerprint,
                      "selector": knobs(cfg.selector, declared(s, "neutral_knobs")),
                      "environment": environment(s), "files": input_files(s),
-                     "budget": parts.budget if declared(s, "uses_budget") else None,
+                     "budget": budget if declared(s, "uses_budget") else None,
                      "seed": cfg.seed,
                      "scoring": knobs(cfg.scoring, SCORING_NEUTRAL_KNOBS) if declared(s, "uses_scoring") else None,
                      "code": code_version(type(s))}
@@ -386,21 +407,38 @@ class Run:
             cutoff=cfg.scoring.cutoff, batch_size=cfg.scoring.batch_size, device=self.device,
             world_size=distributed.world_size(),
             cache_key={"model": config_hash(self.keys.model), "pruner": config_hash(self.keys.pruner),
-                       "pool": self.parts.pool.fingerprint})
+                       "pool": self.parts.candidates.fingerprint})
+
+    @functools.cached_property
+    def budget(self) -> Budget:
+        """The selection budget over the candidates: a count, or tokens at the trained cutoff (which needs the
+        tokenizer, so it is resolved here rather than in build_components)."""
+        parts = self.parts
+        if parts.budget_unit == "samples":
+            return Budget.samples(parts.budget)
+        tokens = [len(e.input_ids) for e in encode_pool(self.models.tok(), parts.candidates.rows,
+                                                         trained_cutoff(self.cfg))]
+        return Budget.tokens(resolve_budget(self.cfg.budget, sum(tokens), "tokens"), tokens)
 
     def select(self, pruned_fn) -> tuple[dict, list[str]]:
-        """(selection record, names of the selector's files written into the run folder)."""
-        pool, budget, selector = self.parts.pool, self.parts.budget, self.parts.selector
+        """(selection record, names of the selector's files written into the run folder). The record's
+        indices are into the pool D (the selector's own are into the candidates)."""
+        parts, selector = self.parts, self.parts.selector
 
         def compute():
-            selection: Selection = selector.select(pool, budget, self.selection_context(pruned_fn))
+            budget, candidates = self.budget, parts.candidates
+            selection: Selection = selector.select(candidates, budget, self.selection_context(pruned_fn))
             # checked before anything is stored: an over-budget selection must not be cached
-            if declared(selector, "uses_budget") and len(selection.indices) > budget:
-                raise RuntimeError(f"selector returned {len(selection.indices)} samples for a budget of {budget}")
-            record = {"indices": [int(i) for i in selection.indices], "budget": budget,
-                      "pool_size": len(pool), "pool_source": pool.source,
-                      "pool_fingerprint": pool.fingerprint, "environment": self.keys.selection["environment"],
-                      "diagnostics": selection.diagnostics, "stats": selection_stats(pool.rows, selection.indices)}
+            if declared(selector, "uses_budget") and budget.cost(selection.indices) > budget.size:
+                raise RuntimeError(f"selector returned {budget.cost(selection.indices)} {budget.unit} for a "
+                                   f"budget of {budget}")
+            indices = [candidates.positions[i] for i in selection.indices]
+            record = {"indices": indices, "budget": budget.key(),
+                      "pool_size": len(parts.pool), "candidates": len(candidates),
+                      "validation_indices": parts.validation, "pool_source": parts.pool.source,
+                      "pool_fingerprint": parts.pool.fingerprint, "environment": self.keys.selection["environment"],
+                      "diagnostics": selection.diagnostics,
+                      "stats": selection_stats(parts.pool.rows, indices, self.models.tok(), trained_cutoff(self.cfg))}
             return record, selection.artifacts
 
         def save(value, d: Path):
@@ -427,9 +465,8 @@ class Run:
         if self.parts.recovery is None:
             return None, None
         key = self.keys.adapter
-        train, val, val_source = validation_split(len(self.parts.pool), selection["indices"],
-                                                  getattr(self.parts.recovery, "val_size", 0), self.cfg.seed)
-        samples, val_samples = self.parts.pool.subset(train), self.parts.pool.subset(val)
+        samples = self.parts.pool.subset(selection["indices"])
+        val_samples = self.parts.pool.subset(self.parts.validation)
         # checkpoints live beside the entry until it is stored: a rerun finds and resumes them
         workdir = self.cache.entry_dir("adapter", key).with_suffix(".work")
         box = {}
@@ -438,7 +475,7 @@ class Run:
             model, report = self.parts.recovery.recover(pruned_fn(), self.models.tok(), samples, workdir,
                                                         val_samples=val_samples)
             box["model"] = model
-            return {**report, "val_source": val_source}
+            return report
 
         def save(report, d: Path):
             box["model"].save_pretrained(d / "adapter")
@@ -488,29 +525,6 @@ class Run:
         return self.prune()
 
 
-def validation_split(pool_size: int, selected: list[int], val_size: int, seed: int) \
-        -> tuple[list[int], list[int], str]:
-    """(training indices, validation indices, where the validation samples came from).
-
-    The validation samples are a seeded draw from the pool *outside* the selection, so that every selector
-    trains on its full budget and is validated on data it did not choose. When the pool has fewer samples
-    left than ``val_size`` (``full`` selects everything), they are held out of the selection instead, as
-    the reference recipe splits its training data; the report says which.
-    """
-    if val_size <= 0:
-        return list(selected), [], "none"
-    rng = np.random.default_rng(seed)
-    chosen = set(selected)
-    rest = [i for i in range(pool_size) if i not in chosen]
-    if len(rest) >= val_size:
-        return list(selected), sorted(rng.choice(rest, val_size, replace=False).tolist()), "pool outside the selection"
-    if len(selected) <= val_size:
-        raise ConfigError(f"recovery.val_size={val_size} leaves nothing to train on: the pool has {pool_size} "
-                          f"samples and the selection {len(selected)}; lower recovery.val_size")
-    val = set(rng.choice(list(selected), val_size, replace=False).tolist())
-    return [i for i in selected if i not in val], sorted(val), "held out of the selection"
-
-
 def write_files(folder: Path, files: dict[str, bytes]) -> None:
     """Write a selector's artifacts (file name -> bytes) into ``folder``; names are plain file names."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -536,12 +550,19 @@ def _count_diff(before: dict, after: dict) -> dict:
     return out
 
 
-def selection_stats(rows: list[dict], indices) -> dict:
+def selection_stats(rows: list[dict], indices, tokenizer, cutoff: int) -> dict:
+    """Size of the selection: samples, characters per field against the pool's, and the tokens trained on
+    (templated prompt and response at the cutoff, summed; samples the cutoff truncates)."""
     def mean_len(items, field):
         return float(np.mean([len(r[field]) for r in items])) if items else 0.0
 
     chosen = [rows[i] for i in indices]
+    encoded = encode_pool(tokenizer, chosen, cutoff) if chosen else []
+    prompt = sum(e.prompt_len for e in encoded)
     return {"selected": len(chosen),
+            "tokens": {"total": sum(len(e.input_ids) for e in encoded), "prompt": prompt,
+                       "response": sum(len(e.input_ids) for e in encoded) - prompt,
+                       "truncated_samples": sum(e.truncated for e in encoded), "cutoff": cutoff},
             **{f"mean_chars_{f}_selected": mean_len(chosen, f) for f in ("instruction", "input", "output")},
             **{f"mean_chars_{f}_pool": mean_len(rows, f) for f in ("instruction", "input", "output")},
             "with_input_fraction_selected": float(np.mean([bool(r["input"]) for r in chosen])) if chosen else 0.0}

@@ -57,7 +57,7 @@ class LoraRecovery:
                  lr: float = 1e-4, epochs: int = 2, batch_size: int = 64, micro_batch_size: int = 4,
                  cutoff: int = 256, warmup_steps: int = 100, weight_decay: float = 0.0,
                  dtype: str = "bfloat16", checkpoint_every: int = 10, seed: int = 0, val_size: int = 2000,
-                 eval_every: int = 100, keep: str = "best", fsdp: bool = False):
+                 val_seed: int = 0, eval_every: int = 100, keep: str = "best", fsdp: bool = False):
         if dtype == "float16":
             raise ConfigError("recovery.dtype=float16 is refused: LLaMA-family models overflow to NaN in "
                               "fp16 training; use bfloat16 (or float32)")
@@ -72,7 +72,8 @@ class LoraRecovery:
             raise ConfigError("recovery.keep=best needs a validation set: set recovery.val_size > 0")
         if val_size < 0 or eval_every < 0:
             raise ConfigError(f"recovery.val_size ({val_size}) and recovery.eval_every ({eval_every}) must be >= 0")
-        self.val_size, self.eval_every, self.keep = int(val_size), int(eval_every), keep
+        # the validation rows are drawn from the pool by val_seed alone, before selection (paser.data.hold_out)
+        self.val_size, self.val_seed, self.eval_every, self.keep = int(val_size), int(val_seed), int(eval_every), keep
         self.r, self.alpha, self.dropout = r, alpha, dropout
         self.target_modules = list(target_modules)
         self.lr, self.epochs, self.weight_decay = lr, epochs, weight_decay

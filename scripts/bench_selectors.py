@@ -37,9 +37,10 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from paser.budget import Budget, resolve_budget
 from paser.cache import StageCache
 from paser.components import SelectionContext
-from paser.data import Pool, load_pool, resolve_budget
+from paser.data import Pool, load_pool
 from paser.embedding import embed_pool, load_embedder
 from paser.models import load_model
 from paser.pruners.magnitude import MagnitudePruner
@@ -149,8 +150,8 @@ def main():
                         fingerprint=f"{pool.fingerprint}-first{args.score_subset}") if subset else pool
         run_budget = max(1, round(budget * len(run_pool) / len(pool)))
         t = time.perf_counter()
-        selection = sel.select(run_pool, run_budget, make_ctx(cache, tok, original, pruned, embedder,
-                                                              pool_key=run_pool.fingerprint))
+        selection = sel.select(run_pool, Budget.samples(run_budget),
+                               make_ctx(cache, tok, original, pruned, embedder, pool_key=run_pool.fingerprint))
         seconds = time.perf_counter() - t
         assert len(selection.indices) <= run_budget
         if subset:

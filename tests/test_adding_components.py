@@ -38,7 +38,7 @@ class LongestSelector:
 
     def select(self, pool, budget, ctx):
         order = sorted(range(len(pool)), key=lambda i: (-len(pool.rows[i]["output"]), i))
-        chosen = sorted(order[:budget])
+        chosen = sorted(budget.fill(order).tolist())  # the longest prefix that fits, samples or tokens
         return Selection(indices=chosen, diagnostics={"rule": "longest output"},
                          artifacts={"chosen.txt": " ".join(map(str, chosen)).encode()})
 

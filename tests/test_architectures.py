@@ -24,6 +24,7 @@ import pytest
 import torch
 from torch import nn
 
+from paser.budget import Budget
 from paser.errors import ConfigError
 from paser.models import decoder_layers, layer_shapes, load_saved, save_model, tiny_tokenizer
 from paser.pruners.common import prunable_weights
@@ -526,7 +527,7 @@ def test_every_selector_selects(family, tmp_path):
         "instruction_mining": InstructionMiningSelector(coefficients={"perplexity": 1.0, "output_length": 1e-3}),
     }
     for name, selector in selectors.items():
-        sel = selector.select(pool, 3, ctx)
+        sel = selector.select(pool, Budget.samples(3), ctx)
         assert len(sel.indices) == len(set(sel.indices)) == 3, name
         if name != "paser":  # Nuggets scores only its prefiltered candidates
             assert np.isfinite(sel.scores[sel.indices]).all(), name

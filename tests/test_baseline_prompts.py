@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from paser.budget import Budget
 from paser.errors import ConfigError
 from paser.models import tiny_tokenizer
 from paser.selectors import lm_scores, nuggets
@@ -120,7 +121,7 @@ def test_ifd_options_key_the_cache_apart(tmp_path):
     ctx = make_ctx(tmp_path)
     pool = make_pool()
     options = [{}, {"unconditioned_prefix": ""}, {"truncation": "same_answer"}, {"prompt_format": "alpaca"}]
-    scores = [IFDSelector(**kw).select(pool, 3, ctx).scores for kw in options]
+    scores = [IFDSelector(**kw).select(pool, Budget.samples(3), ctx).scores for kw in options]
     root = tmp_path / "cache" / "scores"
     assert len(list((root / "answer_nll_conditioned").iterdir())) == 2  # one per template
     assert len(list((root / "answer_nll_unconditioned").iterdir())) == 4
@@ -219,7 +220,7 @@ def test_nuggets_options_key_the_cache_apart(tmp_path):
     ctx = make_ctx(tmp_path)
     pool = make_pool()
     for kw in ({}, {"separator": "\n\n"}, {"zero_shot_bos": True}):
-        NuggetsSelector(n_anchors=2, **kw).select(pool, 3, ctx)
+        NuggetsSelector(n_anchors=2, **kw).select(pool, Budget.samples(3), ctx)
     root = tmp_path / "cache" / "scores"
     assert len(list((root / "nuggets_zero_shot").iterdir())) == 2
     assert len(list((root / "nuggets_golden").iterdir())) == 3

@@ -140,7 +140,7 @@ def test_over_budget_selection_is_not_stored(compose_cfg, tmp_path, monkeypatch)
     from paser.components import Selection
     from paser.selectors.basic import RandomSelector
 
-    monkeypatch.setattr(RandomSelector, "select", lambda self, pool, budget, ctx: Selection(list(range(budget + 1))))
+    monkeypatch.setattr(RandomSelector, "select", lambda self, pool, budget, ctx: Selection(list(range(budget.size + 1))))
     with pytest.raises(RuntimeError, match="budget"):
         pipeline.run(compose_cfg(TINY_RUN), run_dir=tmp_path / "r")
     assert not (tmp_path / "cache" / "selection").exists() or not any(

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from paser.budget import resolve_budget
 from paser.data import (
     PROMPT_NO_INPUT,
     alpaca_prompt,
@@ -14,7 +15,6 @@ from paser.data import (
     load_pool,
     pool_from_config,
     ppl_corpus_text,
-    resolve_budget,
 )
 from paser.errors import ConfigError, DataError
 from paser.models import tiny_tokenizer

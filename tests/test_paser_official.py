@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 from scipy.spatial.distance import cdist
 from sklearn.decomposition import NMF
 
+from paser.budget import Budget
 from paser.data import Pool
 from paser.errors import ConfigError
 from paser.selectors.paser import clustering
@@ -125,7 +126,7 @@ def test_paser_official_selects_what_the_official_algorithm_selects(models, tmp_
     rows = make_rows()
     pool = Pool(rows=rows, source="test", fingerprint="official-pool")
     clusters, budgets, expected = official_selection(rows, models, budget=22)
-    sel = official_selector().select(pool, 22, make_ctx(models, tmp_path))
+    sel = official_selector().select(pool, Budget.samples(22), make_ctx(models, tmp_path))
 
     labels = np.load(io.BytesIO(sel.artifacts["paser_samples.npz"]))["labels"]
     present = sorted(set(clusters))  # our labels: the NMF components that hold samples, in id order
@@ -140,9 +141,9 @@ def test_our_defaults_differ_from_the_official_selection(models, tmp_path, nltk_
     """The preset's knobs matter: with our S²RIC path and RAKE the same pool gives another selection."""
     rows = make_rows()
     pool = Pool(rows=rows, source="test", fingerprint="official-pool")
-    official = official_selector().select(pool, 14, make_ctx(models, tmp_path))
+    official = official_selector().select(pool, Budget.samples(14), make_ctx(models, tmp_path))
     ours = official_selector(clustering={"n_components": 4, "n_neighbors": 5}, concepts="rake",
-                             ccg_vertices="concepts").select(pool, 14, make_ctx(models, tmp_path))
+                             ccg_vertices="concepts").select(pool, Budget.samples(14), make_ctx(models, tmp_path))
     assert ours.indices != official.indices
 
 
@@ -163,7 +164,7 @@ def test_pools_too_large_for_the_dense_path_are_refused_before_any_model_runs(mo
     calls: list[str] = []
     rows = make_rows()
     with pytest.raises(ConfigError, match=r"48×48 .*limited to 30 samples.*data.subsample"):
-        official_selector().select(Pool(rows=rows, source="test", fingerprint="p"), 14,
+        official_selector().select(Pool(rows=rows, source="test", fingerprint="p"), Budget.samples(14),
                                    make_ctx(models, tmp_path, calls=calls))
     assert calls == []
 

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from paser.budget import Budget
 from paser.cache import StageCache
 from paser.components import SelectionContext
 from paser.data import Pool
@@ -67,7 +68,7 @@ def small(**clustering) -> dict:
 
 def test_end_to_end_diagnostics_and_files(models, tmp_path):
     pool = make_pool()
-    sel = PaserSelector(**SMALL).select(pool, 12, make_ctx(models, tmp_path))
+    sel = PaserSelector(**SMALL).select(pool, Budget.samples(12), make_ctx(models, tmp_path))
     d = sel.diagnostics
     assert 0 < len(sel.indices) <= 12 and len(set(sel.indices)) == len(sel.indices)
     assert sel.indices == sorted(sel.indices) and max(sel.indices) < len(pool)
@@ -92,32 +93,32 @@ def test_end_to_end_diagnostics_and_files(models, tmp_path):
 def test_same_seed_same_selection_and_cached_scores(models, tmp_path):
     pool = make_pool()
     calls: list[str] = []
-    a = PaserSelector(**SMALL).select(pool, 10, make_ctx(models, tmp_path, calls=calls))
+    a = PaserSelector(**SMALL).select(pool, Budget.samples(10), make_ctx(models, tmp_path, calls=calls))
     assert "original" in calls
     calls.clear()
     # an allocation ablation reuses the cached JSD: no model is touched
-    b = PaserSelector(**small(allocation="equal")).select(pool, 10, make_ctx(models, tmp_path, calls=calls))
+    b = PaserSelector(**small(allocation="equal")).select(pool, Budget.samples(10), make_ctx(models, tmp_path, calls=calls))
     assert calls == [] and np.array_equal(a.scores, b.scores)
-    c = PaserSelector(**SMALL).select(pool, 10, make_ctx(models, tmp_path / "fresh"))
+    c = PaserSelector(**SMALL).select(pool, Budget.samples(10), make_ctx(models, tmp_path / "fresh"))
     assert a.indices == c.indices
 
 
 def test_budget_is_filled_by_default_and_short_with_the_bare_formula(models, tmp_path):
     pool = make_pool()  # three clusters of 12; a budget of 10 floors to 3 per cluster (9)
     kw = {**SMALL, "use_ntm": False}
-    filled = PaserSelector(**kw).select(pool, 10, make_ctx(models, tmp_path))
+    filled = PaserSelector(**kw).select(pool, Budget.samples(10), make_ctx(models, tmp_path))
     assert len(filled.indices) == 10 and filled.diagnostics["unfilled"] == 0
-    bare = PaserSelector(**kw, redistribute=False).select(pool, 10, make_ctx(models, tmp_path))
+    bare = PaserSelector(**kw, redistribute=False).select(pool, Budget.samples(10), make_ctx(models, tmp_path))
     assert sum(c["n_k"] for c in bare.diagnostics["clusters"]) < 10 and len(bare.indices) < 10
 
 
 def test_ablation_switches(models, tmp_path):
     pool = make_pool()
     calls: list[str] = []
-    no_cdais = PaserSelector(**SMALL, use_cdais=False).select(pool, 9, make_ctx(models, tmp_path, calls=calls))
+    no_cdais = PaserSelector(**SMALL, use_cdais=False).select(pool, Budget.samples(9), make_ctx(models, tmp_path, calls=calls))
     assert calls == [] and no_cdais.scores is None  # no model is run
     assert [c["n_k"] for c in no_cdais.diagnostics["clusters"]] == [3, 3, 3]  # by size: 12 each
-    one = PaserSelector(**SMALL, use_s2ric=False, use_ntm=False).select(pool, 9, make_ctx(models, tmp_path))
+    one = PaserSelector(**SMALL, use_s2ric=False, use_ntm=False).select(pool, Budget.samples(9), make_ctx(models, tmp_path))
     assert one.diagnostics["clustering"]["n_clusters"] == 1 and "ccg" not in one.diagnostics
     # no clustering, no NTM: the global top 9 by IES
     arrays = np.load(io.BytesIO(one.artifacts["paser_samples.npz"]))
@@ -125,7 +126,7 @@ def test_ablation_switches(models, tmp_path):
     for kw in (small(reducer="pca"), {**SMALL, "divergence": "kl"},
                {**SMALL, "divergence": "wasserstein", "span": "response"},
                {**small(allocation="sqrt"), "redistribute": True, "cluster_order": "cds"}, small(n_clusters=2)):
-        sel = PaserSelector(**kw).select(pool, 9, make_ctx(models, tmp_path))
+        sel = PaserSelector(**kw).select(pool, Budget.samples(9), make_ctx(models, tmp_path))
         assert 0 < len(sel.indices) <= 9
 
 
@@ -159,6 +160,6 @@ def test_real_smollm_and_minilm(tmp_path):
                            embedder=load_embedder, embedder_name="all-MiniLM-L6-v2", cache=cache,
                            cache_key={"model": "smollm2", "pruner": "mag50", "pool": pool.fingerprint},
                            seed=0, cutoff=128, batch_size=8)
-    sel = PaserSelector(clustering={"n_components": 4, "n_neighbors": 5, "k_range": [2, 8]}).select(pool, 8, ctx)
+    sel = PaserSelector(clustering={"n_components": 4, "n_neighbors": 5, "k_range": [2, 8]}).select(pool, Budget.samples(8), ctx)
     assert 0 < len(sel.indices) <= 8
     assert 0.0 < sel.diagnostics["jsd"]["mean"] < np.log(2)

@@ -201,18 +201,6 @@ def test_keep_best_ends_with_the_lowest_validation_loss(tmp_path):
     assert lowest["step"] != report["steps"]  # lr 0.3 overshoots: best and last differ, the test means something
 
 
-def test_validation_split_sources():
-    from paser.pipeline import validation_split
-
-    train, val, source = validation_split(20, [1, 2, 3], 4, seed=0)
-    assert train == [1, 2, 3] and len(val) == 4 and not set(val) & {1, 2, 3} and source.startswith("pool outside")
-    assert validation_split(20, [1, 2, 3], 4, seed=0)[1] == val  # seeded
-    train, val, source = validation_split(5, list(range(5)), 2, seed=0)  # full selection
-    assert len(train) == 3 and len(val) == 2 and not set(train) & set(val) and source.startswith("held out")
-    with pytest.raises(ConfigError, match="recovery.val_size=5 leaves nothing"):
-        validation_split(5, list(range(5)), 5, seed=0)
-
-
 def test_loss_and_lr_are_logged_live_every_step(tmp_path, live_calls):
     model, tok = tiny_llama()
     _, report = recovery(val_size=2, eval_every=1).recover(model, tok, SAMPLES[2:], tmp_path, SAMPLES[:2])

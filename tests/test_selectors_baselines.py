@@ -15,6 +15,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from paser.budget import Budget
 from paser.cache import StageCache
 from paser.components import SelectionContext
 from paser.data import Pool, alpaca_prompt
@@ -180,7 +181,7 @@ def test_ifd_matches_per_sample_cross_entropy(tmp_path):
     cutoff = 90  # three answers are cut short; the two samples with an input have no answer token left
     ctx = make_ctx(tmp_path, cutoff=cutoff)
     pool = make_pool()
-    sel = IFDSelector(model="pruned").select(pool, 3, ctx)
+    sel = IFDSelector(model="pruned").select(pool, Budget.samples(3), ctx)
     expected = np.array([reference_ifd(ctx.pruned_model, ctx.tokenizer, r, cutoff)[0] for r in pool.rows])
     np.testing.assert_allclose(sel.scores, expected, rtol=1e-4, equal_nan=True)
     eligible = [i for i in range(len(pool)) if expected[i] <= 1]
@@ -199,12 +200,12 @@ def test_ifd_original_model_and_prefix_change_scores(tmp_path):
 
     ctx = make_ctx(tmp_path)
     pool = make_pool()
-    pruned = IFDSelector(model="pruned").select(pool, 3, ctx).scores
-    original = IFDSelector(model="original").select(pool, 3, ctx).scores
+    pruned = IFDSelector(model="pruned").select(pool, Budget.samples(3), ctx).scores
+    original = IFDSelector(model="original").select(pool, Budget.samples(3), ctx).scores
     expected = [reference_ifd(ctx.original_model, ctx.tokenizer, r, ctx.cutoff)[0] for r in pool.rows]
     np.testing.assert_allclose(original, expected, rtol=1e-4, equal_nan=True)
     assert not np.allclose(pruned, original)
-    bare = IFDSelector(unconditioned_prefix="").select(pool, 3, ctx).scores  # the paper's s(answer)
+    bare = IFDSelector(unconditioned_prefix="").select(pool, Budget.samples(3), ctx).scores  # the paper's s(answer)
     expected = [reference_ifd(ctx.pruned_model, ctx.tokenizer, r, ctx.cutoff, direct_prefix="")[0] for r in pool.rows]
     np.testing.assert_allclose(bare, expected, rtol=1e-4, equal_nan=True)
     assert not np.allclose(pruned, bare)
@@ -217,10 +218,10 @@ def test_ifd_our_template_and_truncation_option(tmp_path, prefix):
     cutoff = 90
     ctx = make_ctx(tmp_path, cutoff=cutoff)
     pool = make_pool()
-    sel = IFDSelector(prompt_format="alpaca", truncation="same_answer", unconditioned_prefix=prefix).select(pool, 3, ctx)
+    sel = IFDSelector(prompt_format="alpaca", truncation="same_answer", unconditioned_prefix=prefix).select(pool, Budget.samples(3), ctx)
     expected = [reference_ifd_ours(ctx.pruned_model, ctx.tokenizer, r, cutoff, prefix)[0] for r in pool.rows]
     np.testing.assert_allclose(sel.scores, expected, rtol=1e-4, equal_nan=True)
-    cherry = IFDSelector().select(pool, 3, ctx).scores  # the same cache: the options must key apart
+    cherry = IFDSelector().select(pool, Budget.samples(3), ctx).scores  # the same cache: the options must key apart
     assert not np.allclose(sel.scores, cherry, equal_nan=True)
 
 
@@ -228,12 +229,12 @@ def test_ifd_deterministic_and_cached(tmp_path):
     from paser.selectors.ifd import IFDSelector
 
     pool = make_pool()
-    first = IFDSelector().select(pool, 4, make_ctx(tmp_path / "a"))
-    again = IFDSelector().select(pool, 4, make_ctx(tmp_path / "b"))
+    first = IFDSelector().select(pool, Budget.samples(4), make_ctx(tmp_path / "a"))
+    again = IFDSelector().select(pool, Budget.samples(4), make_ctx(tmp_path / "b"))
     assert first.indices == again.indices and len(first.indices) == 4
     ctx = make_ctx(tmp_path / "a")
     ctx._factories["pruned_model"] = lambda: pytest.fail("cached scores must not load the model")
-    assert IFDSelector().select(pool, 4, ctx).indices == first.indices
+    assert IFDSelector().select(pool, Budget.samples(4), ctx).indices == first.indices
 
 
 def test_ifd_bad_config():
@@ -298,7 +299,7 @@ def test_nuggets_two_anchor_golden_scores(tmp_path, reuse_prefix_kv, separator, 
     ctx = make_ctx(tmp_path, embedder=StubEmbedder(TWO_GROUPS))
     pool = make_pool()
     sel = NuggetsSelector(n_anchors=2, reuse_prefix_kv=reuse_prefix_kv, separator=separator,
-                          zero_shot_bos=zero_shot_bos).select(pool, 4, ctx)
+                          zero_shot_bos=zero_shot_bos).select(pool, Budget.samples(4), ctx)
     anchors = sel.diagnostics["anchors"]
     # the sample nearest each group's mean: rows 2..3 of the first group (0.25 away), rows 8..9 of the other
     assert sorted(anchors) in ([2, 8], [2, 9], [3, 8], [3, 9])
@@ -315,7 +316,7 @@ def test_nuggets_resumes_after_interruption(tmp_path, monkeypatch):
     from paser.selectors import nuggets
 
     pool = make_pool(ROWS[:8])
-    full = nuggets.NuggetsSelector(n_anchors=2, chunk_size=3).select(pool, 3, make_ctx(tmp_path / "ref"))
+    full = nuggets.NuggetsSelector(n_anchors=2, chunk_size=3).select(pool, Budget.samples(3), make_ctx(tmp_path / "ref"))
     calls, fail = [], [True]
     real = nuggets.golden_scores
 
@@ -331,9 +332,9 @@ def test_nuggets_resumes_after_interruption(tmp_path, monkeypatch):
 
     monkeypatch.setattr(nuggets, "golden_scores", flaky)
     with pytest.raises(Killed):
-        nuggets.NuggetsSelector(n_anchors=2, chunk_size=3).select(pool, 3, make_ctx(tmp_path / "run"))
+        nuggets.NuggetsSelector(n_anchors=2, chunk_size=3).select(pool, Budget.samples(3), make_ctx(tmp_path / "run"))
     calls.clear()
-    resumed = nuggets.NuggetsSelector(n_anchors=2, chunk_size=3).select(pool, 3, make_ctx(tmp_path / "run"))
+    resumed = nuggets.NuggetsSelector(n_anchors=2, chunk_size=3).select(pool, Budget.samples(3), make_ctx(tmp_path / "run"))
     assert calls == [3, 2]  # the first chunk of 3 candidates came from disk
     np.testing.assert_array_equal(resumed.scores, full.scores)
     assert resumed.indices == full.indices
@@ -343,8 +344,8 @@ def test_nuggets_diagnostics_equal_cold_and_warm(tmp_path):
     from paser.selectors.nuggets import NuggetsSelector
 
     ctx = make_ctx(tmp_path)
-    cold = NuggetsSelector(n_anchors=2, chunk_size=4).select(make_pool(), 3, ctx)
-    warm = NuggetsSelector(n_anchors=2, chunk_size=4).select(make_pool(), 3, ctx)  # every score from the cache
+    cold = NuggetsSelector(n_anchors=2, chunk_size=4).select(make_pool(), Budget.samples(3), ctx)
+    warm = NuggetsSelector(n_anchors=2, chunk_size=4).select(make_pool(), Budget.samples(3), ctx)  # every score from the cache
 
     def untimed(diag):
         return {k: v for k, v in diag.items() if k != "time_s"}
@@ -360,13 +361,13 @@ def test_nuggets_prefilter_is_the_cheap_mode(tmp_path):
     picked = stratified_prefilter(labels, 4, seed=0)
     assert len(set(picked.tolist())) == 4 and np.bincount(labels[picked]).tolist() == [2, 1, 1]
     pool = make_pool()
-    sel = NuggetsSelector(n_anchors=2, prefilter=6).select(pool, 3, make_ctx(tmp_path))
+    sel = NuggetsSelector(n_anchors=2, prefilter=6).select(pool, Budget.samples(3), make_ctx(tmp_path))
     assert np.isfinite(sel.scores).sum() == 6 and len(sel.indices) == 3
     assert all(np.isfinite(sel.scores[i]) for i in sel.indices)
     with pytest.raises(ConfigError, match="prefilter"):
-        NuggetsSelector(n_anchors=2, prefilter=2).select(pool, 3, make_ctx(tmp_path))
+        NuggetsSelector(n_anchors=2, prefilter=2).select(pool, Budget.samples(3), make_ctx(tmp_path))
     with pytest.raises(ConfigError, match="n_anchors"):
-        NuggetsSelector(n_anchors=50).select(pool, 3, make_ctx(tmp_path))
+        NuggetsSelector(n_anchors=50).select(pool, Budget.samples(3), make_ctx(tmp_path))
     with pytest.raises(ConfigError, match="prompt_format"):
         NuggetsSelector(prompt_format="chatml")
     with pytest.raises(ConfigError, match="selector.separator=3 must be a string"):
@@ -385,7 +386,7 @@ def test_instruction_mining_linear_rule_on_fixed_indicators(tmp_path, monkeypatc
     monkeypatch.setitem(im.INDICATORS, "fixed_a", lambda sel, pool, ctx: a)
     monkeypatch.setitem(im.INDICATORS, "fixed_b", lambda sel, pool, ctx: b)
     sel = im.InstructionMiningSelector(coefficients={"fixed_a": 0.5, "fixed_b": -1.0, "unused": 0},
-                                       intercept=2.0).select(make_pool(), 3, make_ctx(tmp_path))
+                                       intercept=2.0).select(make_pool(), Budget.samples(3), make_ctx(tmp_path))
     predicted = 2.0 + 0.5 * a - b                  # [-3, 2.5, 3, ..., 7.5, -2.5]
     np.testing.assert_allclose(sel.scores, predicted)
     assert sel.indices == [0, 1, 11]               # the three lowest predicted losses: -3, -2.5, 2.5
@@ -399,7 +400,7 @@ def test_instruction_mining_module_indicator(tmp_path, monkeypatch):
         "import numpy as np\ndef minus_index(pool, ctx):\n    return -np.arange(len(pool), dtype=float)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     sel = InstructionMiningSelector(coefficients={"my_indicators:minus_index": 1.0}).select(
-        make_pool(), 2, make_ctx(tmp_path))
+        make_pool(), Budget.samples(2), make_ctx(tmp_path))
     assert sel.indices == [10, 11]
 
 
@@ -421,7 +422,7 @@ def test_instruction_mining_paper_rule_offline_skips_reward(tmp_path, caplog):
     ctx = make_ctx(tmp_path)
     pool = make_pool()
     with caplog.at_level(logging.WARNING):
-        sel = InstructionMiningSelector(reward_model=str(tmp_path / "no-such-reward-model")).select(pool, 4, ctx)
+        sel = InstructionMiningSelector(reward_model=str(tmp_path / "no-such-reward-model")).select(pool, Budget.samples(4), ctx)
     assert "reward" in sel.diagnostics["skipped_indicators"] and "skipping indicator 'reward'" in caplog.text
     emb = StubEmbedder().encode([r["instruction"] + (f"\n{r['input']}" if r["input"] else "") for r in pool.rows])
     out_len = np.array([len(ctx.tokenizer(r["output"], add_special_tokens=False)["input_ids"]) for r in pool.rows])
@@ -440,14 +441,14 @@ def test_instruction_mining_without_reward_model_is_another_method(tmp_path, mon
     monkeypatch.setattr(im, "reward_unavailable", lambda model_id: checks.append(model_id) or real(model_id))
     offline = im.InstructionMiningSelector()  # the paper's rule, with its hub reward model
     assert offline.environment() == {"method": "instruction_mining_no_reward", "reward_term": False}
-    sel = offline.select(make_pool(), 4, make_ctx(tmp_path))
+    sel = offline.select(make_pool(), Budget.samples(4), make_ctx(tmp_path))
     assert sel.diagnostics["method"] == "instruction_mining_no_reward" and "reward" in sel.diagnostics["skipped_indicators"]
     assert len(checks) == 1  # decided once: the key and the scores agree
     assert im.InstructionMiningSelector(coefficients={"knn6": -1.0}).environment() == {}
     local = im.InstructionMiningSelector(reward_model=str(tmp_path))  # a local folder: used, not checked further
     assert local.environment() == {"method": "instruction_mining", "reward_term": True}
     with pytest.raises(RuntimeError, match="could not load reward model"):  # never silently without it
-        local.select(make_pool(), 4, make_ctx(tmp_path))
+        local.select(make_pool(), Budget.samples(4), make_ctx(tmp_path))
 
 
 def test_instruction_mining_perplexity_shares_ifd_cache(tmp_path):
@@ -456,13 +457,13 @@ def test_instruction_mining_perplexity_shares_ifd_cache(tmp_path):
 
     ctx = make_ctx(tmp_path)
     pool = make_pool()
-    sel = InstructionMiningSelector(coefficients={"perplexity": 1.0}, intercept=0.0).select(pool, 3, ctx)
+    sel = InstructionMiningSelector(coefficients={"perplexity": 1.0}, intercept=0.0).select(pool, Budget.samples(3), ctx)
     cond = np.array([reference_ifd_ours(ctx.pruned_model, ctx.tokenizer, r, ctx.cutoff)[1] for r in pool.rows])
     np.testing.assert_allclose(sel.scores, np.exp(cond), rtol=1e-4)
     entries = tmp_path / "cache" / "scores" / "answer_nll_conditioned"
-    IFDSelector(prompt_format="alpaca").select(pool, 3, ctx)  # the same template: the same array
+    IFDSelector(prompt_format="alpaca").select(pool, Budget.samples(3), ctx)  # the same template: the same array
     assert len(list(entries.iterdir())) == 1
-    IFDSelector().select(pool, 3, ctx)  # Cherry's template: its own
+    IFDSelector().select(pool, Budget.samples(3), ctx)  # Cherry's template: its own
     assert len(list(entries.iterdir())) == 2
 
 
@@ -489,7 +490,7 @@ def test_select_within_clusters_respects_allotments():
 
     labels = np.array([0, 0, 0, 0, 0, 0, 1, 1, 1, 2, 2, 2])
     key = np.array([5, 4, 3, 2, 1, 0, 9, np.nan, 7, 1, 2, 3], dtype=float)
-    idx, info = select_within_clusters(key, labels, 6)
+    idx, info = select_within_clusters(key, labels, Budget.samples(6))
     # weights = cluster sizes 6:3:3 -> floor(3, 1.5, 1.5) = 3, 1, 1; the leftover slot goes to the largest
     # fractional share (cluster 0, the largest weight)
     n_k = allocate_budget(np.array([6.0, 3, 3]), np.array([6, 2, 3]), 6, redistribute=True)
@@ -498,7 +499,7 @@ def test_select_within_clusters_respects_allotments():
     assert [info["per_cluster"][str(c)]["selected"] for c in range(3)] == n_k.tolist()
     assert info["topped_up"] == 0
     # a cluster without enough eligible samples gives its share to the others
-    idx, info = select_within_clusters(key, labels, 11)
+    idx, info = select_within_clusters(key, labels, Budget.samples(11))
     assert len(idx) == 11 and 7 not in idx.tolist()
 
 
@@ -533,7 +534,7 @@ def test_hybrids_pick_top_scored_inside_s2ric_clusters(tmp_path, monkeypatch, na
     if name == "instruction_mining":
         cfg.reward_model = None
     selector = hydra.utils.instantiate(cfg)
-    sel = selector.select(make_pool(), 6, make_ctx(tmp_path))
+    sel = selector.select(make_pool(), Budget.samples(6), make_ctx(tmp_path))
     assert seen["reducer"] == "diffusion" and seen["n_components"] == 16 and seen["n_neighbors"] == 10
     info = sel.diagnostics["clustering"]
     assert len(sel.indices) == 6 and info["n_clusters"] == 3
@@ -555,7 +556,7 @@ def test_hybrid_with_real_s2ric(tmp_path):
             for i in range(40)]
     sel = InstructionMiningSelector(coefficients={"output_length": 1.0}, cluster="s2ric",
                                     clustering={"n_clusters": 3, "n_neighbors": 5, "n_components": 4}).select(
-        make_pool(rows), 10, make_ctx(tmp_path))
+        make_pool(rows), Budget.samples(10), make_ctx(tmp_path))
     info = sel.diagnostics["clustering"]
     assert len(sel.indices) == 10 and info["n_clusters"] == 3
     assert sum(c["selected"] for c in info["per_cluster"].values()) == 10
@@ -587,7 +588,7 @@ def test_ifd_on_smollm2(tmp_path):
     ctx.tokenizer = tok
     ctx.__dict__["pruned_model"] = model
     pool = make_pool()
-    sel = IFDSelector().select(pool, 4, ctx)
+    sel = IFDSelector().select(pool, Budget.samples(4), ctx)
     ref = [reference_ifd(model, tok, r, ctx.cutoff)[0] for r in pool.rows]  # no BOS: "### Response:" starts it
     np.testing.assert_allclose(sel.scores, ref, rtol=2e-2, equal_nan=True)  # bf16, batched vs single
     assert len(sel.indices) == 4 and np.nanmedian(sel.scores) < 1

@@ -18,12 +18,17 @@ class FullSelector:
 
 
 class RandomSelector:
-    """B samples drawn uniformly without replacement (seeded by the run's seed)."""
+    """B samples drawn uniformly without replacement (seeded by the run's seed); with a token budget, the
+    samples of a seeded random order until the next one would not fit."""
 
     uses_budget = True
     uses_scoring = False
 
     def select(self, pool, budget, ctx) -> Selection:
         rng = np.random.default_rng(ctx.seed)
-        indices = sorted(rng.choice(len(pool), size=budget, replace=False).tolist())
-        return Selection(indices=indices, diagnostics={"selected": len(indices)})
+        if budget.in_samples:  # the draw every earlier sample-budget run made
+            chosen = rng.choice(len(pool), size=budget.size, replace=False)
+        else:
+            chosen = budget.fill(rng.permutation(len(pool)))
+        indices = sorted(int(i) for i in chosen)
+        return Selection(indices=indices, diagnostics={"selected": len(indices), "cost": budget.cost(indices)})

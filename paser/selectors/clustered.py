@@ -93,34 +93,31 @@ def ranked(rank_key: np.ndarray, candidates: np.ndarray | None = None) -> np.nda
     return idx[np.lexsort((idx, -rank_key[idx]))]
 
 
-def top_k(rank_key: np.ndarray, k: int) -> np.ndarray:
-    return ranked(rank_key)[:k]
-
-
-def select_within_clusters(rank_key: np.ndarray, labels: np.ndarray, budget: int,
+def select_within_clusters(rank_key: np.ndarray, labels: np.ndarray, budget,
                            rule: str = "proportional") -> tuple[np.ndarray, dict]:
-    """Best-ranked samples inside each cluster, n_k of them, with n_k from PASER's ``allocate_budget``.
+    """Best-ranked samples inside each cluster, n_k units of the budget each, with n_k from PASER's
+    ``allocate_budget``.
 
-    A cluster's weight is its size (its share of the pool); its capacity is its number of eligible
-    samples, and what a cluster cannot fill is redistributed by ``allocate_budget``. Slots that rounding
-    leaves over go to the best-ranked remaining samples of the whole pool (counted as ``topped_up``).
+    A cluster's weight is its size (its share of the pool); its capacity is the cost of its eligible
+    samples (in the budget's unit), and what a cluster cannot fill is redistributed by ``allocate_budget``. Units that rounding
+    (or, in tokens, the last sample that did not fit) leaves over go to the best-ranked remaining samples of
+    the whole pool (counted as ``topped_up``).
     """
     from paser.selectors.paser.allocation import allocate_budget
 
     clusters = np.unique(labels)
     eligible = ~np.isnan(rank_key)
     sizes = np.array([(labels == c).sum() for c in clusters])
-    capacity = np.array([(eligible & (labels == c)).sum() for c in clusters])
-    n_k = np.asarray(allocate_budget(sizes.astype(float), capacity, min(budget, int(capacity.sum())),
+    capacity = np.array([budget.cost(np.flatnonzero(eligible & (labels == c))) for c in clusters])
+    n_k = np.asarray(allocate_budget(sizes.astype(float), capacity, min(budget.size, int(capacity.sum())),
                                      rule=rule, redistribute=True), dtype=np.int64)
     chosen = []
     for c, n in zip(clusters, n_k):
-        chosen.extend(ranked(rank_key, np.flatnonzero(labels == c))[:n].tolist())
-    topped_up = []
-    if len(chosen) < budget:
-        taken = np.zeros(len(rank_key), dtype=bool)
-        taken[chosen] = True
-        topped_up = [i for i in ranked(rank_key).tolist() if not taken[i]][:budget - len(chosen)]
+        chosen.extend(budget.fill(ranked(rank_key, np.flatnonzero(labels == c)), int(n)).tolist())
+    taken = np.zeros(len(rank_key), dtype=bool)
+    taken[chosen] = True
+    rest = ranked(rank_key)
+    topped_up = budget.fill(rest[~taken[rest]], budget.size - budget.cost(chosen)).tolist()
     indices = np.array(chosen + topped_up, dtype=np.int64)
     per_cluster = {
         str(int(c)): {"size": int(s), "eligible": int(e), "allotted": int(n),
@@ -171,14 +168,14 @@ class ScoredSelector:
     def score(self, pool, ctx) -> Scored:
         raise NotImplementedError
 
-    def select(self, pool, budget: int, ctx) -> Selection:
+    def select(self, pool, budget, ctx) -> Selection:
         t0 = time.perf_counter()
         scored = self.score(pool, ctx)
         t_score = time.perf_counter() - t0
-        diag: dict = {"selector": self.name, "budget": int(budget),
+        diag: dict = {"selector": self.name, "budget": budget.key(),
                       "eligible": int((~np.isnan(scored.rank_key)).sum()), **scored.diagnostics}
         if self.cluster is None:
-            indices = top_k(scored.rank_key, budget)
+            indices = budget.fill(ranked(scored.rank_key))
             t_cluster = 0.0
         else:
             t1 = time.perf_counter()
@@ -188,11 +185,11 @@ class ScoredSelector:
             t_cluster = time.perf_counter() - t1
             diag["clustering"] = {"method": "s2ric", **{k: self.clustering[k] for k in CLUSTERING_KEYS},
                                   **info, **alloc}
-        if len(indices) < budget:
-            log.warning("%s: only %d samples are eligible, fewer than the budget %d; selecting %d",
-                        self.name, diag["eligible"], budget, len(indices))
+        if len(indices) == diag["eligible"] and budget.cost(indices) < budget.size:
+            log.warning("%s: only %d samples are eligible, fewer than the budget of %s; selecting them all",
+                        self.name, diag["eligible"], budget)
         diag.update({
-            "selected": len(indices),
+            "selected": len(indices), "cost": budget.cost(indices),
             "score": describe(scored.scores),
             "selected_score": describe(scored.scores[indices]),
             "time_s": {**diag.get("time_s", {}), "score": round(t_score, 3), "cluster": round(t_cluster, 3),

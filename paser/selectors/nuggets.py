@@ -260,7 +260,8 @@ class NuggetsSelector(ScoredSelector):
         self.reuse_prefix_kv, self.chunk_size = bool(reuse_prefix_kv), chunk_size
 
     def select(self, pool, budget, ctx):
-        if self.prefilter is not None and not budget <= self.prefilter <= len(pool):
+        least = budget.size if budget.in_samples else 1  # only prefiltered candidates can be selected
+        if self.prefilter is not None and not least <= self.prefilter <= len(pool):
             raise ConfigError(f"selector.prefilter={self.prefilter} must lie between the budget ({budget}) "
                               f"and the pool size ({len(pool)}): only prefiltered candidates can be selected")
         return super().select(pool, budget, ctx)

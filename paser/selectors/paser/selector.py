@@ -48,7 +48,7 @@ from paser.selectors.paser.divergence import (
 )
 
 log = logging.getLogger(__name__)
-IES_LENGTHS = ("tokens", "official")
+IES_LENGTHS = ("tokens", "official", "none")
 CLUSTER_ORDERS = ("index", "cds")
 CCG_VERTICES = ("concepts", "edges")
 FIELDS = ("instruction", "input", "output")
@@ -75,35 +75,50 @@ def summary(values: np.ndarray, bins: int = 20) -> dict:
 
 
 def ntm_walk(rows: list[dict], labels: np.ndarray, key: np.ndarray, n_k: np.ndarray, order, use_ntm: bool = True,
-             concepts_of=sample_concepts, edges_only: bool = False) -> dict:
+             concepts_of=sample_concepts, edges_only: bool = False, costs: np.ndarray | None = None,
+             top_up: int | None = None) -> dict:
     """Walk the clusters in ``order`` and each cluster's samples by decreasing ``key`` (IES), taking
-    samples until the cluster has n_k; with ``use_ntm`` a sample whose concepts (``concepts_of(row)``)
-    conflict with the Concept Consistency Graph is rejected (and kept in the list of rejections) instead of
-    taken."""
-    n_clusters = len(n_k)
+    samples until the next one would exceed the cluster's n_k units of budget (``costs``: one unit per sample
+    by default, or its tokens); with ``use_ntm`` a sample whose concepts (``concepts_of(row)``) conflict
+    with the Concept Consistency Graph is rejected (and kept in the list of rejections) instead of taken.
+
+    ``top_up`` (a token budget's total): what the clusters leave unspent (each stops short of its n_k by
+    less than one sample) goes to the samples no cluster walk reached, in one global ``key`` order."""
+    costs = np.ones(len(labels), dtype=np.int64) if costs is None else costs
     graph = ConceptGraph(edges_only) if use_ntm else None
     selected, rejected, examples = [], [], []
-    taken = np.zeros(n_clusters, dtype=np.int64)
-    rejected_k = np.zeros(n_clusters, dtype=np.int64)
+    examined = np.zeros(len(labels), dtype=bool)
     seen = 0
-    for k in order:
-        for i in rank_in_cluster(np.flatnonzero(labels == k), key):
-            if taken[k] >= n_k[k]:
+
+    def walk(candidates, limit: int) -> int:
+        nonlocal seen
+        spent = 0
+        for i in candidates:
+            if spent + costs[i] > limit:
                 break
+            examined[i] = True
             if graph is not None:
                 concepts = concepts_of(rows[i])
                 seen += len(concepts)
                 pair = graph.try_add(concepts)
                 if pair is not None:
                     rejected.append(int(i))
-                    rejected_k[k] += 1
                     if len(examples) < 10:
                         examples.append({"index": int(i), "conflict": list(pair)})
                     continue
             selected.append(int(i))
-            taken[k] += 1
-    return {"selected": selected, "rejected": rejected, "graph": graph, "taken": taken,
-            "rejected_per_cluster": rejected_k, "rejected_examples": examples, "concepts_seen": seen}
+            spent += int(costs[i])
+        return spent
+
+    spent = sum(walk(rank_in_cluster(np.flatnonzero(labels == k), key), int(n_k[k])) for k in order)
+    topped_up = 0
+    if top_up is not None:
+        before = len(selected)
+        everyone = np.arange(len(labels))
+        walk(rank_in_cluster(everyone[~examined], key), top_up - spent)
+        topped_up = len(selected) - before
+    return {"selected": selected, "rejected": rejected, "graph": graph, "rejected_examples": examples,
+            "concepts_seen": seen, "topped_up": topped_up}
 
 
 class PaserSelector:
@@ -111,7 +126,7 @@ class PaserSelector:
 
     def __init__(self, use_s2ric: bool = True, use_cdais: bool = True, use_ntm: bool = True,
                  embed_input: bool = True, clustering: dict | None = None, divergence: str = "jsd",
-                 span: str = "full", reduction: str = "mean", redistribute: bool = True,
+                 span: str = "full", reduction: str = "mean", redistribute: bool = True, allocate: bool = True,
                  ies_log: bool = True, ies_length: str = "tokens", cluster_order: str = "index",
                  concept_top_k: int | None = 5, concept_max_words: int | None = 3,
                  concept_fields=FIELDS, plot: bool = True, concepts: str = "rake",
@@ -122,7 +137,7 @@ class PaserSelector:
         self.divergence = check_choice("divergence", divergence, DIVERGENCES)
         self.span = check_choice("span", span, SPANS)
         self.reduction = check_choice("reduction", reduction, REDUCTIONS)
-        self.redistribute = bool(redistribute)
+        self.redistribute, self.allocate = bool(redistribute), bool(allocate)
         self.ies_log = bool(ies_log)
         self.ies_length = check_choice("ies_length", ies_length, IES_LENGTHS)
         self.cluster_order = check_choice("cluster_order", cluster_order, CLUSTER_ORDERS)
@@ -154,8 +169,9 @@ class PaserSelector:
         return s2ric_clusters(embed_pool(ctx, pool.rows, with_input=self.embed_input), seed=ctx.seed,
                               device=ctx.device, **{**knobs, "k_range": tuple(knobs["k_range"])})
 
-    def sequences(self, pool, ctx) -> tuple[list[list[int]], list[tuple[int, int]], np.ndarray]:
-        """(token sequences, per-sample position bounds, lengths L = |x|+|y| for the IES)."""
+    def sequences(self, pool, ctx) -> tuple[list[list[int]], list[tuple[int, int]], np.ndarray | None]:
+        """(token sequences, per-sample position bounds, lengths L = |x|+|y| for the IES; None with
+        ies_length=none, which ranks by the divergence alone)."""
         tok = ctx.tokenizer
         enc = encode_pool(tok, pool.rows, ctx.cutoff) if self.span != "instruction" or \
             self.ies_length == "tokens" else None
@@ -165,7 +181,9 @@ class PaserSelector:
         else:
             seqs = [e.input_ids for e in enc]
             bounds = span_bounds([len(s) for s in seqs], [e.prompt_len for e in enc], self.span)
-        if self.ies_length == "tokens":  # tokens of the templated sample, as trained on
+        if self.ies_length == "none":
+            lengths = None
+        elif self.ies_length == "tokens":  # tokens of the templated sample, as trained on
             lengths = np.array([len(e.input_ids) for e in enc])
         else:  # the official code: raw instruction tokens + response *characters*
             lengths = np.array([len(tok(r["instruction"])["input_ids"]) + len(r["output"]) for r in pool.rows])
@@ -191,47 +209,58 @@ class PaserSelector:
 
     # ------------------------------------------------------------------ select
 
-    def select(self, pool, budget: int, ctx) -> Selection:
+    def select(self, pool, budget, ctx) -> Selection:
         times: dict[str, float] = {}
         t = time.perf_counter()
         labels, coords, cdiag = self.cluster(pool, ctx)
         times["s2ric"] = time.perf_counter() - t
         n_clusters = int(labels.max()) + 1
         sizes = np.bincount(labels, minlength=n_clusters)
+        # the budget is split over the clusters (allocate) or walked as one global ranking
+        walk_labels = labels if self.allocate else np.zeros_like(labels)
+        capacity = np.bincount(walk_labels, weights=budget.unit_costs(len(pool)), minlength=n_clusters).astype(np.int64)[
+            : n_clusters if self.allocate else 1]
 
         t = time.perf_counter()
         if self.use_cdais:
             seqs, bounds, lengths = self.sequences(pool, ctx)
             div = self.divergences(pool, ctx, seqs, bounds)
-            key = ies(div, lengths, self.ies_log)
+            key = div.astype(np.float64) if lengths is None else ies(div, lengths, self.ies_log)
             cds = np.array([div[labels == k].mean() for k in range(n_clusters)])
-            n_k = allocate_budget(cds, sizes, budget, self.clustering["allocation"], self.redistribute)
+            weights = cds if self.allocate else np.ones(1)
+            n_k = allocate_budget(weights, capacity, budget.size, self.clustering["allocation"], self.redistribute)
         else:
             div = cds = None
             key = np.random.default_rng(ctx.seed).permutation(len(pool)).astype(np.float64)
-            n_k = allocate_budget(sizes, sizes, budget, "proportional", self.redistribute)
+            n_k = allocate_budget(capacity, capacity, budget.size, "proportional", self.redistribute)
         times["cdais"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        order = list(range(n_clusters))
-        if self.cluster_order == "cds" and cds is not None:
+        order = list(range(len(n_k)))
+        if self.cluster_order == "cds" and cds is not None and self.allocate:
             order = [int(k) for k in np.lexsort((np.arange(n_clusters), -cds))]
         concepts_of = concept_extractor(self.concepts, self.concept_fields, self.concept_top_k,
                                         self.concept_max_words) if self.use_ntm else None
-        walk = ntm_walk(pool.rows, labels, key, n_k, order, self.use_ntm, concepts_of,
-                        self.ccg_vertices == "edges")
+        walk = ntm_walk(pool.rows, walk_labels, key, n_k, order, self.use_ntm, concepts_of,
+                        self.ccg_vertices == "edges", costs=budget.unit_costs(len(pool)),
+                        top_up=None if budget.in_samples or not self.redistribute else budget.size)
         selected, rejected, graph = walk["selected"], walk["rejected"], walk["graph"]
-        taken, rejected_k = walk["taken"], walk["rejected_per_cluster"]
         times["ntm"] = time.perf_counter() - t
+        taken = np.bincount(labels[selected], minlength=n_clusters)
+        rejected_k = np.bincount(labels[rejected], minlength=n_clusters)
 
         topics = cluster_top_concepts(pool.rows, labels, seed=ctx.seed) if self.use_s2ric else [[]]
+        cost = budget.cost(selected)
         diag = {
-            "budget": int(budget), "selected": len(selected), "unfilled": int(budget - len(selected)),
-            "switches": {"use_s2ric": self.use_s2ric, "use_cdais": self.use_cdais, "use_ntm": self.use_ntm},
+            "budget": budget.key(), "unit": budget.unit, "selected": len(selected), "cost": cost,
+            "unfilled": int(budget.size - cost), "topped_up": walk["topped_up"],
+            "switches": {"use_s2ric": self.use_s2ric, "use_cdais": self.use_cdais, "use_ntm": self.use_ntm,
+                         "allocate": self.allocate, "ies_length": self.ies_length},
             "clustering": cdiag,
             "clusters": [{"cluster": k, "size": int(sizes[k]), "top_concepts": topics[k],
                           "cds": None if cds is None else float(cds[k]),
-                          "n_k": int(n_k[k]), "selected": int(taken[k]), "rejected": int(rejected_k[k])}
+                          "n_k": int(n_k[k]) if self.allocate else None, "selected": int(taken[k]),
+                          "rejected": int(rejected_k[k])}
                          for k in range(n_clusters)],
             "allocated": int(n_k.sum()),
         }
@@ -249,8 +278,8 @@ class PaserSelector:
         times["artifacts"] = time.perf_counter() - t
         diag["files"] = sorted(artifacts)
         diag["stage_times_s"] = {k: round(v, 3) for k, v in times.items()}
-        log.info("PASER: %d of %d selected from %d clusters; stage times %s", len(selected), budget,
-                 n_clusters, diag["stage_times_s"])
+        log.info("PASER: %d samples (%d of %s) selected from %d clusters; stage times %s", len(selected), cost,
+                 budget, n_clusters, diag["stage_times_s"])
         return Selection(indices=sorted(selected), diagnostics=diag,
                          scores=None if div is None else div.astype(np.float64), artifacts=artifacts)
 
