@@ -14,28 +14,94 @@ every model and each run's *recovered share* 1 − JSD_recovered / JSD_pruned. T
 clusters, the difference in budget between two runs to the difference in recovered share (Spearman ρ), the
 paper's premise stated as a test: more budget to a capability should mean more of it recovered.
 Writes capability.md, capability.json and capability.png to --out (default: the first run's folder).
+
+Nothing in a results.json is instantiated: each run's config is composed again from the registered config
+groups (conf/), choosing per group the option that gives the run's components (its ``_target_`` and the
+other keys Hydra's instantiate acts on), with the run's values on top. A run whose config names a component
+no registered option gives is refused, and so is one that turns model.trust_remote_code on where its model
+option does not (unless --trust-remote-code): either would run code the results.json chose.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
+from omegaconf import DictConfig, OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
 sys.path.insert(0, str(ROOT))
 
 from scripts.make_tables import NAMES  # the selectors' display names, as in the tables
 
+INSTANTIATE_KEYS = ("_target_", "_args_", "_partial_", "_recursive_", "_convert_")  # what instantiate acts on
 
-def run_config(results: dict, cache_dir: str | None, data_dir: str | None):
-    """The run's composed config (results.json keeps it resolved, so every path derived from a folder is
-    moved with it: e.g. data.path under paths.data_dir)."""
-    from omegaconf import OmegaConf
 
+def _instantiate_keys(node, at: str = "") -> dict:
+    """{dotted path: value} of every key below ``node`` that hydra.utils.instantiate acts on."""
+    if isinstance(node, list):
+        node = dict(enumerate(node))
+    if not isinstance(node, dict):
+        return {}
+    out = {}
+    for key, value in node.items():
+        path = f"{at}.{key}" if at else str(key)
+        out.update({path: value} if key in INSTANTIATE_KEYS else _instantiate_keys(value, path))
+    return out
+
+
+def _leaves(node, at: str = "") -> dict:
+    """{dotted path: value} of every leaf below ``node``."""
+    if isinstance(node, list):
+        node = dict(enumerate(node))
+    if not isinstance(node, dict) or not node:
+        return {at: node}
+    return {k: v for key, value in node.items() for k, v in _leaves(value, f"{at}.{key}" if at else str(key)).items()}
+
+
+def _compose(config_name: str, overrides=()) -> DictConfig:
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides))
+
+
+def _groups() -> list[str]:
+    """The config groups config.yaml composes (paths, model, ...); an experiment's choices are in the values."""
+    return [g for d in OmegaConf.load(CONF / "config.yaml").defaults if isinstance(d, DictConfig) for g in d
+            if g != "experiment"]
+
+
+@functools.cache
+def _options(group: str) -> dict[str, dict]:
+    """{option: its node as composed} for every registered option of a config group (conf/<group>/*.yaml)."""
+    return {f.stem: OmegaConf.to_container(_compose(f"{group}/{f.stem}")[group])
+            for f in sorted((CONF / group).glob("*.yaml"))}
+
+
+def _choice(group: str, node, where) -> str:
+    """The registered option of ``group`` that gives the run's node: the same instantiate keys, and of those
+    the one sharing the most values with it (the run's values are put on top anyway)."""
+    wanted = _instantiate_keys(node)
+    options = {name: opt for name, opt in _options(group).items() if _instantiate_keys(opt) == wanted}
+    if not options:
+        raise SystemExit(f"{where}: config.{group} names {wanted or 'no _target_'}, which no registered {group} "
+                         f"option (conf/{group}/*.yaml) gives: refusing to build it (nothing in a results.json "
+                         "is instantiated)")
+    leaves = _leaves(node)
+    return max(options, key=lambda name: sum(leaves.get(k, object()) == v for k, v in _leaves(options[name]).items()))
+
+
+def run_config(results: dict, cache_dir: str | None, data_dir: str | None, where="results.json",
+               trust_remote_code: bool = False) -> DictConfig:
+    """The run's config, composed from the registered config groups (see the module's docstring) with the
+    run's values on top (results.json keeps them resolved, so every path derived from a folder is moved with
+    it: e.g. data.path under paths.data_dir)."""
     config = results["config"]
     moves = [(str(config["paths"][key]), value) for key, value in (("cache_dir", cache_dir), ("data_dir", data_dir))
              if value]
@@ -50,10 +116,26 @@ def run_config(results: dict, cache_dir: str | None, data_dir: str | None):
                 return new + v[len(old):]
         return v
 
-    return OmegaConf.create(moved(config))
+    config = moved(config)
+    choices = {g: _choice(g, config[g], where) for g in _groups() if g in config}
+    cfg = _compose("config", [f"{g}={option}" for g, option in choices.items()])
+    given, registered = _instantiate_keys(config), _instantiate_keys(OmegaConf.to_container(cfg))
+    odd = sorted(k for k in given if given[k] != registered.get(k, ...))
+    if odd:  # outside the groups, e.g. a top-level key the run added
+        raise SystemExit(f"{where}: config has {', '.join(f'{k}={given[k]!r}' for k in odd)} where the "
+                         f"registered options ({', '.join(f'{g}={o}' for g, o in choices.items())}) give otherwise: "
+                         "refusing to build it (nothing in a results.json is instantiated)")
+    remote = (config.get("model") or {}).get("trust_remote_code")
+    if remote is True and cfg.model.get("trust_remote_code") is not True and not trust_remote_code:
+        raise SystemExit(f"{where}: model.trust_remote_code=true, which its model option ({choices['model']}) does "
+                         "not set: loading the model would run the Python in its folder. Pass --trust-remote-code "
+                         "if you trust that run")
+    OmegaConf.set_struct(cfg, False)  # a run may have added keys (+key=value)
+    return OmegaConf.merge(cfg, config)
 
 
-def load_runs(run_dirs: list[Path], cache_dir: str | None, data_dir: str | None) -> list[dict]:
+def load_runs(run_dirs: list[Path], cache_dir: str | None, data_dir: str | None,
+              trust_remote_code: bool = False) -> list[dict]:
     from paser.pipeline import Keys, build_components
 
     runs = []
@@ -61,7 +143,7 @@ def load_runs(run_dirs: list[Path], cache_dir: str | None, data_dir: str | None)
         if not (d / "results.json").is_file():
             raise SystemExit(f"{d}: no results.json (not a finished run folder)")
         results = json.loads((d / "results.json").read_text())
-        cfg = run_config(results, cache_dir, data_dir)
+        cfg = run_config(results, cache_dir, data_dir, d / "results.json", trust_remote_code)
         parts = build_components(cfg)
         runs.append({"dir": d, "cfg": cfg, "parts": parts, "keys": Keys.build(cfg, parts), "results": results,
                      "label": f"{NAMES.get(type(parts.selector).__name__, type(parts.selector).__name__)} "
@@ -103,6 +185,8 @@ def main() -> int:
     ap.add_argument("--cache-dir", help="the stage cache the runs wrote (default: their paths.cache_dir)")
     ap.add_argument("--data-dir", help="the offline data (default: the runs' paths.data_dir)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--trust-remote-code", action="store_true",
+                    help="accept runs that set model.trust_remote_code=true where their model option does not")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 
@@ -115,11 +199,11 @@ def main() -> int:
     from paser.pipeline import merged
     from paser.selectors.paser.divergence import divergences_to, make_divergence, span_bounds
 
-    runs = load_runs(args.runs, args.cache_dir, args.data_dir)
+    runs = load_runs(args.runs, args.cache_dir, args.data_dir, args.trust_remote_code)
     source = args.clusters or next((r["dir"] for r in runs if (r["dir"] / "paser_samples.npz").is_file()), None)
     if source is None:
         raise SystemExit("no run folder has paser_samples.npz: pass a PASER run (or --clusters DIR)")
-    labels = np.load(source / "paser_samples.npz")["labels"]
+    labels = np.load(source / "paser_samples.npz", allow_pickle=False)["labels"]
     first = runs[0]
     pool, cfg = first["parts"].pool, first["cfg"]
     if len(labels) != len(pool):
@@ -148,7 +232,8 @@ def main() -> int:
                          "(rerun the run with the same config, or pass --cache-dir)")
 
     def pruned():
-        return load_saved(pruned_entry / "model", dtype=cfg.model.dtype, device=device)[0]
+        return load_saved(pruned_entry / "model", dtype=cfg.model.dtype,
+                          trust_remote_code=cfg.model.get("trust_remote_code", False), device=device)[0]
 
     compared = {"pruned": pruned()}  # every compared model is held in memory at once (small models)
     for r in runs:

@@ -1,6 +1,7 @@
 """scripts/capability_recovery.py on two tiny runs (PASER and Random): the held-out samples are cluster
 members no run trained on, and the pruned model's per-cluster JSD equals one computed by hand from the
-two models' full softmaxes."""
+two models' full softmaxes. A run's config is rebuilt from the registered config groups, never instantiated
+from its results.json: a crafted ``_target_`` is refused before anything runs."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import ROOT, TINY_RUN, compose_config, requires_shared_data
+from paser.cache import to_plain
+from scripts.capability_recovery import load_runs, run_config
+from tests.conftest import CONF, ROOT, TINY_RUN, compose_config, requires_shared_data
 
 PER_CLUSTER = 3
 
@@ -69,3 +72,76 @@ def test_capability_recovery_on_a_paser_and_a_random_run(tmp_path):
             ids = torch.tensor([e.input_ids])
             values.append(jsd_by_hand(dense(ids).logits[0, :-1], pruned(ids).logits[0, :-1]))
     assert rows[c]["jsd pruned"][0] == pytest.approx(np.mean(values), rel=1e-4)
+
+
+# ------------------------------------------------------------------ configs rebuilt, never instantiated
+
+
+def _run_folder(tmp_path, config: dict):
+    folder = tmp_path / "run"
+    folder.mkdir(exist_ok=True)
+    (folder / "results.json").write_text(json.dumps({"config": config}))
+    (folder / "selected_indices.json").write_text("[]")
+    return folder
+
+
+def _crafted(marker):
+    return {"_target_": "builtins.open", "_args_": [str(marker), "w"]}  # leaves the marker file when it runs
+
+
+@pytest.mark.parametrize("where", ["data.path", "selector", "evaluator.ppl", "scoring.extra"])
+def test_a_crafted_target_in_results_json_is_refused_and_never_runs(tmp_path, where):
+    config = to_plain(compose_config([*TINY_RUN, "selector=random"], tmp_path))
+    marker = tmp_path / "marker"
+    parent, _, key = where.rpartition(".")
+    (config[parent] if parent else config)[key] = _crafted(marker)
+    folder = _run_folder(tmp_path, config)
+    with pytest.raises(SystemExit, match="refusing to build it"):
+        load_runs([folder], None, None)
+    assert not marker.exists()
+    out = subprocess.run([sys.executable, "scripts/capability_recovery.py", str(folder)], cwd=ROOT,
+                         capture_output=True, text=True, check=False) if where == "data.path" else None
+    assert out is None or (out.returncode != 0 and "refusing to build it" in out.stderr and not marker.exists())
+
+
+def test_a_component_of_another_group_is_refused(tmp_path):
+    """A class of this package, but one no registered option of the group gives."""
+    config = to_plain(compose_config([*TINY_RUN, "selector=random"], tmp_path))
+    config["selector"]["_target_"] = "paser.pruners.magnitude.MagnitudePruner"
+    with pytest.raises(SystemExit, match=r"config\.selector names .*MagnitudePruner.*no registered selector option"):
+        run_config({"config": config}, None, None)
+
+
+EXPERIMENTS = sorted(f.stem for f in (CONF / "experiment").glob("*.yaml"))
+
+
+def test_every_preset_and_option_is_rebuilt_exactly(tmp_path):
+    """The composed config of every experiment preset (and of options the presets do not use) comes back
+    value for value, so that the rebuilt run has the cache keys of the original."""
+    for overrides in [*([f"experiment={e}"] for e in EXPERIMENTS), ["model=tiny-llama", "recovery=none", "pruner=none"],
+                      ["model=local", "model.path=/somewhere", "evaluator=zeroshot", "logger=none"],
+                      [*TINY_RUN, "selector=paser", "selector.clustering.n_clusters=3", "+selector.extra=1"]]:
+        config = to_plain(compose_config(overrides, tmp_path))
+        assert to_plain(run_config({"config": config}, None, None)) == config, overrides
+
+
+def test_keys_a_run_lacks_come_from_the_registered_config(tmp_path):
+    """An older run's results.json without a knob added since: it is composed, not copied."""
+    config = to_plain(compose_config([*TINY_RUN, "selector=random"], tmp_path))
+    del config["scoring"]["batch_size"], config["selector"]["_target_"]
+    with pytest.raises(SystemExit, match="refusing"):  # a component whose _target_ went missing is refused too
+        run_config({"config": config}, None, None)
+    config["selector"]["_target_"] = "paser.selectors.basic.RandomSelector"
+    del config["logger"]
+    rebuilt = run_config({"config": config}, None, None)
+    assert rebuilt.scoring.batch_size == 8 and rebuilt.logger._target_ == "paser.tracking.WandbLogger"
+
+
+def test_trust_remote_code_a_results_json_turns_on_is_refused_unless_asked(tmp_path):
+    config = to_plain(compose_config([*TINY_RUN, "model=local", "model.path=/somewhere"], tmp_path))
+    config["model"]["trust_remote_code"] = True
+    with pytest.raises(SystemExit, match="model.trust_remote_code=true.*--trust-remote-code"):
+        run_config({"config": config}, None, None)
+    assert run_config({"config": config}, None, None, trust_remote_code=True).model.trust_remote_code is True
+    baichuan = to_plain(compose_config(["experiment=baichuan2_7b"], tmp_path))  # its option sets it
+    assert run_config({"config": baichuan}, None, None).model.trust_remote_code is True
