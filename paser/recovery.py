@@ -482,4 +482,7 @@ def response_nll(model, micro: list, pad_id: int, device) -> torch.Tensor:
     spans = answer_spans([len(e.input_ids) for e in micro], [e.prompt_len for e in micro])
     rows, cols = span_index(spans, device)
     logits = logits_at(model, ids, mask, whole=sharding.is_sharded(model))(rows, cols)
-    return torch.nn.functional.cross_entropy(logits.float(), ids[rows, cols + 1], reduction="sum")
+    # a device_map model's logits come from the LM head's GPU, its inputs sit on the embeddings' one: the
+    # targets join the logits, the summed loss comes back to the inputs' device (the step's totals are there)
+    targets = ids[rows, cols + 1].to(logits.device)
+    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum").to(device)

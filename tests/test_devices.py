@@ -233,3 +233,35 @@ def test_split_models_go_to_plain_hflm():
     assert not split_over_devices(model)
     model.hf_device_map["lm_head"] = 1
     assert split_over_devices(model)
+
+
+def _on_device(device: str):
+    """Forward pre-hook moving a module's tensor inputs to ``device``, as accelerate's dispatch hooks do."""
+    def hook(module, args, kwargs):
+        move = (lambda v: v.to(device) if isinstance(v, torch.Tensor) else v)
+        return tuple(map(move, args)), {k: move(v) for k, v in kwargs.items()}
+    return hook
+
+
+def test_lora_loss_of_a_model_split_over_two_devices(tiny, accelerator):
+    """``device_map`` models put the LM head on the last GPU and the embeddings on the first: the micro-batch
+    loss joins logits and targets on the head's device and returns on the inputs' (both fakes here: the head
+    on the host, the rest on the accelerator; mixing them raises, as on CUDA)."""
+    from paser.data import EncodedSample
+    from paser.recovery import response_nll
+
+    config = copy.deepcopy(tiny[0])
+    config.tie_word_embeddings = False  # a split model's head has its own weight
+    model = accelerator(config)
+    head_device = torch.device("cpu")
+    with unset_fake_temporarily(), torch.device("meta"):
+        head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+    model.lm_head = head.to_empty(device=head_device)
+    model.lm_head.register_forward_pre_hook(_on_device(head_device), with_kwargs=True)
+    micro = [EncodedSample(input_ids=[1, 5, 9, 13, 17], prompt_len=2, truncated=False),
+             EncodedSample(input_ids=[4, 8, 12], prompt_len=1, truncated=False)]
+    nll = response_nll(model, micro, pad_id=2, device=ACCELERATOR)
+    assert nll.device == ACCELERATOR and nll.shape == ()  # summed into the step's total there
+    nll.backward()
+    assert model.lm_head.weight.grad.device == head_device
+    assert model.model.embed_tokens.weight.grad.device == ACCELERATOR
