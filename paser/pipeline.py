@@ -37,7 +37,7 @@ from paser.fingerprint import code_version, file_fingerprint
 from paser.hardware import host_facts, peak_memory_gib, resolve_device
 from paser.models import load_model, load_saved, load_tokenizer, model_identity, save_model
 from paser.pruners.common import parameter_count, sparsity_report
-from paser.tracking import NullLogger, git_commit, set_active, write_results
+from paser.tracking import NullLogger, check_fresh, git_commit, run_stamp, set_active, write_results
 
 log = logging.getLogger(__name__)
 
@@ -593,8 +593,9 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, job_index: int | Non
     log.info("device %s (%s); model dtype %s, recovery dtype %s; %d process(es); GPUs visible: %d%s",
              device, host.get("gpu") or host["cpu"], cfg.model.dtype, OmegaConf.select(cfg, "recovery.dtype"),
              host["world_size"], host["gpu_count"], f" ({', '.join(host['gpus'])})" if host.get("gpus") else "")
-    run_dir = Path(run_dir or Path(cfg.paths.output_dir) / "runs" / cfg.name / time.strftime("%Y%m%d-%H%M%S"))
+    run_dir = Path(run_dir or Path(cfg.paths.output_dir) / "runs" / cfg.name / run_stamp())
     run_dir = distributed.broadcast(run_dir)  # every rank's Hydra made its own folder: use rank 0's
+    check_fresh(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)

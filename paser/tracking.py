@@ -7,10 +7,13 @@ import logging
 import os
 import re
 import subprocess
+import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
-from paser.cache import atomic_write_text
+from omegaconf import OmegaConf
+
 from paser.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -31,9 +34,50 @@ def git_commit() -> str | None:
         return None
 
 
-def write_results(run_dir: Path, results: dict) -> Path:
+def run_stamp() -> str:
+    """A run folder's name: local time to the millisecond and this process's id, so that two runs (or
+    sweeps) started in the same second, as jobs of a script or a scheduler are, get folders of their own."""
+    now = datetime.now()
+    return f"{now:%Y-%m-%d_%H-%M-%S}.{now.microsecond // 1000:03d}_pid{os.getpid()}"
+
+
+# conf/config.yaml names the Hydra run and sweep folders with it; cached, so every read of one config's
+# folder (Hydra reads it again in each sweep job) gives the same name
+OmegaConf.register_new_resolver("paser.run_stamp", run_stamp, use_cache=True, replace=True)
+
+
+def _taken(path: Path) -> str:
+    return (f"{path} already exists: the run folder {path.parent} holds another run's results. Run again "
+            "(each run gets a folder of its own) or point hydra.run.dir (run_dir) at a new folder")
+
+
+def check_fresh(run_dir: Path) -> None:
+    """Refuse a run folder that already holds results, before any work is done."""
     path = Path(run_dir) / "results.json"
-    atomic_write_text(path, json.dumps(results, indent=1, default=str))
+    if path.exists():
+        raise ConfigError(_taken(path))
+
+
+def write_results(run_dir: Path, results: dict) -> Path:
+    """results.json, written whole (a temporary file, fsync'ed, then linked in) and never over another
+    run's: the link fails when the name exists, where a rename would replace it."""
+    path = Path(run_dir) / "results.json"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(results, indent=1, default=str))
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise ConfigError(_taken(path)) from None
+        except OSError:  # a file system without hard links: check, then rename
+            check_fresh(run_dir)
+            os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return path
 
 

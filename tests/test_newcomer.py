@@ -1,0 +1,81 @@
+"""A newcomer's first hour (#34): every run keeps its own folder and results, own data loads with one
+override, a run leaves a summary and the rows it chose."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from paser import pipeline, tracking
+from paser.errors import ConfigError
+from tests.conftest import CONF, DATA_DIR, ROOT, TINY_RUN, requires_shared_data
+
+STAMP = r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d\.\d{3}_pid\d+"
+
+
+# ------------------------------------------------------------------------------------ run folders
+
+def test_hydra_folders_are_named_to_the_millisecond_and_process():
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["paths.output_dir=out"], return_hydra_config=True)
+    assert re.fullmatch(rf"out/runs/default/{STAMP}", cfg.hydra.run.dir)
+    assert re.fullmatch(rf"out/multirun/default/{STAMP}", cfg.hydra.sweep.dir)
+    assert cfg.hydra.run.dir.endswith(f"_pid{__import__('os').getpid()}")
+
+
+def test_results_are_never_written_over(tmp_path):
+    tracking.write_results(tmp_path, {"run": 1})
+    with pytest.raises(ConfigError, match=rf"{tmp_path}/results.json already exists: the run folder {tmp_path}"):
+        tracking.write_results(tmp_path, {"run": 2})
+    assert json.loads((tmp_path / "results.json").read_text()) == {"run": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temporary file left behind
+
+
+@requires_shared_data()
+def test_a_run_refuses_a_folder_with_results_before_any_work(compose_cfg, tmp_path, monkeypatch):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "results.json").write_text("{}")
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **kw: pytest.fail("a model was loaded"))
+    with pytest.raises(ConfigError, match="holds another run's results"):
+        pipeline.run(compose_cfg(TINY_RUN), run_dir=tmp_path / "r")
+    assert (tmp_path / "r" / "results.json").read_text() == "{}"
+
+
+FROZEN_CLOCK = """
+import datetime, runpy, sys
+from paser import tracking
+
+class Frozen(datetime.datetime):  # both processes see the same millisecond
+    @classmethod
+    def now(cls, tz=None):
+        return cls(2030, 1, 2, 3, 4, 5, 678000)
+
+tracking.datetime = Frozen
+sys.argv = ["run.py", *sys.argv[1:]]
+runpy.run_path("run.py", run_name="__main__")
+"""
+
+
+@pytest.mark.slow  # two processes: ~20 s of CPU
+@requires_shared_data()
+def test_two_runs_started_in_the_same_millisecond_keep_both_results(tmp_path):
+    """Two `python run.py` started together (as a script or a scheduler starts jobs) with Hydra's default
+    folders, their clocks frozen to one millisecond: each writes its own results.json (before, both got
+    outputs/runs/<name>/<second>/, and the last to finish overwrote the other's results)."""
+    args = [sys.executable, "-c", FROZEN_CLOCK, *[o for o in TINY_RUN if not o.startswith("recovery.")],
+            "recovery=none", "pruner=none", f"paths.data_dir={DATA_DIR}", f"paths.cache_dir={tmp_path / 'cache'}",
+            f"paths.output_dir={tmp_path / 'out'}"]
+    jobs = [subprocess.Popen(args + [f"seed={seed}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True) for seed in (0, 1)]
+    outputs = [job.communicate(timeout=300)[0] for job in jobs]
+    assert all(job.returncode == 0 for job in jobs), outputs
+    folders = sorted((tmp_path / "out" / "runs" / "default").iterdir())
+    assert [f.name.split("_pid")[0] for f in folders] == ["2030-01-02_03-04-05.678"] * 2
+    assert sorted(json.loads((f / "results.json").read_text())["seed"] for f in folders) == [0, 1]
