@@ -179,3 +179,27 @@ def test_the_gram_path_needs_a_fixed_k():
     with pytest.raises(ConfigError, match="nmf_input=gram needs an integer"):
         official_selector(clustering={"reducer": "laplacian", "nmf_input": "gram", "n_clusters": "auto"},
                           concepts="rake")
+
+
+def test_without_nltk_data_rake_nltk_uses_the_shipped_substitute(tmp_path, monkeypatch):
+    """No NLTK data installed: the shipped stop words (NLTK's 179) and untrained punkt model are used, and
+    its phrases are those of rake_nltk with no sentence splitting at all (RAKE cuts phrases at punctuation,
+    where Punkt ends sentences): the trained punkt model, which only moves sentence ends, could not change
+    them either."""
+    from rake_nltk import Rake
+
+    from paser.selectors.paser.concepts import SHIPPED_NLTK_DATA, concept_extractor, nltk_data_files
+
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path / "empty")])
+    names = {p.name for p in nltk_data_files()}
+    assert {"english", "collocations.tab", "sent_starters.txt"} <= names
+    assert str(SHIPPED_NLTK_DATA) in nltk.data.path
+    words = (SHIPPED_NLTK_DATA / "corpora" / "stopwords" / "english").read_text().split()
+    assert len(words) == len(set(words)) == 179 and {"i", "m", "don", "shouldn't"} <= set(words)
+    text = ("Dr. Smith moved to Washington D.C. in 1990... He said: e.g. the U.S. economy grows 3.5% a year! "
+            "Why? Because Mr. Jones, the C.E.O., invested in solar panels and wind farms.")
+    unsplit = Rake(sentence_tokenizer=lambda t: [t])
+    unsplit.extract_keywords_from_text(text)
+    row = {"instruction": text, "input": "", "output": ""}
+    assert concept_extractor("rake_nltk", top_k=None, max_words=None)(row) == \
+        list(dict.fromkeys(unsplit.get_ranked_phrases()))

@@ -20,6 +20,7 @@ instruction + ' ' + input + ' ' + output, and a graph whose vertices come only w
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
 from functools import lru_cache
@@ -30,6 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from paser.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 DELIMITERS = re.compile(r"[.,;:!?()\[\]{}\"“”‘’\n\t|/\\<>=*#…–—-]+")
@@ -83,25 +86,38 @@ def sample_concepts(row: dict, fields=("instruction", "input", "output"), top_k:
     return rake("\n".join(row.get(f) or "" for f in fields), top_k, max_words)
 
 
+SHIPPED_NLTK_DATA = Path(str(files("paser.selectors.paser").joinpath("nltk_data")))  # see its README.md
+
+
 def nltk_data_files() -> list[Path]:
     """The NLTK data ``rake_nltk.Rake()`` reads (English stop words, the punkt sentence model), to key caches
-    by content; a clear error, naming the download command, when they are not installed."""
+    by content. Installed NLTK data is used where it is found; otherwise the substitute shipped in
+    ``nltk_data/`` (NLTK's English stop words and an untrained punkt model: its README says why the phrases
+    are the same), with a log line saying so."""
     import nltk
 
-    out, missing = [], []
-    for resource, package in NLTK_DATA.items():
-        try:
-            pointer = nltk.data.find(resource)
-        except LookupError:
-            missing.append(package)
-            continue
-        path = Path(getattr(pointer, "path", None) or pointer.zipfile.filename)
-        out += sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
-    if missing:
-        raise ConfigError(
-            f"selector.concepts=rake_nltk (the official code's RAKE) needs NLTK's {' and '.join(missing)} data, "
-            f"not found in {nltk.data.path}: run `python -m nltk.downloader {' '.join(missing)}` once with a "
-            "network connection, or set NLTK_DATA to a folder that holds them")
+    def found() -> tuple[list[Path], list[str]]:
+        out, missing = [], []
+        for resource, package in NLTK_DATA.items():
+            try:
+                pointer = nltk.data.find(resource)
+            except LookupError:
+                missing.append(package)
+                continue
+            path = Path(getattr(pointer, "path", None) or pointer.zipfile.filename)
+            out += sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+        return out, missing
+
+    out, missing = found()
+    if missing and str(SHIPPED_NLTK_DATA) not in nltk.data.path:
+        log.info("NLTK's %s data not installed: selector.concepts=rake_nltk uses the substitute shipped in %s "
+                 "(`python -m nltk.downloader %s` installs NLTK's own)", " and ".join(missing),
+                 SHIPPED_NLTK_DATA, " ".join(missing))
+        nltk.data.path.append(str(SHIPPED_NLTK_DATA))
+        out, missing = found()
+    if missing:  # a partial installation that shadows the shipped files
+        raise ConfigError(f"selector.concepts=rake_nltk: NLTK's {' and '.join(missing)} data not found in "
+                          f"{nltk.data.path}")
     return out
 
 
