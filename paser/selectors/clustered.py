@@ -9,6 +9,7 @@ predicted loss) and a ranking key where higher is better and NaN marks an inelig
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -144,6 +145,34 @@ def s2ric_labels(ctx, pool, clustering: dict) -> tuple[np.ndarray, dict]:
     out = ctx.cached_result("s2ric_labels", ("pool",), {"embedder": ctx.embedder_name, "seed": ctx.seed,
                                                          **knobs}, compute)
     return np.asarray(out["labels"], dtype=np.int64), out["diagnostics"]
+
+
+def cached_clustering(ctx, pool, clustering: dict, with_input: bool = True) -> tuple[np.ndarray, np.ndarray, dict]:
+    """PASER's S²RIC clustering of the pool: (labels, reduced coordinates, diagnostics), one cache entry
+    per (pool, embedder, embedded fields, seed, knobs, code). Computed once: a resumed selection reads it
+    back instead of redoing the kNN graph and the eigensolver, and of several processes on one cache
+    (torchrun ranks, concurrent jobs) one computes it while the others wait on its claim and read it.
+    A cold and a warm call return the same diagnostics (both come through JSON)."""
+    from paser.embedding import embed_pool
+    from paser.fingerprint import code_version
+    from paser.selectors.paser import clustering as s2ric
+
+    knobs = {k: clustering[k] for k in CLUSTERING_KNOBS}
+    key = {"name": "paser_clustering", "pool": ctx.cache_key["pool"],
+           "params": {"embedder": ctx.embedder_name, "with_input": with_input, "seed": ctx.seed, **knobs},
+           "code": code_version(s2ric, embed_pool)}
+
+    def write(folder) -> None:
+        labels, coords, diag = s2ric.s2ric_clusters(embed_pool(ctx, pool.rows, with_input=with_input),
+                                                    seed=ctx.seed, device=ctx.device,
+                                                    **{**knobs, "k_range": tuple(knobs["k_range"])})
+        np.save(folder / "labels.npy", np.asarray(labels, dtype=np.int64))
+        np.save(folder / "coords.npy", np.asarray(coords, dtype=np.float32))
+        (folder / "diagnostics.json").write_text(json.dumps(to_plain(diag)))
+
+    entry, _ = ctx.cache.get_or_create("results/paser_clustering", key, write)
+    return (np.load(entry / "labels.npy"), np.load(entry / "coords.npy"),
+            json.loads((entry / "diagnostics.json").read_text()))
 
 
 def _json_scalars(d) -> dict:

@@ -23,11 +23,9 @@ import torch
 
 from paser.components import Selection
 from paser.data import encode_pool
-from paser.embedding import embed_pool
 from paser.errors import ConfigError
-from paser.selectors.clustered import CLUSTERING_KNOBS, clustering_block
+from paser.selectors.clustered import cached_clustering, clustering_block
 from paser.selectors.paser.allocation import allocate_budget
-from paser.selectors.paser.clustering import s2ric_clusters
 from paser.selectors.paser.concepts import (
     CONCEPT_METHODS,
     STOPWORDS_FILE,
@@ -162,12 +160,11 @@ class PaserSelector:
     # ------------------------------------------------------------------ stages
 
     def cluster(self, pool, ctx) -> tuple[np.ndarray, np.ndarray | None, dict]:
-        """(labels, reduced coordinates or None, diagnostics)."""
+        """(labels, reduced coordinates or None, diagnostics); the clustering is a cache entry of its own
+        (``cached_clustering``), computed once per pool and knobs."""
         if not self.use_s2ric:
             return np.zeros(len(pool), dtype=np.int64), None, {"n_clusters": 1, "reducer": None}
-        knobs = {k: self.clustering[k] for k in CLUSTERING_KNOBS}
-        return s2ric_clusters(embed_pool(ctx, pool.rows, with_input=self.embed_input), seed=ctx.seed,
-                              device=ctx.device, **{**knobs, "k_range": tuple(knobs["k_range"])})
+        return cached_clustering(ctx, pool, self.clustering, with_input=self.embed_input)
 
     def sequences(self, pool, ctx) -> tuple[list[list[int]], list[tuple[int, int]], np.ndarray | None]:
         """(token sequences, per-sample position bounds, lengths L = |x|+|y| for the IES; None with
