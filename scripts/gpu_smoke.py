@@ -64,7 +64,7 @@ COMMON = ["logger=none", f"data.subsample={POOL}", f"budget={BUDGET}", "scoring.
 PPL_ONLY = ["evaluator=ppl", f"evaluator.ppl.max_windows={PPL_WINDOWS}", "recovery=none"]
 CALIBRATION = ["pruner.calibration.nsamples=8", "pruner.calibration.seqlen=64"]
 RECOVER_AND_EVALUATE = [
-    "recovery=lora", "recovery.epochs=1", "recovery.batch_size=4", "recovery.micro_batch_size=2",
+    "recovery=lora_cpu", "recovery.epochs=1", "recovery.batch_size=4", "recovery.micro_batch_size=2",
     "recovery.warmup_steps=0", "recovery.cutoff=128", "recovery.checkpoint_every=1000",
     "recovery.val_size=16", "recovery.eval_every=0",  # a held-out split of the 60 unselected samples
     "evaluator=quick", f"evaluator.ppl.max_windows={PPL_WINDOWS}", f"evaluator.zeroshot.tasks=[{','.join(ZS_TASKS)}]",

@@ -115,7 +115,13 @@ def intended_changes(preset: str, want: dict) -> dict:
     #16.1: the clustering block's ``nmf_input`` (coordinates, as before); PASER's ``concepts`` (rake) and
     ``ccg_vertices`` (concepts), as before.
 
-    #31: ``budget_unit`` (samples, as before; or tokens)."""
+    #31: ``budget_unit`` (samples, as before; or tokens).
+
+    #37: conf/config.yaml sets no group's keys: the embedded default's LoRA values are the option
+    ``recovery=lora_cpu`` (the same values; the CPU editions choose it too), and the paper presets choose
+    ``recovery=lora`` whole, so they validate on 2,000 held-out samples every 100 steps as the recipe says
+    (the record has the embedded default's 100 samples at the end of each epoch, which the root leaked
+    into them)."""
     from paser.selectors.clustered import CLUSTERING_KEYS
 
     want = copy.deepcopy(want)
@@ -161,6 +167,11 @@ def intended_changes(preset: str, want: dict) -> dict:
                             "experiment=wanda_2-4": want["config"]["model"]["context_length"]}
         if preset in reference_seqlen:
             calibration.update(source="hub", sampling="with_replacement", seqlen=reference_seqlen[preset])
+    if want["choices"].get("recovery") == "lora":
+        paper = recovery.get("batch_size") == 64
+        want["choices"]["recovery"] = "lora" if paper else "lora_cpu"
+        if paper:
+            recovery.update(val_size=2000, eval_every=100)
     lora_targets = {"experiment=baichuan2_7b": ["W_pack", "o_proj", "gate_proj", "up_proj", "down_proj"],
                     "experiment=mixtral_8x7b": ["q_proj", "k_proj", "v_proj", "o_proj"]}
     if preset in lora_targets:
@@ -304,7 +315,7 @@ def test_the_hybrids_clustering_block_states_s2rics_own_defaults():
 
 def test_lora_yaml_states_the_recoverys_own_defaults():
     """conf/recovery/lora.yaml (the paper recipe) and LoraRecovery built without arguments agree, so each
-    default is stated once (the embedded default's overrides live in conf/config.yaml, said there)."""
+    default is stated once (the embedded default's values live in conf/recovery/lora_cpu.yaml, built on it)."""
     import inspect
 
     from paser.recovery import LoraRecovery
@@ -337,3 +348,49 @@ def test_nuggets_prefilter_holds_every_budget_its_presets_sweep(preset):
             assert pool is not None, f"{preset}: a prefiltering Nuggets needs a stated pool size (data.subsample)"
             count = round(cfg.budget * pool) if cfg.budget <= 1 else int(cfg.budget)
             assert count <= prefilter <= pool, (preset, selector, budget, prefilter, count, pool)
+
+
+# ------------------------------------------------------------------ the recipes the presets promise
+
+# README ("Config groups", the recovery row): LLM-Pruner's LoRA recipe for every full-edition preset, the
+# embedded default's for the default and the CPU editions
+PAPER_RECIPE = {"lr": 1e-4, "batch_size": 64, "micro_batch_size": 4, "warmup_steps": 100, "epochs": 2,
+                "val_size": 2000, "eval_every": 100}
+CPU_RECIPE = {"lr": 1e-3, "batch_size": 16, "micro_batch_size": 4, "warmup_steps": 2, "epochs": 2,
+              "val_size": 100, "eval_every": 0}
+
+
+def built_on(option: str) -> set[str]:
+    """The experiment presets ``option`` is built on (its defaults list, transitively), itself included."""
+    raw = OmegaConf.to_container(OmegaConf.load(CONF / "experiment" / f"{option}.yaml"))
+    parents = [d for d in raw.get("defaults", []) if isinstance(d, str) and d != "_self_"]
+    return {option}.union(*(built_on(p) for p in parents))
+
+
+CPU_PRESETS = [o for o in options("experiment") if "cpu_edition" in built_on(o)]
+PAPER_PRESETS = [o for o in options("experiment") if "paper_setting" in built_on(o) and o not in CPU_PRESETS]
+
+
+def test_the_preset_families_are_the_ones_the_readme_names():
+    assert {"table1", "fair_comparison", "budget_curve", "lamini_4pct", "mixtral_8x7b"} <= set(PAPER_PRESETS)
+    assert set(CPU_PRESETS) == {o for o in options("experiment") if o.endswith("_cpu")} | {"cpu_edition"}
+
+
+@pytest.mark.parametrize("option", PAPER_PRESETS)
+def test_every_paper_preset_recovers_with_the_papers_recipe(option):
+    recovery = config_golden.resolved("experiment", option)["config"]["recovery"]
+    assert {k: recovery[k] for k in PAPER_RECIPE} == PAPER_RECIPE, option
+
+
+@pytest.mark.parametrize("option", ["default", *CPU_PRESETS])
+def test_the_default_and_the_cpu_editions_keep_the_embedded_recipe(option):
+    group = "config" if option == "default" else "experiment"
+    recovery = config_golden.resolved(group, option)["config"]["recovery"]
+    assert {k: recovery[k] for k in CPU_RECIPE} == CPU_RECIPE, option
+
+
+def test_the_readme_states_both_recipes():
+    row = next(line for line in (CONF.parent / "README.md").read_text().splitlines() if line.startswith("| `recovery`"))
+    paper = "lr 1e-4, effective batch 64, 100 warm-up steps, 2 epochs, 2,000 held-out samples validated every 100 steps"
+    cpu = "lr 1e-3, effective batch 16, 2 warm-up steps, 2 epochs, 100 held-out samples validated at the end of each epoch"
+    assert paper in row and cpu in row
