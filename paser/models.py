@@ -314,10 +314,11 @@ def _restore_embed_scale(model, folder: Path) -> None:
 
 def load_saved(folder: str | Path, dtype: str = "float32", trust_remote_code: bool = False,
                device_map: str | None = None, device: torch.device | str = "cpu"):
-    """Inverse of save_model: structured-pruned checkpoints are rebuilt with their recorded shapes.
-    The model goes to ``device``, unless ``device_map`` (as in from_pretrained: "auto" lets accelerate
-    spread it over every visible GPU) places it."""
-    from safetensors.torch import load_file
+    """Inverse of save_model: structured-pruned checkpoints are rebuilt with their recorded shapes (on meta,
+    so that the unpruned shape is never materialised). The model goes to ``device``, unless ``device_map``
+    (as in from_pretrained: "auto" lets accelerate spread it over every visible GPU, see device_map_for)
+    places it."""
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     trust_remote_code = _flag("model.trust_remote_code", trust_remote_code)
@@ -331,13 +332,16 @@ def load_saved(folder: str | Path, dtype: str = "float32", trust_remote_code: bo
         _restore_embed_scale(model, folder)
         return model.eval(), tok
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype),
-                                             trust_remote_code=trust_remote_code)
+    # built on meta (each parameter is created uninitialised and moved there as it is registered), given the
+    # recorded shapes, then the stored tensors become its weights (assign): the unpruned model (~240 GB for a
+    # 70B) is never materialised, the pruned one once, in the wanted dtype. Buffers (rotary frequencies) stay
+    # real: the checkpoint does not hold them
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype),
+                                                 trust_remote_code=trust_remote_code)
     apply_layer_shapes(model, json.loads(shapes_file.read_text()))
-    state = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        state.update(load_file(f))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    state = _read_weights(folder, torch_dtype(dtype), "cpu" if device_map is not None else device)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [m for m in missing if not (config.tie_word_embeddings and m == "lm_head.weight")]
     if missing or unexpected:
         raise RuntimeError(f"checkpoint {folder} does not match its recorded shapes: "
@@ -345,11 +349,45 @@ def load_saved(folder: str | Path, dtype: str = "float32", trust_remote_code: bo
     if config.tie_word_embeddings:
         model.tie_weights()
     _restore_embed_scale(model, folder)
-    if device_map is None:
-        model.to(device=device, dtype=torch_dtype(dtype))
-    else:
-        model.to(torch_dtype(dtype))
-        from accelerate import dispatch_model, infer_auto_device_map
+    # the buffers too, as load_model casts them (the weights were read onto the device in the dtype)
+    model.to(device=device if device_map is None else None, dtype=torch_dtype(dtype))
+    if device_map is not None:
+        from accelerate import dispatch_model
 
-        model = dispatch_model(model, infer_auto_device_map(model) if device_map == "auto" else device_map)
+        model = dispatch_model(model, device_map_for(model, device_map))
     return model.eval(), tok
+
+
+def _read_weights(folder: Path, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors read onto ``device``, each cast to ``dtype`` as it is read (floating ones)."""
+    from safetensors import safe_open
+
+    state = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(f, framework="pt", device=str(device)) as handle:
+            for name in handle.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
+                t = handle.get_tensor(name)
+                state[name] = t.to(dtype) if t.is_floating_point() else t
+    return state
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def device_map_for(model, spec, max_memory: dict | None = None) -> dict:
+    """accelerate's placement of ``model`` for ``model.device_map``: a dict is taken as given; "auto" and
+    "balanced" spread the layers evenly over the visible GPUs ("balanced_low_0" keeps GPU 0 light for the
+    activations of generation), "sequential" fills them in order, as from_pretrained does. A decoder layer
+    is never cut across two devices (its residual stream would cross GPUs inside the layer)."""
+    from accelerate.utils import get_balanced_memory, infer_auto_device_map
+
+    if not isinstance(spec, str):
+        return dict(spec)
+    if spec not in DEVICE_MAPS:
+        raise ConfigError(f"model.device_map='{spec}' is unknown; allowed: {list(DEVICE_MAPS)} or a dict")
+    whole = sorted(set(getattr(model, "_no_split_modules", None) or ())
+                   | {type(layer).__name__ for layer in decoder_layers(model)})
+    if spec != "sequential":
+        max_memory = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=whole,
+                                         low_zero=spec == "balanced_low_0")
+    return infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=whole)
