@@ -51,6 +51,7 @@ class Pool:
     source: str
     fingerprint: str  # content hash: caches keyed on the pool survive renames and moves
     origin: tuple[int, ...] | None = None  # the rows' indices in the pool they were taken from (hold_out)
+    lines: tuple[int, ...] | None = None  # a loaded pool's rows in its source: line of the file, row of a hub split
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -89,6 +90,14 @@ def _fingerprint(rows: list[dict]) -> str:
 
 def read_jsonl(path: Path, required: tuple[str, ...] = ()) -> list[dict]:
     """Read a JSONL file; any undecodable line or missing field is an error naming file and line."""
+    return [row for _, row in numbered_jsonl(path, required)]
+
+
+def numbered_jsonl(path: Path, required: tuple[str, ...] = (), optional: tuple[str, ...] = (),
+                   hint: str = "") -> list[tuple[int, dict]]:
+    """(line number, row) of each non-blank line of a JSONL file. Every ``required`` field must be a string,
+    an ``optional`` one a string or null when present; an error names file and line (and adds ``hint`` when
+    a field is missing)."""
     rows = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -102,11 +111,13 @@ def read_jsonl(path: Path, required: tuple[str, ...] = ()) -> list[dict]:
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
             missing = [k for k in required if k not in row]
             if missing:
-                raise DataError(f"{path}:{lineno}: missing field(s) {missing}; every row needs {list(required)}")
-            bad = [k for k in required if not isinstance(row[k], str)]
+                raise DataError(f"{path}:{lineno}: missing field(s) {missing}; every row needs {list(required)} "
+                                f"and this one has {list(row)}{hint}")
+            bad = [k for k in required if not isinstance(row[k], str)] + \
+                [k for k in optional if not isinstance(row.get(k, ""), str | None)]
             if bad:
                 raise DataError(f"{path}:{lineno}: field(s) {bad} must be strings")
-            rows.append(row)
+            rows.append((lineno, row))
     return rows
 
 
@@ -130,45 +141,55 @@ def _rows_from_hub(hub_id: str, split: str, fields: tuple[str, ...], local_path)
 
 
 def load_pool(path: str | None, hub_id: str | None = None, split: str = "train",
-              subsample: int | None = None, seed: int = 0, field_map: dict | None = None) -> Pool:
+              subsample: int | None = None, seed: int = 0, field_map: dict | None = None,
+              drop_duplicates: bool = True) -> Pool:
     """Load the instruction pool from ``path`` (JSONL) if it exists, else from ``hub_id``.
 
-    ``field_map`` maps our fields to the source's, e.g. {output: response, input: null} for LaMini
-    (null: the source has no such field, so it is empty); every other field must be on every row. ``subsample`` draws a seeded random subset of that many rows
-    (kept in pool order), for quick runs.
+    ``field_map`` maps our fields to the source's, e.g. {instruction: prompt, output: completion} (null: the
+    source has no such field, so it is empty). Instruction and output must be on every row; a row without
+    the input field has an empty input. ``subsample`` draws a seeded random subset of that many rows (kept
+    in pool order), for quick runs. ``Pool.lines`` keeps each row's line in the file (row of a hub split).
     """
     field_map = dict(field_map or {})
     unknown = sorted(set(field_map) - set(FIELDS), key=str)
     if unknown:
         raise ConfigError(f"data.field_map: {unknown} are not fields of a pool row; allowed: {list(FIELDS)} "
                           "(each mapped to the source's field name, or null when the source has none)")
-    source_fields = tuple(field_map.get(f, f) for f in FIELDS)
+    source_fields = dict(zip(FIELDS, (field_map.get(f, f) for f in FIELDS)))
+    required = tuple(source_fields[f] for f in ("instruction", "output") if source_fields[f])
+    optional = (source_fields["input"],) if source_fields["input"] else ()
     if path and Path(path).is_file():
-        rows = read_jsonl(Path(path), required=tuple(f for f in source_fields if f))
+        numbered = numbered_jsonl(Path(path), required, optional, hint=(
+            ". If your file names them differently, map them to ours with one override, e.g. "
+            "data.field_map='{instruction: prompt, output: completion}' (README: Your own data)"))
         source = str(path)
     elif hub_id:
         log.info("pool file %s not found; loading hub dataset %s", path, hub_id)
-        rows = _rows_from_hub(hub_id, split, tuple(f for f in source_fields if f), path)
+        rows = _rows_from_hub(hub_id, split, required + optional, path)
+        numbered = list(enumerate(rows, start=1))
         source = hub_id
     else:
         raise DataError(f"instruction pool not found at '{path}' and no data.hub_id configured; "
                         "set data.path to a JSONL file of {instruction, input, output} rows")
-    rows = [{ours: r[theirs] if theirs else "" for ours, theirs in zip(FIELDS, source_fields)} for r in rows]
+    rows = [{ours: (r.get(theirs) or "") if theirs else "" for ours, theirs in source_fields.items()}
+            for _, r in numbered]
+    lines = [lineno for lineno, _ in numbered]
     if not rows:
         raise DataError(f"instruction pool {source} is empty")
+    rows, lines, source = without_duplicates(rows, lines, source, drop_duplicates)
     if subsample is not None:
         if isinstance(subsample, bool) or not isinstance(subsample, int) or not 0 < subsample <= len(rows):
             raise ConfigError(f"data.subsample={subsample} must be a whole number of samples in 1..{len(rows)} "
                               "(the pool size), or null for the whole pool")
         keep = sorted(random.Random(seed).sample(range(len(rows)), subsample))
-        rows = [rows[i] for i in keep]
+        rows, lines = [rows[i] for i in keep], [lines[i] for i in keep]
         source += f" (seeded subsample {subsample}, seed {seed})"
-    return Pool(rows=rows, source=source, fingerprint=_fingerprint(rows))
+    return Pool(rows=rows, source=source, fingerprint=_fingerprint(rows), lines=tuple(lines))
 
 
 def pool_from_config(path: str | None = None, hub_id: str | None = None, split: str = "train",
                      subsample: int | None = None, subsample_seed: int = 0, field_map: dict | None = None,
-                     name: str | None = None, **unknown) -> Pool:
+                     drop_duplicates: bool = True, name: str | None = None, **unknown) -> Pool:
     """The ``_target_`` of every data preset (conf/data/jsonl.yaml names each key): the pool it describes.
 
     A key that is not one of these parameters stops the run with its name and the allowed ones: Hydra adds
@@ -182,7 +203,36 @@ def pool_from_config(path: str | None = None, hub_id: str | None = None, split: 
     if not path and not hub_id:
         raise ConfigError(f"data.path is not set{f' (data={name})' if name else ''}: add data.path=<a JSONL "
                           "file of {instruction, input, output} rows>")
-    return load_pool(path, hub_id, split, subsample, subsample_seed, field_map=field_map)
+    if not isinstance(drop_duplicates, bool):
+        raise ConfigError(f"data.drop_duplicates={drop_duplicates!r} is not a boolean; allowed: true or false")
+    return load_pool(path, hub_id, split, subsample, subsample_seed, field_map=field_map,
+                     drop_duplicates=drop_duplicates)
+
+
+def without_duplicates(rows: list[dict], lines: list[int], source: str, drop: bool = True
+                       ) -> tuple[list[dict], list[int], str]:
+    """(rows, lines, source) with every repeat of an earlier row dropped (``drop``) or only counted: a
+    repeat has the same instruction, input and output up to surrounding whitespace. A copy left in the pool
+    can be drawn both for training and for validation (``hold_out``), where it leaks into ``keep: best``,
+    and be selected twice. The count goes into the log and the pool's ``source`` (results.json's selection
+    record, ``pool_source``)."""
+    first: dict[tuple, int] = {}
+    repeats = {}  # index of a repeat -> index of the row it repeats
+    for i, r in enumerate(rows):
+        j = first.setdefault(tuple(r[f].strip() for f in FIELDS), i)
+        if j != i:
+            repeats[i] = j
+    if not repeats:
+        return rows, lines, source
+    log.warning("instruction pool %s: %d of its %d rows repeat an earlier one (line: line repeated, first few: "
+                "%s); %s", source, len(repeats), len(rows),
+                ", ".join(f"{lines[i]}: {lines[j]}" for i, j in list(repeats.items())[:5]),
+                "dropped" if drop else "kept (data.drop_duplicates=false)")
+    source += f" ({len(repeats)} duplicate rows {'dropped' if drop else 'kept'})"
+    if not drop:
+        return rows, lines, source
+    kept = [i for i in range(len(rows)) if i not in repeats]
+    return [rows[i] for i in kept], [lines[i] for i in kept], source
 
 
 @dataclass(frozen=True)

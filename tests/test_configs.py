@@ -117,6 +117,8 @@ def intended_changes(preset: str, want: dict) -> dict:
 
     #31: ``budget_unit`` (samples, as before; or tokens).
 
+    #30: every data preset names ``drop_duplicates`` (true: a pool's repeated rows are dropped).
+
     #37: conf/config.yaml sets no group's keys: the embedded default's LoRA values are the option
     ``recovery=lora_cpu`` (the same values; the CPU editions choose it too), and the paper presets choose
     ``recovery=lora`` whole, so they validate on 2,000 held-out samples every 100 steps as the recipe says
@@ -155,6 +157,7 @@ def intended_changes(preset: str, want: dict) -> dict:
     data = want["config"]["data"]
     data.setdefault("_target_", "paser.data.pool_from_config")
     data.setdefault("field_map", None)
+    data.setdefault("drop_duplicates", True)
     if preset == "data=jsonl":
         data["subsample"] = None
     calibration = want["config"]["pruner"].get("calibration")

@@ -92,7 +92,7 @@ def test_pool_from_config_is_load_pool_with_the_data_keys(tmp_path):
                             field_map=field_map)
     assert pool == load_pool(str(path), None, "train", 5, 2, field_map=field_map)
     with pytest.raises(ConfigError, match=r"data\.subsampel is not a key of the data config \(mine\); "
-                                          r"allowed: path, hub_id, split, subsample, subsample_seed, field_map, name"):
+                                          r"allowed: path, hub_id, split, subsample, subsample_seed, field_map, drop_duplicates, name"):
         pool_from_config(name="mine", path=str(path), subsampel=5)
     with pytest.raises(ConfigError, match=r"data\.path is not set \(data=jsonl\)"):
         pool_from_config(name="jsonl", path=None)
