@@ -30,6 +30,7 @@ from paser import distributed
 from paser.budget import Budget, check_unit, resolve_budget
 from paser.cache import StageCache, config_hash, library_versions, to_plain
 from paser.components import Selection, SelectionContext, declared, environment, evaluate_all
+from paser.config_keys import check_top_level_keys
 from paser.data import Pool, calibration_recipe, calibration_set, encode_pool, hold_out
 from paser.embedding import load_embedder
 from paser.errors import ConfigError, DataError, PaserError
@@ -161,6 +162,7 @@ def check_lengths(cfg: DictConfig) -> None:
 
 
 def build_components(cfg: DictConfig) -> Components:
+    check_top_level_keys(cfg)
     check_lengths(cfg)
     pool = _instantiate(cfg.data)  # paser.data.pool_from_config (conf/data/jsonl.yaml)
     recovery = _instantiate(cfg.recovery) if cfg.recovery.get("_target_") else None
