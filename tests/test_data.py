@@ -84,6 +84,41 @@ def test_field_map_for_pools_without_input(tmp_path):
     assert pool.rows == [{"instruction": "q", "input": "", "output": "a"}]
 
 
+def test_input_is_optional_and_rows_keep_their_line_numbers(tmp_path):
+    """Rows without input (or with a null one) get an empty input; blank lines are skipped, and each row's
+    line in the file survives the seeded subsample."""
+    path = tmp_path / "p.jsonl"
+    lines = [json.dumps({"instruction": "i1", "output": "o1"}), "",
+             json.dumps({"instruction": "i3", "input": None, "output": "o3"}),
+             json.dumps({"instruction": "i4", "input": "x4", "output": "o4"}), "   ",
+             json.dumps({"instruction": "i6", "output": "o6"})]
+    path.write_text("\n".join(lines) + "\n")
+    pool = load_pool(str(path))
+    assert pool.rows == [{"instruction": "i1", "input": "", "output": "o1"},
+                         {"instruction": "i3", "input": "", "output": "o3"},
+                         {"instruction": "i4", "input": "x4", "output": "o4"},
+                         {"instruction": "i6", "input": "", "output": "o6"}]
+    assert pool.lines == (1, 3, 4, 6)
+    sub = load_pool(str(path), subsample=2, seed=1)
+    for row, line in zip(sub.rows, sub.lines):  # the line holds the row: its instruction is i<line>
+        assert row["instruction"] == f"i{line}"
+    with pytest.raises(DataError, match=r"p.jsonl:1: field\(s\) \['input'\] must be strings"):
+        path.write_text(json.dumps({"instruction": "i", "input": 3, "output": "o"}) + "\n")
+        load_pool(str(path))
+
+
+def test_a_missing_field_points_at_field_map(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "q", "completion": "a"}) + "\n")
+    with pytest.raises(DataError, match=r"p.jsonl:1: missing field\(s\) \['instruction', 'output'\]; every row needs "
+                                        r"\['instruction', 'output'\] and this one has \['prompt', 'completion'\]\. "
+                                        r"If your file names them differently, map them to ours with one override, "
+                                        r"e.g. data.field_map='\{instruction: prompt, output: completion\}'"):
+        load_pool(str(path))
+    pool = load_pool(str(path), field_map={"instruction": "prompt", "output": "completion"})
+    assert pool.rows == [{"instruction": "q", "input": "", "output": "a"}]
+
+
 def test_pool_from_config_is_load_pool_with_the_data_keys(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text("".join(json.dumps({"instruction": f"i{k}", "response": f"o{k}"}) + "\n" for k in range(20)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import subprocess
 import sys
 
@@ -79,3 +80,39 @@ def test_two_runs_started_in_the_same_millisecond_keep_both_results(tmp_path):
     folders = sorted((tmp_path / "out" / "runs" / "default").iterdir())
     assert [f.name.split("_pid")[0] for f in folders] == ["2030-01-02_03-04-05.678"] * 2
     assert sorted(json.loads((f / "results.json").read_text())["seed"] for f in folders) == [0, 1]
+
+
+# ------------------------------------------------------------------------------------ own data
+
+def readme_data_commands() -> dict[str, list[str]]:
+    """The overrides of README's "Your own data" commands, by the file each names (as a shell splits them)."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Your own data"):]
+    section = section[:section.index("\n## ", 1)]
+    commands = [shlex.split(line, comments=True) for line in section.splitlines() if line.startswith("python run.py")]
+    return {next(a for a in c if a.startswith("data.path=")).split("=", 1)[1]: c[2:] for c in commands}
+
+
+OWN_FILES = {  # what README's commands are for: Alpaca-style (input on some rows), LaMini-style, prompt/completion
+    "pool.jsonl": lambda k: {"instruction": f"Question {k}?", **({"input": f"context {k}"} if k % 3 else {}),
+                             "output": f"Answer {k}."},
+    "lamini.jsonl": lambda k: {"instruction": f"Question {k}?", "response": f"Answer {k}."},
+    "pairs.jsonl": lambda k: {"prompt": f"Question {k}?", "completion": f"Answer {k}."},
+}
+
+
+@requires_shared_data()
+@pytest.mark.parametrize("name", sorted(OWN_FILES))
+def test_own_data_runs_with_the_readme_override(compose_cfg, tmp_path, name):
+    overrides = readme_data_commands()[name]
+    assert overrides[0] == "data=jsonl" and len(overrides) == (2 if name == "pool.jsonl" else 3)  # one override
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(OWN_FILES[name](k)) + "\n" for k in range(1, 31)))
+    cfg = compose_cfg(TINY_RUN + [o if not o.startswith("data.path=") else f"data.path={path}" for o in overrides])
+    results = pipeline.run(cfg, run_dir=tmp_path / "run")
+    assert results["selection"]["stats"]["selected"] == 6
+    pool = pipeline.build_components(cfg).pool
+    assert [r["instruction"] for r in pool.rows] == [f"Question {k}?" for k in pool.lines]
+    assert [r["output"] for r in pool.rows] == [f"Answer {k}." for k in pool.lines]
+    assert [r["input"] for r in pool.rows] == [f"context {k}" if name == "pool.jsonl" and k % 3 else ""
+                                               for k in pool.lines]

@@ -145,9 +145,12 @@ def test_malformed_pool_line_names_file_and_line(compose_cfg, tmp_path):
 
 def test_pool_row_missing_a_field(compose_cfg, tmp_path):
     pool = tmp_path / "pool.jsonl"
-    pool.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n")
+    pool.write_text(json.dumps({"instruction": "a", "input": "", "output": "b"}) + "\n"
+                    + json.dumps({"prompt": "a", "completion": "b"}) + "\n")
     cfg = compose_cfg(TINY_RUN + ["data=jsonl", f"data.path={pool}", "data.subsample=null", "budget=1"])
-    with pytest.raises(DataError, match=r"pool.jsonl:1: missing field\(s\) \['input'\]"):
+    with pytest.raises(DataError, match=r"pool.jsonl:2: missing field\(s\) \['instruction', 'output'\]; every row "
+                                        r"needs \['instruction', 'output'\] and this one has \['prompt', 'completion'\]\. "
+                                        r"If your file names them differently.*data\.field_map="):
         pipeline.run(cfg, run_dir=tmp_path / "r")
 
 
