@@ -7,6 +7,7 @@ import logging
 import os
 import platform
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -85,7 +86,72 @@ def host_facts(device: torch.device) -> dict:
 
 
 def peak_memory_gib(device: torch.device) -> float | None:
-    """Peak memory allocated by torch on ``device`` so far (GPUs only; None on the CPU)."""
+    """Peak memory allocated by torch on ``device`` since its last reset (GPUs only; None on the CPU)."""
     if device.type != "cuda":
         return None
     return round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+
+
+HIGH_WATER = re.compile(r"^VmHWM:\s+(\d+) kB", re.MULTILINE)
+
+
+def host_peak_gib() -> float:
+    """The process's peak resident set since its last reset (Linux: VmHWM), else since it started."""
+    try:
+        return round(int(HIGH_WATER.search(Path("/proc/self/status").read_text()).group(1)) / 2**20, 3)
+    except (OSError, AttributeError):
+        import resource  # ru_maxrss: kB on Linux, bytes on macOS
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return round(peak / (2**30 if platform.system() == "Darwin" else 2**20), 3)
+
+
+def reset_host_peak() -> bool:
+    """Reset the process's resident-set high-water mark to its current size (Linux >= 4.0: write 5 to
+    /proc/self/clear_refs); False where that is impossible (then host peaks count from the process start)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+class StagePeaks:
+    """Peak memory of each stage: the resident set of the whole process on the host (everything resident
+    while the stage ran, e.g. a model loaded before it, counts) and torch's allocations on the run's GPU.
+    Both counters are reset when a stage starts; a stage that runs inside another (the prune stage inside
+    the pruned model's evaluation) hands its peak on to the one around it."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.open: list[dict] = []  # the peaks so far of the stages around the current one
+
+    def _read(self) -> dict:
+        return {"peak_host_rss_gib": host_peak_gib(), "peak_gpu_memory_gib": peak_memory_gib(self.device)}
+
+    def _reset(self) -> bool:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return reset_host_peak()
+
+    @contextmanager
+    def measure(self, into: dict):
+        """Writes this stage's ``peak_host_rss_gib`` and ``peak_gpu_memory_gib`` (None on the CPU) into
+        ``into`` when the stage ends; ``peak_host_rss_since: process start`` where it cannot be reset."""
+        if self.open:
+            self.open[-1] = _larger(self.open[-1], self._read())
+        per_stage = self._reset()
+        self.open.append({})
+        try:
+            yield
+        finally:
+            peaks = _larger(self.open.pop(), self._read())
+            into.update(peaks)
+            if not per_stage:
+                into["peak_host_rss_since"] = "process start"
+            if self.open:
+                self.open[-1] = _larger(self.open[-1], peaks)
+
+
+def _larger(a: dict, b: dict) -> dict:
+    return {k: max((v for v in (a.get(k), b.get(k)) if v is not None), default=None) for k in a.keys() | b.keys()}

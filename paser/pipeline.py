@@ -35,7 +35,7 @@ from paser.data import Pool, calibration_recipe, calibration_set, encode_pool, h
 from paser.embedding import load_embedder
 from paser.errors import ConfigError, DataError, PaserError
 from paser.fingerprint import code_version, file_fingerprint
-from paser.hardware import host_facts, peak_memory_gib, resolve_device
+from paser.hardware import StagePeaks, host_facts, resolve_device
 from paser.models import load_model, load_saved, load_tokenizer, model_identity, save_model
 from paser.pruners.common import parameter_count, sparsity_report
 from paser.tracking import NullLogger, check_fresh, git_commit, run_stamp, set_active, write_results
@@ -281,6 +281,7 @@ class Run:
         self.models = Models(cfg, self.cache, device)
         self.keys = Keys.build(cfg, parts)
         self.timer = Timer()
+        self.peaks = StagePeaks(device)
 
     def cached(self, name: str, stage: str, key: dict, compute, save, load, ranks: str = "main"):
         """The stage's value: ``load(entry)`` of a cached entry, or ``compute()`` stored with
@@ -289,7 +290,7 @@ class Run:
         the others then take rank 0's stored entry; "only_main", only rank 0 calls this at all."""
         box = {}
         collective = ranks != "only_main"
-        with self.timer.stage(name) as t:
+        with self.timer.stage(name) as t, self.peaks.measure(t):  # peak memory from the stage's start
             before = {k: dict(v) for k, v in self.cache.counts.items()}
             if not distributed.is_main():
                 if distributed.broadcast(None) is None and ranks == "all":  # rank 0 found no entry
@@ -311,7 +312,6 @@ class Run:
             chunks = _count_diff(before, self.cache.counts)
             if chunks:
                 t["chunks"] = chunks
-            t["peak_gpu_memory_gib"] = peak_memory_gib(self.device)
             return box["value"] if "value" in box else load(entry)
 
     def _wait_for(self, stage: str, key: dict) -> Path:

@@ -378,3 +378,68 @@ def test_reloading_a_pruned_checkpoint_does_not_raise_the_host_peak_by_the_unpru
                          text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     grown_mb = float(out.stdout.strip().splitlines()[-1])
     assert grown_mb < 100, f"the reload raised the host peak by {grown_mb:.0f} MB (unpruned MLP: 805 MB)"
+
+
+class _FakeGpu:
+    """torch.cuda's peak counters on a CPU-only machine: ``hold(gib)`` sets what is allocated now."""
+
+    def __init__(self, monkeypatch):
+        self.now = self.peak = 0.0
+        monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: self.peak * 2**30)
+        monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: setattr(self, "peak", self.now))
+
+    def hold(self, gib: float) -> None:
+        self.now, self.peak = gib, max(self.peak, gib)
+
+
+def test_each_stage_records_its_own_host_and_gpu_peak(tmp_path, monkeypatch):
+    """results.json's per-stage peaks (Run.cached): the counters restart with every stage, so a stage that
+    follows a hungry one reports its own peak, and a stage run inside another (the prune stage inside the
+    pruned model's evaluation) hands its peak on to the one around it."""
+    from types import SimpleNamespace
+
+    from paser.cache import StageCache
+    from paser.hardware import StagePeaks
+    from paser.pipeline import Run, Timer
+
+    gpu = _FakeGpu(monkeypatch)
+    run = SimpleNamespace(timer=Timer(), peaks=StagePeaks(torch.device("cuda", 0)), cache=StageCache(tmp_path))
+
+    def stage(name, work):
+        def compute():
+            work()
+            return name
+        return Run.cached(run, name, "peaks", {"stage": name}, compute, save=lambda v, d: None, load=lambda d: None)
+
+    def hungry():  # 400 MB on the host and 30 GiB on the GPU, freed before the inner stage
+        block = np.ones(400 * 2**20 // 8)
+        gpu.hold(30.0)
+        del block
+        gpu.hold(2.0)
+        stage("inner", modest)
+
+    def modest():  # 100 MB and 5 GiB
+        block = np.ones(100 * 2**20 // 8)
+        gpu.hold(5.0)
+        del block
+        gpu.hold(2.0)
+
+    stage("outer", hungry)
+    stage("after", lambda: None)
+    t = run.timer.stages
+    assert [t[s]["peak_gpu_memory_gib"] for s in ("outer", "inner", "after")] == [30.0, 5.0, 2.0]
+    host = {s: t[s]["peak_host_rss_gib"] for s in ("outer", "inner", "after")}
+    assert host["outer"] > host["inner"] + 0.25 and host["outer"] > host["after"] + 0.3, host
+    assert host["inner"] > host["after"] + 0.05, host
+    assert not any("peak_host_rss_since" in t[s] for s in t)  # Linux resets the high-water mark
+
+
+def test_without_a_resettable_high_water_mark_the_host_peak_says_so(tmp_path, monkeypatch):
+    from paser import hardware
+
+    monkeypatch.setattr(hardware, "reset_host_peak", lambda: False)
+    into = {}
+    with hardware.StagePeaks(torch.device("cpu")).measure(into):
+        pass
+    assert into["peak_gpu_memory_gib"] is None and into["peak_host_rss_gib"] > 0
+    assert into["peak_host_rss_since"] == "process start"
