@@ -80,6 +80,8 @@ def test_two_runs_started_in_the_same_millisecond_keep_both_results(tmp_path):
     folders = sorted((tmp_path / "out" / "runs" / "default").iterdir())
     assert [f.name.split("_pid")[0] for f in folders] == ["2030-01-02_03-04-05.678"] * 2
     assert sorted(json.loads((f / "results.json").read_text())["seed"] for f in folders) == [0, 1]
+    log = (folders[0] / "run.log").read_text()  # the summary is in the run's log, not only on the screen
+    assert "ppl/wikitext2" in log and "selected 6 of 24 samples" in log and "NOTE: a wiring check" in log
 
 
 # ------------------------------------------------------------------------------------ own data

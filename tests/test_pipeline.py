@@ -6,6 +6,7 @@ import json
 import logging
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,13 +34,42 @@ def test_tiny_run_writes_complete_results(compose_cfg, tmp_path):
     assert saved["versions"]["torch"] and "git_commit" in saved
     assert saved["config"]["model"]["name"] == "tiny-llama"
     assert results["recovery"]["steps"] == 3  # 6 samples, batch 2, one epoch
+    summary = saved["summary"]
+    assert summary["selection"]["samples"] == 6 and summary["selection"]["pool"] == 24
+    assert summary["selection"]["tokens"] == saved["selection"]["stats"]["tokens"]["total"] > 0
+    wiki = summary["metrics"]["ppl/wikitext2"]
+    assert [wiki[s] for s in ("dense", "pruned", "recovered")] == [saved["metrics"][s]["ppl"]["wikitext2"]["ppl"]
+                                                                   for s in ("dense", "pruned", "recovered")]
+    assert summary["pruning"]["zero_weights_pct"] == pytest.approx(50, abs=1)
+    assert "wiring check" in summary["note"] and "mean nothing" in summary["note"]
+
+
+def test_selected_rows_name_their_line_in_the_source_file(compose_cfg, tmp_path):
+    """selected.jsonl holds each chosen row with its line in the pool file (the pool is a seeded subsample
+    of it), in the order of selected_indices.json."""
+    cfg = compose_cfg(TINY_RUN)
+    pipeline.run(cfg, run_dir=tmp_path / "run")
+    chosen = [json.loads(line) for line in (tmp_path / "run" / "selected.jsonl").read_text().splitlines()]
+    assert [c["pool_index"] for c in chosen] == json.loads((tmp_path / "run" / "selected_indices.json").read_text())
+    source = Path(cfg.data.path).read_text(encoding="utf-8").splitlines()  # line n is source[n - 1]
+    assert len(chosen) == 6 and len({c["line"] for c in chosen}) == 6
+    for c in chosen:
+        row = json.loads(source[c["line"] - 1])
+        assert {k: c[k] for k in ("instruction", "input", "output")} == \
+            {k: row[k] for k in ("instruction", "input", "output")}
+    assert max(c["line"] for c in chosen) > 24  # lines of the file, not positions in the 24-row pool
 
 
 def test_default_components_llm_pruner_and_paser(compose_cfg, tmp_path):
     overrides = [o for o in TINY_RUN if not o.startswith(("pruner=", "selector="))]
     results = pipeline.run(compose_cfg(overrides), run_dir=tmp_path / "run")
     assert results["config"]["pruner"]["_target_"].endswith("LLMPruner")
-    assert results["prune"]["params_after"] < results["prune"]["params_before"]
+    prune = results["prune"]
+    assert prune["params_after"] < prune["params_before"]
+    # structured pruning removes parameters: the zeros left in the rest are not called its sparsity
+    assert "sparsity" not in prune and prune["zero_fraction"] < 0.01 and prune["param_reduction"] > 0.1
+    assert results["summary"]["pruning"]["params_removed_pct"] == pytest.approx(
+        100 * (1 - prune["params_after"] / prune["params_before"]))
     assert 0 < results["selection"]["stats"]["selected"] <= 6
     assert results["selection"]["diagnostics"]["clusters"]  # PASER's per-cluster diagnostics
     assert (tmp_path / "run" / "paser_clusters.png").exists()
@@ -165,14 +195,29 @@ def test_selector_artifacts_must_be_plain_file_names(tmp_path):
     assert not (tmp_path / "escape.txt").exists()
 
 
-def test_summary_says_how_much_of_the_gap_recovery_closed():
-    from paser.pipeline import gap_closed, summary_table
+def test_summary_says_how_much_of_each_gap_recovery_closed():
+    from paser.reporting import gap_closed, metric_table, summary_table
 
-    metrics = {"dense": {"ppl": {"wikitext2": {"ppl": 50.0}, "ptb": {"ppl": 100.0}}},
-               "pruned": {"ppl": {"wikitext2": {"ppl": 250.0}, "ptb": {"ppl": 300.0}}},
-               "recovered": {"ppl": {"wikitext2": {"ppl": 200.0}, "ptb": {"ppl": 310.0}}}}
+    def zs(piqa, mean):
+        return {"tasks": {"piqa": {"metric": "acc", "score": piqa}}, "mean": mean}
+
+    metrics = {"dense": {"ppl": {"wikitext2": {"ppl": 50.0}, "ptb": {"ppl": 100.0}}, "zeroshot": zs(0.70, 0.62)},
+               "pruned": {"ppl": {"wikitext2": {"ppl": 250.0}, "ptb": {"ppl": 300.0}}, "zeroshot": zs(0.60, 0.50)},
+               "recovered": {"ppl": {"wikitext2": {"ppl": 200.0}, "ptb": {"ppl": 310.0}}, "zeroshot": zs(0.65, 0.59)}}
     assert gap_closed(metrics) == {"wikitext2": 0.25, "ptb": -0.05}  # (250-200)/(250-50), (300-310)/(300-100)
     assert gap_closed({k: v for k, v in metrics.items() if k != "recovered"}) == {}
-    text = summary_table({"metrics": metrics, "timings": {}, "run_dir": "r",
-                          "selection": {"stats": {"selected": 1}, "pool_size": 2}})
-    assert "recovery closed 25.0% of the wikitext2 gap, -5.0% of the ptb gap" in text
+    table = metric_table(metrics)
+    assert table["ppl/wikitext2"] == {"unit": "perplexity", "dense": 50.0, "pruned": 250.0, "recovered": 200.0,
+                                      "gap_closed_pct": 25.0}
+    assert table["ppl/ptb"]["gap_closed_pct"] == pytest.approx(-5.0)
+    # accuracies in percent, as the tables give them: (50 - 59) / (50 - 62) = 75% of the gap
+    assert table["zeroshot/mean"] == pytest.approx({"unit": "accuracy %", "dense": 62.0, "pruned": 50.0,
+                                                    "recovered": 59.0, "gap_closed_pct": 75.0})
+    assert table["zeroshot/piqa"]["unit"] == "acc %" and table["zeroshot/piqa"]["gap_closed_pct"] == pytest.approx(50)
+    assert "gap_closed_pct" not in metric_table({k: v for k, v in metrics.items() if k != "recovered"})["ppl/ptb"]
+    text = summary_table({"summary": {"metrics": table, "selection": {"samples": 1, "pool": 2, "tokens": 300},
+                                      "pruning": {"params_removed_pct": None, "zero_weights_pct": 50.0}},
+                          "timings": {}, "run_dir": "r"})
+    assert "ppl/wikitext2" in text and "25.0%" in text and "-5.0%" in text and "zeroshot/mean (accuracy %)" in text
+    assert "pruning zeroed 50.0% of the decoder weights" in text and "selected 1 of 2 samples (300 trained tokens)" in text
+    assert "NOTE" not in text

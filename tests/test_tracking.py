@@ -138,7 +138,7 @@ def test_selection_and_adapter_artifacts(compose_cfg, tmp_path, fake_wandb):
     assert len(fake_wandb.artifacts) == 2 and by_kind.keys() == {"selection", "adapter"}
     assert all(re.fullmatch(r"[A-Za-z0-9._-]+", a.name) for a in fake_wandb.artifacts)
     selection, adapter = by_kind["selection"], by_kind["adapter"]
-    assert selection.files == ["selected_indices.json", "notes.txt"]
+    assert selection.files == ["selected_indices.json", "selected.jsonl", "notes.txt"]
     assert selection.metadata == {"selector": "RandomWithNotes", "budget": 6, "selected": 6,
                                   "pool_fingerprint": results["selection"]["pool_fingerprint"]}
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(adapter.files)
