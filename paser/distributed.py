@@ -11,13 +11,20 @@ The split of work, stage by stage (paser.pipeline):
                          floating-point summation order (and dropout masks, which each rank draws itself).
   results, cache, W&B    written by rank 0 only.
 The cache folder must be on a filesystem all ranks see (it is on one node; on several nodes use a shared one).
-Outside torchrun (no WORLD_SIZE in the environment) every function here is a no-op for one process.
+
+Ranks come from torchrun's variables (WORLD_SIZE, RANK, LOCAL_RANK) or, where they are absent, from the srun
+step this process is a task of (SLURM_STEP_NUM_TASKS, SLURM_PROCID, SLURM_LOCALID): ``srun --ntasks-per-node=8
+python run.py ...`` runs one experiment on 8 GPUs per node, on one node or several, without torchrun. The
+rendezvous is MASTER_ADDR:MASTER_PORT when set, else the step's first node and a port derived from the job
+id. A batch script's own process (no srun step) is one process, whatever --ntasks the job asked for.
+Outside both every function here is a no-op for one process.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import re
 
 import torch
 import torch.distributed as dist
@@ -27,18 +34,46 @@ import torch.distributed as dist
 TIMEOUT = datetime.timedelta(hours=float(os.environ.get("PASER_DIST_TIMEOUT_H", "6")))
 
 
+# torchrun's variable -> the srun step's
+SLURM_NAMES = {"WORLD_SIZE": "SLURM_STEP_NUM_TASKS", "RANK": "SLURM_PROCID", "LOCAL_RANK": "SLURM_LOCALID"}
+
+
+def _launcher_value(name: str) -> str | None:
+    """torchrun's ``name``, else the srun step's equivalent (only inside a step: a batch script's own
+    process also sees SLURM_NTASKS and SLURM_PROCID=0, but no other task runs beside it)."""
+    value = os.environ.get(name)
+    if value is None and "WORLD_SIZE" not in os.environ and "SLURM_STEP_NUM_TASKS" in os.environ:
+        value = os.environ.get(SLURM_NAMES[name])
+    return value
+
+
 def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return int(_launcher_value("WORLD_SIZE") or 1)
 
 
 def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
+    return int(_launcher_value("RANK") or 0)
 
 
 def local_rank() -> int | None:
-    """This process's index on its node under torchrun, else None."""
-    value = os.environ.get("LOCAL_RANK")
+    """This process's index on its node under torchrun or srun, else None."""
+    value = _launcher_value("LOCAL_RANK")
     return int(value) if value is not None else None
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM host list ("gpu[003-005,9],cpu1" -> "gpu003"), without scontrol."""
+    head = re.match(r"[^,\[]*(\[[^\]]*\][^,\[]*)*", nodelist.strip()).group(0)
+    return re.sub(r"\[([^\],-]+)[^\]]*\]", r"\1", head)
+
+
+def rendezvous() -> tuple[str, str]:
+    """(MASTER_ADDR, MASTER_PORT) of an srun-launched group: the environment's when set, else the step's
+    first node and 20000 + job id mod 20000 (the same on every task, unlikely to clash between jobs)."""
+    nodes = next((os.environ[k] for k in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
+                  if os.environ.get(k)), "127.0.0.1")
+    port = 20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000
+    return os.environ.get("MASTER_ADDR") or first_host(nodes), os.environ.get("MASTER_PORT") or str(port)
 
 
 def is_main() -> bool:
@@ -50,12 +85,18 @@ def active() -> bool:
 
 
 def init(device: torch.device) -> None:
-    """Join the process group torchrun describes (once per process); nothing for a single process."""
+    """Join the process group torchrun or srun describes (once per process); nothing for a single process."""
     if world_size() <= 1 or dist.is_initialized():
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if "WORLD_SIZE" in os.environ:  # torchrun set up the rendezvous
+        dist.init_process_group(backend, timeout=TIMEOUT)
+        return
+    addr, port = rendezvous()
+    dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank(), world_size=world_size(),
+                            timeout=TIMEOUT)
 
 
 def broadcast(obj):

@@ -23,9 +23,9 @@ def resolve_device(spec: str | None = "auto", job_index: int | None = None) -> t
     """The device a run's models live on.
 
     auto   the GPU of this process when CUDA is present, else the CPU. "This process's GPU" is
-           cuda:<LOCAL_RANK> under torchrun, cuda:<job number mod GPUs> for a job of a local parallel sweep
-           (hydra joblib: one GPU per job, not every job on every GPU), else cuda:0. SLURM jobs see only
-           their own GPUs (CUDA_VISIBLE_DEVICES), so they get cuda:0 of their allocation.
+           cuda:<LOCAL_RANK> under torchrun, cuda:<SLURM_LOCALID> for a task of an srun step (mod the GPUs
+           it sees: a task bound to its own GPU sees one), cuda:<job number mod GPUs> for a job of a local
+           parallel sweep (hydra joblib: one GPU per job, not every job on every GPU), else cuda:0.
     cuda   the same choice, but an error when no GPU is visible;  cuda:N  exactly that GPU;  cpu.
     """
     spec = "auto" if spec is None else str(spec)
@@ -59,16 +59,42 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def has_amx() -> bool:
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (/proc/cpuinfo; empty where there is none)."""
     try:
-        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), "")
+    return set(line.partition(":")[2].split())
+
+
+def has_amx() -> bool:
+    return "amx_bf16" in cpu_flags()
+
+
+BF16_UNITS = ("amx_bf16", "avx512_bf16")  # x86 instructions that compute in bf16 (oneDNN uses them)
+
+
+def cpu_bf16_units() -> list[str]:
+    """The CPU's bf16 instructions among BF16_UNITS; none means bf16 is emulated (converted to fp32)."""
+    flags = cpu_flags()
+    return [unit for unit in BF16_UNITS if unit in flags]
+
+
+def auto_dtype(device: torch.device) -> str:
+    """``dtype: auto``: bfloat16 on a GPU and on a CPU with bf16 instructions (AMX or AVX512-BF16), float32
+    on other CPUs, where bf16 is emulated and slower than fp32. scripts/bench_dtype.py measures it: a
+    SmolLM2-135M-shaped forward on one thread of an AMD EPYC with AVX512-BF16 ran bf16 faster than fp32, and
+    fp32 faster with oneDNN kept off those instructions (ONEDNN_MAX_CPU_ISA=AVX512_CORE); README: Quick start."""
+    if device.type == "cuda":
+        return "bfloat16"
+    return "bfloat16" if cpu_bf16_units() else "float32"
 
 
 def host_facts(device: torch.device) -> dict:
     """What a reader needs beside a time: the device, CPU model and AMX, GPUs, torch and CUDA versions."""
-    facts = {"device": str(device), "cpu": cpu_model(), "amx_bf16": has_amx(),
+    facts = {"device": str(device), "cpu": cpu_model(), "amx_bf16": has_amx(), "cpu_bf16_units": cpu_bf16_units(),
              "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the ISA of torch's CPU kernels
              "cpu_cores": os.cpu_count(),
              "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "cuda": torch.version.cuda,

@@ -114,3 +114,110 @@ def test_fsdp_recovery_on_two_ranks_trains_the_one_process_adapter_and_resumes(t
     resumed, _ = run(tmp_path / "resumed", tmp_path / "fsdp_work")
     for name in sharded:
         torch.testing.assert_close(resumed[name], sharded[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+# ------------------------------------------------------------------------------------- SLURM (srun) ranks
+
+SRUN_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_STEP_NUM_TASKS",
+             "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS", "SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST",
+             "SLURM_NODELIST", "SLURM_JOB_ID")
+
+
+@pytest.fixture
+def srun_env(monkeypatch):
+    """Sets the given variables after clearing every launcher variable."""
+    for name in SRUN_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+    def set_env(**values):
+        for name, value in values.items():
+            monkeypatch.setenv(name, str(value))
+    return set_env
+
+
+def test_an_srun_task_is_a_rank_on_its_local_gpu(srun_env, monkeypatch):
+    from paser import distributed
+    from paser.hardware import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    srun_env(SLURM_STEP_NUM_TASKS=16, SLURM_NTASKS=16, SLURM_PROCID=11, SLURM_LOCALID=3)
+    assert (distributed.world_size(), distributed.rank(), distributed.local_rank()) == (16, 11, 3)
+    assert not distributed.is_main()
+    assert resolve_device("auto") == torch.device("cuda", 3)  # each task its own GPU, not all of them cuda:0
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # srun --gpus-per-task=1: one GPU visible
+    assert resolve_device("auto") == torch.device("cuda", 0)
+
+
+def test_torchrun_inside_slurm_and_a_batch_script_process_keep_their_own_ranks(srun_env):
+    from paser import distributed
+
+    srun_env(SLURM_STEP_NUM_TASKS=2, SLURM_PROCID=1, SLURM_LOCALID=1, WORLD_SIZE=16, RANK=5, LOCAL_RANK=5)
+    assert (distributed.world_size(), distributed.rank(), distributed.local_rank()) == (16, 5, 5)
+    # the batch script of an 8-task job runs python itself: no srun step, one process
+    for name in ("SLURM_STEP_NUM_TASKS", "WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        os.environ.pop(name)
+    srun_env(SLURM_NTASKS=8, SLURM_PROCID=0, SLURM_LOCALID=0)
+    assert (distributed.world_size(), distributed.rank(), distributed.local_rank()) == (1, 0, None)
+
+
+@pytest.mark.parametrize("nodelist, host", [("gpu[003-005,9],cpu1", "gpu003"), ("node7", "node7"),
+                                             ("a[1-2]-b[07-09],c", "a1-b07"), ("n1,n2", "n1")])
+def test_the_rendezvous_is_the_first_node_of_the_step(srun_env, nodelist, host):
+    from paser import distributed
+
+    srun_env(SLURM_STEP_NODELIST=nodelist, SLURM_JOB_NODELIST="other[1-4]", SLURM_JOB_ID=1234567)
+    assert distributed.rendezvous() == (host, str(20000 + 1234567 % 20000))
+    srun_env(MASTER_ADDR="10.0.0.2", MASTER_PORT=29555)
+    assert distributed.rendezvous() == ("10.0.0.2", "29555")
+
+
+SRUN_TASK = """
+import torch
+from paser import distributed
+distributed.init(torch.device("cpu"))
+total = torch.tensor([distributed.rank() + 1.0])
+distributed.sum_across_ranks([total])
+print(distributed.rank(), distributed.world_size(), distributed.local_rank(), int(total))
+distributed.shutdown()
+"""
+
+
+def _free_job_id() -> int:
+    """A SLURM job id whose derived rendezvous port (20000 + id mod 20000) is free on this host."""
+    import socket
+
+    for job in range(1000 + os.getpid() % 15000, 20000):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", 20000 + job))
+                return job
+            except OSError:
+                continue
+    raise RuntimeError("no free port in 20000-39999")
+
+
+def test_two_srun_tasks_form_one_process_group_without_torchrun(tmp_path):
+    """What ``srun --ntasks=2 python ...`` starts, without SLURM: two processes with only the step's variables
+    join one gloo group at the first node's derived port and sum across it."""
+    env = {k: v for k, v in ENV.items() if k not in SRUN_VARS}
+    env.update(SLURM_STEP_NUM_TASKS="2", SLURM_NTASKS="2", SLURM_STEP_NODELIST="localhost",
+               SLURM_JOB_ID=str(_free_job_id()), PYTHONPATH=str(ROOT))
+    procs = [subprocess.Popen([sys.executable, "-c", SRUN_TASK], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, env={**env, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)})
+             for i in range(2)]
+    lines = sorted(finish(p).strip().splitlines()[-1] for p in procs)
+    assert lines == ["0 2 0 3", "1 2 1 3"]
+
+
+def test_the_multi_gpu_slurm_preset_starts_one_task_per_gpu():
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["hydra/launcher=cluster_multigpu", "hydra.launcher.nodes=2"],
+                      return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")  # its batch script runs srun
+    assert launcher.tasks_per_node == launcher.gpus_per_node == 8 and launcher.nodes == 2
