@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 CLUSTER_MODES = (None, "s2ric")
 CLUSTERING_KNOBS = ("reducer", "n_components", "n_neighbors", "n_clusters", "diffusion_time", "k_range",
                     "min_cluster_size", "row_normalize", "nmf_input")  # s2ric_clusters' knobs; with "allocation", the block's keys
-CLUSTERING_KEYS = (*CLUSTERING_KNOBS, "allocation")
+# with "allocation" and "method" (s2ric or an alternative of clustering_methods.py), the block's keys
+CLUSTERING_KEYS = (*CLUSTERING_KNOBS, "allocation", "method")
 
 
 def clustering_defaults() -> dict:
@@ -42,6 +43,7 @@ def clustering_defaults() -> dict:
 def clustering_block(clustering: dict | None) -> dict:
     """The ``selector.clustering`` block of PASER and the hybrids, checked and completed with the defaults:
     S²RIC's knobs and the rule that turns cluster weights (PASER: CDS; hybrids: sizes) into budget shares."""
+    from paser.selectors.clustering_methods import check_method
     from paser.selectors.paser.allocation import RULES
     from paser.selectors.paser.clustering import NMF_INPUTS, REDUCERS, check_min_cluster_size
 
@@ -49,7 +51,8 @@ def clustering_block(clustering: dict | None) -> dict:
     extra = set(given) - set(CLUSTERING_KEYS)
     if extra:
         raise ConfigError(f"selector.clustering has unknown key(s) {sorted(extra)}; allowed: {sorted(CLUSTERING_KEYS)}")
-    block = {**clustering_defaults(), **given}
+    block = {**clustering_defaults(), "method": "s2ric", **given}
+    check_method(block["method"], block["min_cluster_size"])
     for key, allowed in (("reducer", REDUCERS), ("nmf_input", NMF_INPUTS), ("allocation", RULES)):
         if block[key] not in allowed:
             raise ConfigError(f"selector.clustering.{key}={block[key]!r} is unknown; allowed: {list(allowed)}")
@@ -131,10 +134,14 @@ def select_within_clusters(rank_key: np.ndarray, labels: np.ndarray, budget,
 
 def s2ric_labels(ctx, pool, clustering: dict) -> tuple[np.ndarray, dict]:
     """S²RIC cluster labels of the pool's instruction embeddings and the clustering's diagnostics, cached
-    together per (pool, embedder, knobs): a warm run reports the same diagnostics as a cold one."""
-    from paser.embedding import embed_pool
+    together per (pool, embedder, knobs): a warm run reports the same diagnostics as a cold one. Another
+    ``clustering.method`` (TF-IDF NMF/LDA/KMeans, spectral) comes from ``clustering_methods.method_labels``."""
+    from paser.embedding import embed_pool, embedding_dependencies
+    from paser.selectors.clustering_methods import method_labels
     from paser.selectors.paser.clustering import cluster_embeddings
 
+    if clustering["method"] != "s2ric":
+        return method_labels(ctx, pool, clustering)
     knobs = {k: clustering[k] for k in CLUSTERING_KNOBS}
 
     def compute() -> dict:
@@ -142,8 +149,8 @@ def s2ric_labels(ctx, pool, clustering: dict) -> tuple[np.ndarray, dict]:
                                           **{**knobs, "k_range": tuple(knobs["k_range"])})
         return {"labels": np.asarray(labels, dtype=np.int64).tolist(), "diagnostics": _json_scalars(diag)}
 
-    out = ctx.cached_result("s2ric_labels", ("pool",), {"embedder": ctx.embedder_name, "seed": ctx.seed,
-                                                         **knobs}, compute)
+    out = ctx.cached_result("s2ric_labels", embedding_dependencies(ctx.embedder_name),
+                            {"embedder": ctx.embedder_name, "seed": ctx.seed, **knobs}, compute)
     return np.asarray(out["labels"], dtype=np.int64), out["diagnostics"]
 
 

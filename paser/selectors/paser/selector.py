@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import time
+from collections import Counter
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from paser.components import Selection
 from paser.data import encode_pool
 from paser.errors import ConfigError
 from paser.selectors.clustered import cached_clustering, clustering_block
+from paser.selectors.clustering_methods import method_labels
 from paser.selectors.paser.allocation import allocate_budget
 from paser.selectors.paser.concepts import (
     CONCEPT_METHODS,
@@ -50,6 +52,27 @@ IES_LENGTHS = ("tokens", "official", "none")
 CLUSTER_ORDERS = ("index", "cds")
 CCG_VERTICES = ("concepts", "edges")
 FIELDS = ("instruction", "input", "output")
+NTM_METHODS = ("ccg", "keyword", "cosine", "none")
+NTM_THRESHOLDS = {"keyword": 0.5, "cosine": 0.9}  # defaults of selector.ntm_threshold (null)
+
+
+def ntm_choice(ntm: str, use_ntm: bool = True, threshold: float | None = None) -> tuple[str, float | None]:
+    """(NTM method, its threshold) from ``selector.ntm``, ``use_ntm`` (false is ntm=none, the older switch)
+    and ``selector.ntm_threshold`` (keyword and cosine only; null: their default)."""
+    ntm = check_choice("ntm", ntm, NTM_METHODS)
+    if not use_ntm:
+        if ntm not in ("ccg", "none"):
+            raise ConfigError(f"selector.use_ntm=false contradicts selector.ntm={ntm}: set one of them "
+                              "(use_ntm=false is ntm=none)")
+        ntm = "none"
+    if ntm not in NTM_THRESHOLDS:
+        if threshold is not None:
+            raise ConfigError(f"selector.ntm_threshold={threshold} applies to ntm=keyword|cosine, not ntm={ntm}")
+        return ntm, None
+    threshold = NTM_THRESHOLDS[ntm] if threshold is None else threshold
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
+        raise ConfigError(f"selector.ntm_threshold={threshold!r} must be a number in (0, 1] (ntm={ntm})")
+    return ntm, float(threshold)
 
 
 def ies(divergence: np.ndarray, lengths: np.ndarray, use_log: bool = True) -> np.ndarray:
@@ -72,19 +95,94 @@ def summary(values: np.ndarray, bins: int = 20) -> dict:
             "q95": float(q[4]), "histogram": {"counts": counts.tolist(), "edges": [float(e) for e in edges]}}
 
 
+class GraphScreen:
+    """ntm=ccg, the paper's NTM: the Concept Consistency Graph (``concepts.ConceptGraph``) rejects a sample
+    two of whose concepts are both in the graph but not linked; an accepted sample links all its concepts."""
+
+    needs_concepts = True
+
+    def __init__(self, edges_only: bool = False):
+        self.graph = ConceptGraph(edges_only)
+
+    def conflict(self, i: int, concepts: list[str]) -> dict | None:
+        pair = self.graph.conflict(concepts)
+        return None if pair is None else {"conflict": list(pair)}
+
+    def accept(self, i: int, concepts: list[str]) -> None:
+        self.graph.add(concepts)
+
+
+class KeywordScreen:
+    """ntm=keyword, "simple keyword filtering" (our reading: the paper names it without defining it). A
+    sample's keywords are the words of its concepts (RAKE's content words, the same extractor and settings
+    as the CCG's). It is rejected when the Jaccard overlap |A ∩ B| / |A ∪ B| of its keywords A with those B
+    of one accepted sample of its cluster is at least ``threshold``: it repeats what the cluster already
+    has, whether it agrees or not. A sample without keywords is accepted."""
+
+    needs_concepts = True
+
+    def __init__(self, labels: np.ndarray, threshold: float):
+        self.labels, self.threshold = labels, threshold
+        self.postings: dict[tuple[int, str], list[int]] = {}  # (cluster, keyword) -> accepted samples
+        self.keywords: dict[int, frozenset[str]] = {}
+
+    def conflict(self, i: int, concepts: list[str]) -> dict | None:
+        words = frozenset(w for c in concepts for w in c.split())
+        shared = Counter(j for w in words for j in self.postings.get((int(self.labels[i]), w), ()))
+        for j, n in sorted(shared.items(), key=lambda jn: (-jn[1], jn[0])):
+            jaccard = n / (len(words) + len(self.keywords[j]) - n)
+            if jaccard >= self.threshold:
+                return {"with": int(j), "jaccard": round(jaccard, 4)}
+        return None
+
+    def accept(self, i: int, concepts: list[str]) -> None:
+        words = frozenset(w for c in concepts for w in c.split())
+        self.keywords[i] = words
+        for w in words:
+            self.postings.setdefault((int(self.labels[i]), w), []).append(i)
+
+
+class CosineScreen:
+    """ntm=cosine, "cosine-similarity thresholding" (our reading: the paper names it without defining it):
+    a sample is rejected when the cosine similarity of its embedding (S²RIC's: ``scoring.embedder``, L2-
+    normalised) with that of an accepted sample of its cluster is at least ``threshold``."""
+
+    needs_concepts = False
+
+    def __init__(self, labels: np.ndarray, embeddings: np.ndarray, threshold: float):
+        self.labels, self.x, self.threshold = labels, embeddings, threshold
+        self.accepted: dict[int, list[int]] = {}
+
+    def conflict(self, i: int, concepts) -> dict | None:
+        members = self.accepted.get(int(self.labels[i]))
+        if not members:
+            return None
+        sims = self.x[members] @ self.x[i]
+        j = int(np.argmax(sims))
+        return {"with": members[j], "cosine": round(float(sims[j]), 4)} if sims[j] >= self.threshold else None
+
+    def accept(self, i: int, concepts) -> None:
+        self.accepted.setdefault(int(self.labels[i]), []).append(i)
+
+
 def ntm_walk(rows: list[dict], labels: np.ndarray, key: np.ndarray, n_k: np.ndarray, order, use_ntm: bool = True,
              concepts_of=sample_concepts, edges_only: bool = False, costs: np.ndarray | None = None,
-             top_up: int | None = None) -> dict:
+             top_up: int | None = None, screen=None, keep_rejected: bool = False) -> dict:
     """Walk the clusters in ``order`` and each cluster's samples by decreasing ``key`` (IES), taking
     samples until the next one would exceed the cluster's n_k units of budget (``costs``: one unit per sample
-    by default, or its tokens); with ``use_ntm`` a sample whose concepts (``concepts_of(row)``) conflict
-    with the Concept Consistency Graph is rejected (and kept in the list of rejections) instead of taken.
+    by default, or its tokens). With ``use_ntm`` each sample is first put to the ``screen`` (default: the
+    Concept Consistency Graph, ``GraphScreen(edges_only)``; ``concepts_of(row)`` gives its concepts): one it
+    rejects is listed in the rejections, with its concepts and the reason, instead of taken.
+    ``keep_rejected`` (the put-back ablation): a rejected sample is listed but taken all the same (it never
+    enters the screen), so the selection is the walk without NTM's, and the list says which of its samples
+    the screen objects to.
 
     ``top_up`` (a token budget's total): what the clusters leave unspent (each stops short of its n_k by
     less than one sample) goes to the samples no cluster walk reached, in one global ``key`` order."""
     costs = np.ones(len(labels), dtype=np.int64) if costs is None else costs
-    graph = ConceptGraph(edges_only) if use_ntm else None
+    screen = (screen or GraphScreen(edges_only)) if use_ntm else None
     selected, rejected, examples = [], [], []
+    rejected_concepts: Counter = Counter()
     examined = np.zeros(len(labels), dtype=bool)
     seen = 0
 
@@ -95,15 +193,20 @@ def ntm_walk(rows: list[dict], labels: np.ndarray, key: np.ndarray, n_k: np.ndar
             if spent + costs[i] > limit:
                 break
             examined[i] = True
-            if graph is not None:
-                concepts = concepts_of(rows[i])
-                seen += len(concepts)
-                pair = graph.try_add(concepts)
-                if pair is not None:
+            if screen is not None:
+                concepts = concepts_of(rows[i]) if screen.needs_concepts else None
+                seen += len(concepts or ())
+                reason = screen.conflict(int(i), concepts)
+                if reason is None:
+                    screen.accept(int(i), concepts)
+                else:
+                    concepts = concepts_of(rows[i]) if concepts is None else concepts
                     rejected.append(int(i))
+                    rejected_concepts.update(concepts)
                     if len(examples) < 10:
-                        examples.append({"index": int(i), "conflict": list(pair)})
-                    continue
+                        examples.append({"index": int(i), "concepts": list(concepts), **reason})
+                    if not keep_rejected:
+                        continue
             selected.append(int(i))
             spent += int(costs[i])
         return spent
@@ -115,8 +218,9 @@ def ntm_walk(rows: list[dict], labels: np.ndarray, key: np.ndarray, n_k: np.ndar
         everyone = np.arange(len(labels))
         walk(rank_in_cluster(everyone[~examined], key), top_up - spent)
         topped_up = len(selected) - before
-    return {"selected": selected, "rejected": rejected, "graph": graph, "rejected_examples": examples,
-            "concepts_seen": seen, "topped_up": topped_up}
+    return {"selected": selected, "rejected": rejected, "graph": getattr(screen, "graph", None),
+            "rejected_examples": examples, "rejected_concepts": rejected_concepts.most_common(20),
+            "concepts_seen": seen, "examined": int(examined.sum()), "topped_up": topped_up}
 
 
 class PaserSelector:
@@ -128,8 +232,15 @@ class PaserSelector:
                  ies_log: bool = True, ies_length: str = "tokens", cluster_order: str = "index",
                  concept_top_k: int | None = 5, concept_max_words: int | None = 3,
                  concept_fields=FIELDS, plot: bool = True, concepts: str = "rake",
-                 ccg_vertices: str = "concepts"):
-        self.use_s2ric, self.use_cdais, self.use_ntm = bool(use_s2ric), bool(use_cdais), bool(use_ntm)
+                 ccg_vertices: str = "concepts", ntm: str = "ccg", ntm_threshold: float | None = None,
+                 ntm_keep_rejected: bool = False):
+        self.use_s2ric, self.use_cdais = bool(use_s2ric), bool(use_cdais)
+        self.ntm, self.ntm_threshold = ntm_choice(ntm, bool(use_ntm), ntm_threshold)
+        self.use_ntm = self.ntm != "none"
+        self.ntm_keep_rejected = bool(ntm_keep_rejected)
+        if self.ntm_keep_rejected and not self.use_ntm:
+            raise ConfigError("selector.ntm_keep_rejected=true puts back the samples an NTM rejects: it needs "
+                              "selector.ntm=ccg|keyword|cosine (and use_ntm=true)")
         self.embed_input = bool(embed_input)
         self.clustering = clustering_block(clustering)  # S²RIC's knobs and the allocation rule, as the hybrids'
         self.divergence = check_choice("divergence", divergence, DIVERGENCES)
@@ -151,6 +262,18 @@ class PaserSelector:
             nltk_data_files()  # fail now, not after the scoring, when NLTK's data is missing
         self.plot = bool(plot)
 
+    def screen(self, pool, ctx, labels: np.ndarray):
+        """The NTM's screen (None: ntm=none), over the S²RIC clusters ``labels``."""
+        if self.ntm == "ccg":
+            return GraphScreen(self.ccg_vertices == "edges")
+        if self.ntm == "keyword":
+            return KeywordScreen(labels, self.ntm_threshold)
+        if self.ntm == "cosine":
+            from paser.embedding import embed_pool
+
+            return CosineScreen(labels, embed_pool(ctx, pool.rows, with_input=self.embed_input), self.ntm_threshold)
+        return None
+
     def input_files(self) -> list:
         """The NTM stop words (and NLTK's sentence model) are data, not code: keyed by content."""
         if not self.use_ntm:
@@ -164,6 +287,9 @@ class PaserSelector:
         (``cached_clustering``), computed once per pool and knobs."""
         if not self.use_s2ric:
             return np.zeros(len(pool), dtype=np.int64), None, {"n_clusters": 1, "reducer": None}
+        if self.clustering["method"] != "s2ric":  # the paper's Table 12 alternatives: no reduced coordinates
+            labels, diag = method_labels(ctx, pool, self.clustering, with_input=self.embed_input)
+            return labels, None, diag
         return cached_clustering(ctx, pool, self.clustering, with_input=self.embed_input)
 
     def sequences(self, pool, ctx) -> tuple[list[list[int]], list[tuple[int, int]], np.ndarray | None]:
@@ -240,7 +366,8 @@ class PaserSelector:
                                         self.concept_max_words) if self.use_ntm else None
         walk = ntm_walk(pool.rows, walk_labels, key, n_k, order, self.use_ntm, concepts_of,
                         self.ccg_vertices == "edges", costs=budget.unit_costs(len(pool)),
-                        top_up=None if budget.in_samples or not self.redistribute else budget.size)
+                        top_up=None if budget.in_samples or not self.redistribute else budget.size,
+                        screen=self.screen(pool, ctx, labels), keep_rejected=self.ntm_keep_rejected)
         selected, rejected, graph = walk["selected"], walk["rejected"], walk["graph"]
         times["ntm"] = time.perf_counter() - t
         taken = np.bincount(labels[selected], minlength=n_clusters)
@@ -252,7 +379,7 @@ class PaserSelector:
             "budget": budget.key(), "unit": budget.unit, "selected": len(selected), "cost": cost,
             "unfilled": int(budget.size - cost), "topped_up": walk["topped_up"],
             "switches": {"use_s2ric": self.use_s2ric, "use_cdais": self.use_cdais, "use_ntm": self.use_ntm,
-                         "allocate": self.allocate, "ies_length": self.ies_length},
+                         "ntm": self.ntm, "allocate": self.allocate, "ies_length": self.ies_length},
             "clustering": cdiag,
             "clusters": [{"cluster": k, "size": int(sizes[k]), "top_concepts": topics[k],
                           "cds": None if cds is None else float(cds[k]),
@@ -263,10 +390,16 @@ class PaserSelector:
         }
         if div is not None:
             diag[self.divergence] = summary(div)
+        examined = walk["examined"]
+        if self.use_ntm:
+            diag["ntm"] = {"method": self.ntm, "threshold": self.ntm_threshold,
+                           "keep_rejected": self.ntm_keep_rejected, "examined": examined,
+                           "rejected": len(rejected), "rejection_rate": len(rejected) / max(examined, 1),
+                           "rejected_concepts": [[c, n] for c, n in walk["rejected_concepts"]],
+                           "rejected_examples": walk["rejected_examples"]}
         if graph is not None:
-            examined = len(selected) + len(rejected)
             diag["ccg"] = {"concepts": graph.n_concepts, "edges": graph.n_edges, "examined": examined,
-                           "rejected": len(rejected), "accepted": len(selected),
+                           "rejected": len(rejected), "accepted": examined - len(rejected),
                            "mean_concepts_per_sample": walk["concepts_seen"] / max(examined, 1),
                            "rejected_examples": walk["rejected_examples"]}
         t = time.perf_counter()
