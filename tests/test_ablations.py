@@ -18,6 +18,7 @@ from paser.embedding import embed_pool, instruction_text
 from paser.errors import ConfigError
 from paser.selectors import clustering_methods
 from paser.selectors.clustered import clustering_block, s2ric_labels
+from paser.selectors.paser.concepts import ConceptGraph, ConceptSimilarity, rake
 from paser.selectors.paser.selector import CosineScreen, KeywordScreen, PaserSelector, ntm_walk
 from tests.test_paser_selector import SMALL, SMALL_CLUSTERING, make_ctx, make_pool
 
@@ -247,3 +248,54 @@ def test_put_back_selects_what_no_ntm_selects(models, tmp_path):
 def test_a_bad_ntm_setting_names_its_key(kw, message):
     with pytest.raises(ConfigError, match=message):
         PaserSelector(**kw)
+
+
+# ------------------------------------------------------------------------------ the authors' concept settings
+
+def test_key_phrases_of_two_to_four_words():
+    text = "Quantum chromodynamics and lattice gauge theory of the strong nuclear force binding energy scale, and bread."
+    # candidates, cut at stop words and punctuation, RAKE score = sum of degree/frequency (each word once):
+    # "strong nuclear force binding energy scale" 6 x 6 = 36, "lattice gauge theory" 3 x 3 = 9,
+    # "quantum chromodynamics" 2 x 2 = 4, "bread" 1
+    assert rake(text, max_words=4, min_words=2) == ["lattice gauge theory", "quantum chromodynamics"]
+    assert rake(text, max_words=6, min_words=2)[0] == "strong nuclear force binding energy scale"
+    assert rake(text, max_words=4) == ["lattice gauge theory", "quantum chromodynamics", "bread"]
+
+
+def similarity(vectors: dict[str, tuple[float, float]], threshold=0.75) -> ConceptSimilarity:
+    x = np.array(list(vectors.values()), dtype=np.float32)
+    return ConceptSimilarity(list(vectors), x / np.linalg.norm(x, axis=1, keepdims=True), threshold)
+
+
+def test_similar_concepts_are_one_vertex_of_the_graph():
+    angle = {"gauge theory": 0, "gauge theories": 40, "gauge thing": 42, "bread": 90, "oven": 135}
+    vectors = {k: (np.cos(np.deg2rad(a)), np.sin(np.deg2rad(a))) for k, a in angle.items()}
+    # cos 40° = 0.766 >= 0.75: "gauge theories" is the vertex "gauge theory"; cos 42° = 0.743 < 0.75: not
+    graph = ConceptGraph(similarity=similarity(vectors))
+    assert graph.try_add(["gauge theory", "oven"]) is None and graph.try_add(["bread"]) is None
+    assert graph.conflict(["gauge theories", "bread"]) == ("gauge theory", "bread")
+    assert graph.conflict(["gauge thing", "bread"]) is None
+    assert ConceptGraph().conflict(["gauge theories", "bread"]) is None  # without similarity: unknown concept
+    assert graph.try_add(["gauge theories", "oven"]) is None  # linked through "gauge theory": accepted
+    assert graph.n_concepts == 3 and graph.vertices_of(["gauge theories", "oven"]) == ["gauge theory", "oven"]
+    graph.add(["gauge thing", "bread"])  # a new vertex, matched from then on
+    assert graph.vertices_of(["gauge thing"]) == ["gauge thing"] and graph.n_concepts == 4
+
+
+def test_paser_paper_settings_select_within_budget(models, tmp_path, compose_cfg):
+    import hydra
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.to_container(compose_cfg(["selector=paser_paper"]).selector, resolve=True)
+    node["clustering"].update(SMALL_CLUSTERING)
+    sel = hydra.utils.instantiate(node, _convert_="all").select(make_pool(), Budget.samples(12),
+                                                                make_ctx(models, tmp_path))
+    ntm = sel.diagnostics["ntm"]
+    assert 0 < len(sel.indices) <= 12 and ntm["method"] == "ccg" and ntm["concept_similarity"] == 0.75
+    concepts = [c for e in ntm["rejected_examples"] for c in e["concepts"]]
+    assert concepts and all(2 <= len(c.split()) <= 4 for c in concepts)
+    assert all(len(e["concepts"]) <= 10 for e in ntm["rejected_examples"])
+    with pytest.raises(ConfigError, match=r"concept_similarity matches concepts in the CCG"):
+        PaserSelector(ntm="cosine", concept_similarity=0.75)
+    with pytest.raises(ConfigError, match=r"concept_min_words=5 must be in 1\.\.concept_max_words \(4\)"):
+        PaserSelector(concept_min_words=5, concept_max_words=4)

@@ -6,11 +6,16 @@ shared by thousands of unrelated samples): the lower-cased text is cut into cand
 punctuation and stop words; word score = degree / frequency over the candidates; phrase score = sum of its
 word scores. A sample's concepts are its ``top_k`` best distinct phrases (None = all), normalised to
 lower-case alphanumeric words joined by single spaces; purely numeric phrases and phrases longer than
-``max_words`` words are dropped.
+``max_words`` (or shorter than ``min_words``) words are dropped.
 
 CCG rule (METHOD.md §2): a sample is rejected if two of its concepts are both already vertices of the graph
 but not linked by an edge; otherwise it is accepted, its concepts become vertices and every pair of them is
-linked.
+linked. With a concept-similarity threshold (``ConceptSimilarity``; ``selector=paser_paper``: 0.75, the
+authors' stated setting, which they do not define further) a concept that is not itself a vertex counts as
+the existing vertex whose embedding is most similar to its own, when that cosine similarity is at least the
+threshold: "lattice gauge theory" is then the vertex "lattice gauge simulation" when their embeddings are
+that close. That is our reading: the match is made against the graph's vertices (a new concept of an
+accepted sample becomes a vertex of its own), so paraphrased concepts meet in the graph.
 
 The official code's variant (``selector=paser_official``): concepts from ``rake_nltk.Rake()`` with its
 defaults (NLTK's English stop words, punkt sentences, word-punctuation tokens, every phrase) over
@@ -49,8 +54,10 @@ def stopwords() -> frozenset[str]:
     return frozenset(w for w in text.split() if not w.startswith("#") and w)
 
 
-def rake(text: str, top_k: int | None = None, max_words: int | None = None) -> list[str]:
-    """Key phrases of ``text``, best first (ties: first occurrence first)."""
+def rake(text: str, top_k: int | None = None, max_words: int | None = None,
+         min_words: int | None = None) -> list[str]:
+    """Key phrases of ``text``, best first (ties: first occurrence first), of ``min_words`` to
+    ``max_words`` words (None: no bound); the bounds apply to the candidates, before scoring."""
     stop = stopwords()
     phrases: list[tuple[str, ...]] = []
     for fragment in DELIMITERS.split(text.lower()):
@@ -64,7 +71,8 @@ def rake(text: str, top_k: int | None = None, max_words: int | None = None) -> l
                 current.append(word)
         if current:
             phrases.append(tuple(current))
-    phrases = [p for p in phrases if (max_words is None or len(p) <= max_words) and not all(w.isdigit() for w in p)]
+    phrases = [p for p in phrases if (max_words is None or len(p) <= max_words)
+               and (min_words is None or len(p) >= min_words) and not all(w.isdigit() for w in p)]
     freq: dict[str, int] = {}
     degree: dict[str, int] = {}
     for p in phrases:
@@ -81,9 +89,9 @@ def rake(text: str, top_k: int | None = None, max_words: int | None = None) -> l
 
 
 def sample_concepts(row: dict, fields=("instruction", "input", "output"), top_k: int | None = 5,
-                    max_words: int | None = 3) -> list[str]:
+                    max_words: int | None = 3, min_words: int | None = None) -> list[str]:
     """The concepts of one sample: RAKE over its chosen fields joined (as separate sentences)."""
-    return rake("\n".join(row.get(f) or "" for f in fields), top_k, max_words)
+    return rake("\n".join(row.get(f) or "" for f in fields), top_k, max_words, min_words)
 
 
 SHIPPED_NLTK_DATA = Path(str(files("paser.selectors.paser").joinpath("nltk_data")))  # see its README.md
@@ -122,12 +130,12 @@ def nltk_data_files() -> list[Path]:
 
 
 def concept_extractor(method: str = "rake", fields=("instruction", "input", "output"), top_k: int | None = 5,
-                      max_words: int | None = 3) -> Callable[[dict], list[str]]:
+                      max_words: int | None = 3, min_words: int | None = None) -> Callable[[dict], list[str]]:
     """row -> its concepts, best first: our ``rake`` over the fields joined by newlines, or ``rake_nltk``
     (``rake_nltk.Rake()`` defaults over the fields joined by single spaces, as the official code); both cut
-    to ``top_k`` phrases of at most ``max_words`` words (None: no limit)."""
+    to ``top_k`` phrases of ``min_words`` to ``max_words`` words (None: no limit)."""
     if method == "rake":
-        return lambda row: sample_concepts(row, fields, top_k, max_words)
+        return lambda row: sample_concepts(row, fields, top_k, max_words, min_words)
     if method != "rake_nltk":
         raise ConfigError(f"selector.concepts={method!r} is unknown; allowed: {list(CONCEPT_METHODS)}")
     try:
@@ -140,7 +148,8 @@ def concept_extractor(method: str = "rake", fields=("instruction", "input", "out
     def concepts(row: dict) -> list[str]:
         extractor.extract_keywords_from_text(" ".join(row.get(f) or "" for f in fields))
         phrases = [p for p in dict.fromkeys(extractor.get_ranked_phrases())
-                   if max_words is None or len(p.split()) <= max_words]
+                   if (max_words is None or len(p.split()) <= max_words)
+                   and (min_words is None or len(p.split()) >= min_words)]
         return phrases if top_k is None else phrases[:top_k]
 
     return concepts
@@ -164,29 +173,67 @@ def cluster_top_concepts(rows: list[dict], labels, top: int = 3, per_cluster: in
     return out
 
 
+class ConceptSimilarity:
+    """Which vertex a concept that is not itself a vertex counts as: the vertex whose embedding has the
+    largest cosine similarity with its own, when that is at least ``threshold`` (see the module docstring).
+    ``phrases`` and their L2-normalised ``embeddings`` [P, D] cover every concept that will be asked about;
+    the vertices are searched exactly (FAISS inner product)."""
+
+    def __init__(self, phrases: list[str], embeddings: np.ndarray, threshold: float):
+        import faiss
+
+        self.row = {p: i for i, p in enumerate(phrases)}
+        self.x = np.ascontiguousarray(embeddings, dtype=np.float32)
+        self.threshold = threshold
+        self.index = faiss.IndexFlatIP(self.x.shape[1])
+        self.vertices: list[str] = []
+
+    def nearest(self, concept: str) -> str | None:
+        if not self.vertices or concept not in self.row:
+            return None
+        sims, ids = self.index.search(self.x[[self.row[concept]]], 1)
+        return self.vertices[ids[0, 0]] if sims[0, 0] >= self.threshold else None
+
+    def add(self, vertex: str) -> None:
+        if vertex in self.row:
+            self.index.add(self.x[[self.row[vertex]]])
+            self.vertices.append(vertex)
+
+
 class ConceptGraph:
     """The Concept Consistency Graph: concepts as vertices, co-occurrence in accepted samples as edges.
     ``edges_only``: concepts become vertices only through an edge (the official code), so an accepted
-    sample with a single concept leaves the graph unchanged."""
+    sample with a single concept leaves the graph unchanged. ``similarity``: a ``ConceptSimilarity`` that
+    matches a concept to an existing vertex (none: a concept is a vertex only under its own name)."""
 
-    def __init__(self, edges_only: bool = False):
+    def __init__(self, edges_only: bool = False, similarity: ConceptSimilarity | None = None):
         self.adjacency: dict[str, set[str]] = {}
         self.n_edges = 0
         self.edges_only = edges_only
+        self.similarity = similarity
+
+    def vertices_of(self, concepts) -> list[str]:
+        """The distinct vertices a sample's concepts are (or would become, if it is accepted)."""
+        if self.similarity is None:
+            return list(dict.fromkeys(concepts))
+        return list(dict.fromkeys(c if c in self.adjacency else self.similarity.nearest(c) or c
+                                  for c in concepts))
 
     def conflict(self, concepts) -> tuple[str, str] | None:
-        """The first pair of concepts that are both in the graph but not linked, else None."""
-        known = [c for c in dict.fromkeys(concepts) if c in self.adjacency]
+        """The first pair of (the vertices of) concepts that are both in the graph but not linked, else None."""
+        known = [c for c in self.vertices_of(concepts) if c in self.adjacency]
         for a, b in combinations(known, 2):
             if b not in self.adjacency[a]:
                 return a, b
         return None
 
     def add(self, concepts) -> None:
-        unique = list(dict.fromkeys(concepts))
+        unique = self.vertices_of(concepts)
         if self.edges_only and len(unique) < 2:
             return
         for c in unique:
+            if c not in self.adjacency and self.similarity is not None:
+                self.similarity.add(c)
             self.adjacency.setdefault(c, set())
         for a, b in combinations(unique, 2):
             if b not in self.adjacency[a]:

@@ -13,6 +13,7 @@ Per-sample divergences are cached per (model, pruner config, pool, divergence se
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -32,6 +33,7 @@ from paser.selectors.paser.concepts import (
     CONCEPT_METHODS,
     STOPWORDS_FILE,
     ConceptGraph,
+    ConceptSimilarity,
     cluster_top_concepts,
     concept_extractor,
     nltk_data_files,
@@ -97,12 +99,13 @@ def summary(values: np.ndarray, bins: int = 20) -> dict:
 
 class GraphScreen:
     """ntm=ccg, the paper's NTM: the Concept Consistency Graph (``concepts.ConceptGraph``) rejects a sample
-    two of whose concepts are both in the graph but not linked; an accepted sample links all its concepts."""
+    two of whose concepts are both in the graph but not linked; an accepted sample links all its concepts.
+    ``similarity``: concepts match similar vertices (``concepts.ConceptSimilarity``)."""
 
     needs_concepts = True
 
-    def __init__(self, edges_only: bool = False):
-        self.graph = ConceptGraph(edges_only)
+    def __init__(self, edges_only: bool = False, similarity: ConceptSimilarity | None = None):
+        self.graph = ConceptGraph(edges_only, similarity)
 
     def conflict(self, i: int, concepts: list[str]) -> dict | None:
         pair = self.graph.conflict(concepts)
@@ -233,7 +236,8 @@ class PaserSelector:
                  concept_top_k: int | None = 5, concept_max_words: int | None = 3,
                  concept_fields=FIELDS, plot: bool = True, concepts: str = "rake",
                  ccg_vertices: str = "concepts", ntm: str = "ccg", ntm_threshold: float | None = None,
-                 ntm_keep_rejected: bool = False):
+                 ntm_keep_rejected: bool = False, concept_min_words: int | None = None,
+                 concept_similarity: float | None = None):
         self.use_s2ric, self.use_cdais = bool(use_s2ric), bool(use_cdais)
         self.ntm, self.ntm_threshold = ntm_choice(ntm, bool(use_ntm), ntm_threshold)
         self.use_ntm = self.ntm != "none"
@@ -252,6 +256,20 @@ class PaserSelector:
         self.cluster_order = check_choice("cluster_order", cluster_order, CLUSTER_ORDERS)
         self.concept_top_k = None if concept_top_k is None else int(concept_top_k)
         self.concept_max_words = None if concept_max_words is None else int(concept_max_words)
+        self.concept_min_words = None if concept_min_words is None else int(concept_min_words)
+        if self.concept_min_words is not None and not 1 <= self.concept_min_words <= (self.concept_max_words or
+                                                                                      self.concept_min_words):
+            raise ConfigError(f"selector.concept_min_words={concept_min_words} must be in 1..concept_max_words "
+                              f"({self.concept_max_words})")
+        self.concept_similarity = concept_similarity
+        if concept_similarity is not None:
+            if isinstance(concept_similarity, bool) or not isinstance(concept_similarity, (int, float)) or \
+                    not 0 < concept_similarity <= 1:
+                raise ConfigError(f"selector.concept_similarity={concept_similarity!r} must be null or a number in "
+                                  "(0, 1]")
+            if self.ntm in ("keyword", "cosine"):
+                raise ConfigError(f"selector.concept_similarity matches concepts in the CCG (ntm=ccg), not in "
+                                  f"ntm={self.ntm}")
         self.concept_fields = tuple(concept_fields)
         bad = [f for f in self.concept_fields if f not in FIELDS]
         if bad or not self.concept_fields:
@@ -262,10 +280,10 @@ class PaserSelector:
             nltk_data_files()  # fail now, not after the scoring, when NLTK's data is missing
         self.plot = bool(plot)
 
-    def screen(self, pool, ctx, labels: np.ndarray):
+    def screen(self, pool, ctx, labels: np.ndarray, concepts_of):
         """The NTM's screen (None: ntm=none), over the S²RIC clusters ``labels``."""
         if self.ntm == "ccg":
-            return GraphScreen(self.ccg_vertices == "edges")
+            return GraphScreen(self.ccg_vertices == "edges", self.similar_concepts(pool, ctx, concepts_of))
         if self.ntm == "keyword":
             return KeywordScreen(labels, self.ntm_threshold)
         if self.ntm == "cosine":
@@ -273,6 +291,20 @@ class PaserSelector:
 
             return CosineScreen(labels, embed_pool(ctx, pool.rows, with_input=self.embed_input), self.ntm_threshold)
         return None
+
+    def similar_concepts(self, pool, ctx, concepts_of) -> ConceptSimilarity | None:
+        """With ``concept_similarity``: every concept of the pool, embedded by ``scoring.embedder`` (cached
+        per set of phrases), for the CCG to match a concept to a similar vertex."""
+        if self.concept_similarity is None:
+            return None
+        from paser.embedding import embed_texts
+
+        phrases = sorted({c for row in pool.rows for c in concepts_of(row)})
+        if not phrases:
+            return None
+        digest = hashlib.sha256("\n".join(phrases).encode()).hexdigest()
+        return ConceptSimilarity(phrases, embed_texts(ctx, phrases, "concept_embeddings", {"phrases": digest}),
+                                 float(self.concept_similarity))
 
     def input_files(self) -> list:
         """The NTM stop words (and NLTK's sentence model) are data, not code: keyed by content."""
@@ -363,11 +395,11 @@ class PaserSelector:
         if self.cluster_order == "cds" and cds is not None and self.allocate:
             order = [int(k) for k in np.lexsort((np.arange(n_clusters), -cds))]
         concepts_of = concept_extractor(self.concepts, self.concept_fields, self.concept_top_k,
-                                        self.concept_max_words) if self.use_ntm else None
+                                        self.concept_max_words, self.concept_min_words) if self.use_ntm else None
         walk = ntm_walk(pool.rows, walk_labels, key, n_k, order, self.use_ntm, concepts_of,
                         self.ccg_vertices == "edges", costs=budget.unit_costs(len(pool)),
                         top_up=None if budget.in_samples or not self.redistribute else budget.size,
-                        screen=self.screen(pool, ctx, labels), keep_rejected=self.ntm_keep_rejected)
+                        screen=self.screen(pool, ctx, labels, concepts_of), keep_rejected=self.ntm_keep_rejected)
         selected, rejected, graph = walk["selected"], walk["rejected"], walk["graph"]
         times["ntm"] = time.perf_counter() - t
         taken = np.bincount(labels[selected], minlength=n_clusters)
@@ -393,6 +425,7 @@ class PaserSelector:
         examined = walk["examined"]
         if self.use_ntm:
             diag["ntm"] = {"method": self.ntm, "threshold": self.ntm_threshold,
+                           "concept_similarity": self.concept_similarity if self.ntm == "ccg" else None,
                            "keep_rejected": self.ntm_keep_rejected, "examined": examined,
                            "rejected": len(rejected), "rejection_rate": len(rejected) / max(examined, 1),
                            "rejected_concepts": [[c, n] for c, n in walk["rejected_concepts"]],
