@@ -317,7 +317,8 @@ def load_saved(folder: str | Path, dtype: str = "float32", trust_remote_code: bo
     """Inverse of save_model: structured-pruned checkpoints are rebuilt with their recorded shapes (on meta,
     so that the unpruned shape is never materialised). The model goes to ``device``, unless ``device_map``
     (as in from_pretrained: "auto" lets accelerate spread it over every visible GPU, see device_map_for)
-    places it."""
+    places it. ``device="meta"`` gives the model without its weights (parameters on meta, buffers real): what
+    the FSDP ranks other than 0 build, whose shards rank 0 fills (paser.sharding.shard)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -325,7 +326,8 @@ def load_saved(folder: str | Path, dtype: str = "float32", trust_remote_code: bo
     folder = Path(folder)
     tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     shapes_file = folder / SHAPES_FILE
-    if not shapes_file.exists():
+    weightless = device_map is None and torch.device(device).type == "meta"
+    if not shapes_file.exists() and not weightless:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(dtype),
                                                      trust_remote_code=trust_remote_code,
                                                      device_map=device_map if device_map is not None else device)
@@ -339,7 +341,12 @@ def load_saved(folder: str | Path, dtype: str = "float32", trust_remote_code: bo
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype),
                                                  trust_remote_code=trust_remote_code)
-    apply_layer_shapes(model, json.loads(shapes_file.read_text()))
+    if shapes_file.exists():
+        apply_layer_shapes(model, json.loads(shapes_file.read_text()))
+    if weightless:
+        model.tie_weights()
+        _restore_embed_scale(model, folder)
+        return model.to(dtype=torch_dtype(dtype)).eval(), tok
     state = _read_weights(folder, torch_dtype(dtype), "cpu" if device_map is not None else device)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [m for m in missing if not (config.tie_word_embeddings and m == "lm_head.weight")]

@@ -474,8 +474,8 @@ class Run:
         box = {}
 
         def compute():
-            model, report = self.parts.recovery.recover(pruned_fn(), self.models.tok(), samples, workdir,
-                                                        val_samples=val_samples)
+            model, report = self.parts.recovery.recover(self._recovery_base(pruned_fn), self.models.tok(), samples,
+                                                        workdir, val_samples=val_samples)
             box["model"] = model
             return report
 
@@ -489,11 +489,14 @@ class Run:
         report = self.cached("recover", "adapter", key, compute, save, load, ranks="all")
         if distributed.is_main():
             shutil.rmtree(workdir, ignore_errors=True)
+        if self._sharded_recovery():  # a sharded model runs only with every rank: rank 0 evaluates a fresh one
+            self._drop_models()
 
         def recovered():
             """The recovered model for evaluation, with the adapter merged into the weights: it runs at
             the pruned model's speed. The stored adapter is untouched (it was saved before)."""
-            if not isinstance(box.get("model"), torch.nn.Module):  # cached, or gathered from FSDP shards
+            if not isinstance(box.get("model"), torch.nn.Module):  # cached, or gathered from FSDP shards (rank 0
+                # evaluates alone: the stored adapter on the pruned model reloaded from its entry)
                 from peft import PeftModel
 
                 box["model"] = PeftModel.from_pretrained(pruned_fn(), self.adapter_dir())
@@ -502,6 +505,35 @@ class Run:
             return box["model"]
 
         return recovered, report
+
+    def _sharded_recovery(self) -> bool:
+        return bool(getattr(self.parts.recovery, "fsdp", False)) and distributed.active()
+
+    def _recovery_base(self, pruned_fn):
+        """The model LoRA starts from. Under FSDP the earlier stages' models first leave every device, then
+        rank 0 reads the pruned weights onto the host and the other ranks build the model on meta: the weights
+        are read once and reach the GPUs only as shards (paser.sharding.shard). With pruner=none (no stored
+        entry) every rank loads the dense model on its device before sharding."""
+        if not self._sharded_recovery():
+            return pruned_fn()
+        self._drop_models()
+        if self.keys.pruner is None:
+            return pruned_fn()
+        device = "cpu" if distributed.is_main() else "meta"
+        log.info("recovery.fsdp: rank %d builds the pruned model on %s%s", distributed.rank(), device,
+                 "" if device == "meta" else " and broadcasts its weights into every rank's shards")
+        model, _ = load_saved(self.pruned_stage[0] / "model", dtype=self.cfg.model.dtype,
+                              trust_remote_code=self.cfg.model.get("trust_remote_code", False), device=device)
+        return model
+
+    def _drop_models(self) -> None:
+        """This process forgets its dense and pruned models (they are reloaded from disk when needed again)."""
+        import gc
+
+        self.models.pruned = self.models._dense = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def __call__(self) -> dict:
         models, keys = self.models, self.keys

@@ -10,8 +10,11 @@ fp32 sharded LoRA weights are the master weights, so ``ShardedWeights`` stands i
 and returned as an ``AdapterWeights`` (what the pipeline stores); the evaluation loads it onto the pruned
 model as for any stored adapter.
 
-Each rank still *loads* the whole pruned model onto its device before sharding, and the stages other than
-recovery run on one device. See README, "On GPUs and clusters".
+The weights are read once: rank 0 loads the pruned model on the host, the other ranks build it on ``meta``
+(``paser.models.load_saved(device="meta")``), and ``shard`` broadcasts rank 0's tensors into every rank's
+shards after wrapping, as torchtune's distributed LoRA recipe loads a full state dict into a model sharded on
+meta. No GPU ever holds more than its shards (plus one layer's gathered weights). The stages other than
+recovery run on rank 0 (see paser.distributed); README, "On GPUs and clusters".
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from paser.errors import ConfigError
 
 def shard(peft_model, compute_dtype: torch.dtype) -> None:
     """Wrap ``peft_model`` in place: LoRA weights to fp32, ``fully_shard`` per decoder layer and at the root,
-    over all ranks of the process group, on this rank's device (CUDA under NCCL, else the CPU)."""
+    over all ranks of the process group, on this rank's device (CUDA under NCCL, else the CPU); then every
+    rank's shards take rank 0's values, so the other ranks may pass the model built on ``meta``."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -40,9 +45,15 @@ def shard(peft_model, compute_dtype: torch.dtype) -> None:
     device_type = "cuda" if torch.cuda.is_available() and torch.distributed.get_backend() == "nccl" else "cpu"
     mesh = init_device_mesh(device_type, (distributed.world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    # rank 0's full weights (on the host: fully_shard moves them to the device one layer at a time, as shards)
+    full = peft_model.state_dict() if distributed.is_main() else {}
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(peft_model, mesh=mesh, mp_policy=policy)
+    set_model_state_dict(peft_model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del full
+    # a meta rank's shards were assigned afresh, one per name: tied weights (the LM head) are tied again
+    peft_model.get_base_model().tie_weights()
 
 
 class ShardedWeights:

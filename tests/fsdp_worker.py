@@ -1,7 +1,8 @@
 """LoRA recovery of the tiny Llama with ``recovery.fsdp=true``, run by tests/test_distributed.py under
 ``torchrun`` (gloo on the CPU): ``python -m torch.distributed.run ... tests/fsdp_worker.py OUT WORKDIR``.
-Rank 0 writes the trained adapter's weights (peft's names) to OUT/adapter.safetensors and the report to
-OUT/report.json."""
+As in the pipeline, rank 0 reads the model's weights and the other ranks build it on meta (their shards get
+rank 0's values). Rank 0 writes the trained adapter's weights (peft's names) to OUT/adapter.safetensors and
+the report to OUT/report.json."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from paser import distributed
-from paser.models import tiny_llama
+from paser.models import load_saved, save_model, tiny_llama
 from paser.recovery import LoraRecovery
 
 SAMPLES = [{"instruction": f"Repeat the word number {k}.", "input": "" if k % 2 else "now",
@@ -25,14 +26,21 @@ RECIPE = {"r": 4, "alpha": 8, "dropout": 0.0, "lr": 1e-3, "epochs": 2, "batch_si
           "keep": "best"}
 
 
-def recover(workdir, fsdp: bool):
-    model, tok = tiny_llama()
-    return LoraRecovery(**RECIPE, fsdp=fsdp).recover(model, tok, SAMPLES, workdir, val_samples=VAL)
+def recover(workdir, fsdp: bool, model=None):
+    tiny, tok = tiny_llama()
+    return LoraRecovery(**RECIPE, fsdp=fsdp).recover(model or tiny, tok, SAMPLES, workdir, val_samples=VAL)
 
 
 def main(out: Path, workdir: Path) -> None:
     distributed.init(torch.device("cpu"))
-    trained, report = recover(workdir, fsdp=True)
+    saved = out.with_name(out.name + "_model")
+    if distributed.is_main():
+        save_model(*tiny_llama(), saved)
+    distributed.barrier()
+    model, _ = load_saved(saved, device="cpu" if distributed.is_main() else "meta")
+    if not distributed.is_main():
+        assert {p.device.type for p in model.parameters()} == {"meta"}
+    trained, report = recover(workdir, fsdp=True, model=model)
     if distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
         save_file(trained.weights, out / "adapter.safetensors")

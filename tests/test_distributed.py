@@ -221,3 +221,23 @@ def test_the_multi_gpu_slurm_preset_starts_one_task_per_gpu():
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")  # its batch script runs srun
     assert launcher.tasks_per_node == launcher.gpus_per_node == 8 and launcher.nodes == 2
+
+
+@pytest.mark.slow  # two ranks through every stage: ~2-3 min on the shared 2-core test host
+def test_fsdp_run_on_two_ranks_reaches_results_with_recovered_metrics(tmp_path):
+    """recovery.fsdp=true through run.py: rank 1 builds the (structured-pruned) model on meta and its shards
+    take rank 0's weights; the recovered model is evaluated by rank 0 alone on a fresh pruned model with the
+    stored adapter (on the sharded model rank 0 alone would wait forever in an all-gather)."""
+    args = [o for o in RUN if not o.startswith(("selector=", "pruner="))] + [
+        "selector=random", "pruner=llm_pruner", "recovery.fsdp=true", f"paths.cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={tmp_path / 'run'}"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = subprocess.Popen(torchrun + [str(ROOT / "run.py"), *args], cwd=ROOT, env=ENV, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = finish(proc)
+    assert "rank 1 builds the pruned model on meta" in out, out[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["recovery"]["fsdp"] and results["recovery"]["processes"] == 2
+    recovered = results["metrics"]["recovered"]["ppl"]
+    assert all(recovered[c]["ppl"] > 1 for c in ("wikitext2", "ptb")), recovered
+    assert results["timings"]["eval_recovered"]["source"] == "computed"
