@@ -117,6 +117,9 @@ def intended_changes(preset: str, want: dict) -> dict:
 
     #31: ``budget_unit`` (samples, as before; or tokens).
 
+    #33: the clustering block's ``landmarks_above`` (200,000) and ``landmarks`` (20,000): pools up to
+    200,000 rows (every recorded one but LaMini's) get the exact diffusion map, as before.
+
     #30: every data preset names ``drop_duplicates`` (true: a pool's repeated rows are dropped).
 
     #37: conf/config.yaml sets no group's keys: the embedded default's LoRA values are the option
@@ -134,6 +137,7 @@ def intended_changes(preset: str, want: dict) -> dict:
         selector.update(concepts="rake", ccg_vertices="concepts")
     if isinstance(selector.get("clustering"), dict):
         selector["clustering"].setdefault("nmf_input", "coordinates")
+        selector["clustering"].update(landmarks_above=200000, landmarks=20000)
     want["sweep"] = [[f"selector.clustering.{k.removeprefix('selector.')}"
                       if k.removeprefix("selector.") in CLUSTERING_KEYS else k, v] for k, v in want["sweep"]]
     if want["config"]["logger"].get("_target_") == "paser.tracking.WandbLogger":

@@ -222,3 +222,93 @@ def test_row_normalised_nmf_places_samples_by_direction():
     # without it, a sample's magnitude moves it to another cluster
     plain = [nmf_clusters(c, 3, 0, row_normalize=False)[0] for c in (coords, scaled)]
     assert adjusted_rand_score(*plain) < 0.95  # 0.90 here
+
+
+# ------------------------------------------------------------------ the eigensolver's record; landmarks (#33)
+
+def test_eigensolver_records_iterations_and_residuals_and_warns_when_short(monkeypatch, caplog):
+    import scipy.sparse as sp
+
+    from paser.selectors.paser import clustering
+
+    x, _ = planted(4, n=800, dim=16)  # > DENSE_MAX: LOBPCG
+    w = _graph(x)
+    vals, _, rec = clustering.diffusion_eigen(w, 6, seed=0)
+    assert rec["eigen_solver"] == "lobpcg" and rec["eigen_converged"] and 1 <= rec["eigen_iterations"] <= 500
+    assert rec["eigen_residual_max"] <= 1e-5 and len(rec["eigen_residuals"]) == 7
+    # against a dense eigendecomposition of the same matrix: the top non-trivial eigenvalues
+    d = np.asarray(w.sum(1)).ravel()
+    dense = np.linalg.eigvalsh((sp.diags(d ** -0.5) @ w @ sp.diags(d ** -0.5)).toarray())[::-1]
+    assert np.allclose(vals, dense[1:8], atol=1e-6)
+    monkeypatch.setattr(clustering, "EIGEN_MAXITER", 3)
+    with caplog.at_level("WARNING", logger=clustering.__name__):
+        _, _, short = clustering.diffusion_eigen(w, 6, seed=0)
+    assert not short["eigen_converged"] and short["eigen_iterations"] == 3 and short["eigen_residual_max"] > 1e-5
+    assert "did not converge" in caplog.text and "after 3 iterations" in caplog.text
+
+
+def test_nystrom_extension_gives_back_the_landmark_eigenvectors():
+    """With every other landmark as a landmark's neighbours, the extension is the random walk's row, so
+    (1/λ) P ψ = ψ; the eigenpairs themselves agree with a dense general eigensolver of P = D⁻¹W."""
+    import scipy.linalg
+
+    from paser.selectors.paser.clustering import diffusion_eigen, gaussian_affinity, nystrom_extend
+
+    x, _ = planted(3, n=60, dim=8, noise=0.5)
+    m = len(x)
+    idx, dist = knn_torch(x, m - 1)  # the complete graph
+    w, eps = gaussian_affinity(idx, dist)
+    vals, psi, _ = diffusion_eigen(w, 5)
+    p = w.toarray() / w.toarray().sum(1, keepdims=True)
+    ev, vec = scipy.linalg.eig(p)
+    top = np.argsort(-ev.real)[1:7]
+    assert np.allclose(vals, ev.real[top], atol=1e-8)
+    cos = np.abs((vec[:, top].real / np.linalg.norm(vec[:, top].real, axis=0)) *
+                 (psi / np.linalg.norm(psi, axis=0))).sum(0)
+    assert np.allclose(cos, 1.0, atol=1e-6)
+    extended = nystrom_extend(psi, vals, idx, dist.astype(np.float64) ** 2, eps, chunk=7)
+    assert np.allclose(extended, psi, atol=1e-9)
+
+
+def test_landmark_diffusion_map_agrees_with_the_exact_path():
+    """Five well-separated clusters, 3,000 rows, 600 landmarks: the same clustering as the exact path (and
+    as the truth). Bound: ARI >= 0.95 (1.0 here)."""
+    x, truth = planted(5, n=3000, dim=32, noise=0.5, seed=2)
+    knobs = {"n_components": 8, "n_clusters": 5, "seed": 0}
+    exact, de = cluster_embeddings(x, landmarks_above=None, **knobs)
+    approx, da = cluster_embeddings(x, landmarks_above=1000, landmarks=600, **knobs)
+    assert de["diffusion_map"] == "exact" and da["diffusion_map"] == "landmarks_nystrom" and da["landmarks"] == 600
+    assert adjusted_rand_score(exact, approx) >= 0.95 and adjusted_rand_score(truth, approx) >= 0.95
+    assert da["extension_knn_recall"] >= 0.9 and da["extension_far_share"] < 0.01 and da["eigen_converged"]
+    assert set(da) >= {"time_knn_s", "time_eigen_s", "time_extend_s", "eigen_iterations", "eigen_residuals"}
+    # at or below the threshold (or with no more rows than landmarks) the exact path runs
+    for above, m in ((3000, 600), (1000, 3000)):
+        assert cluster_embeddings(x, landmarks_above=above, landmarks=m, **knobs)[1]["diffusion_map"] == "exact"
+
+
+def test_a_cluster_without_landmarks_is_reported(caplog):
+    """What the approximation cannot do: a cluster that draws no landmark is placed by landmarks of other
+    clusters. The share of such rows is measured and logged as a warning."""
+    from paser.selectors.paser import clustering
+
+    x, _ = planted(3, n=2000, dim=32, noise=0.3, seed=5)
+    small, _ = planted(1, n=60, dim=32, noise=0.1, seed=9)  # 3% of the pool, far from the rest
+    x = np.concatenate([x, small])
+    seed = next(s for s in range(100)  # a seed whose landmark draw misses the small cluster
+                if (np.random.default_rng(s).choice(len(x), 120, replace=False) < 2000).all())
+    with caplog.at_level("WARNING", logger=clustering.__name__):
+        _, d = cluster_embeddings(x, n_components=4, n_clusters=4, seed=seed, landmarks_above=0, landmarks=120)
+    assert d["extension_far_share"] == pytest.approx(60 / 2060, abs=0.005)
+    assert "farther from every landmark" in caplog.text
+
+
+@pytest.mark.parametrize("knobs", [{"landmarks_above": -1}, {"landmarks_above": 1.5}, {"landmarks": 10},
+                                   {"landmarks": True}, {"landmarks_above": "big"}])
+def test_bad_landmark_knobs_are_config_errors(knobs):
+    from paser.selectors.clustered import clustering_block
+
+    x, _ = planted(3, n=200)
+    with pytest.raises(ConfigError, match="selector.clustering.landmarks"):
+        cluster_embeddings(x, **knobs)
+    with pytest.raises(ConfigError, match="selector.clustering.landmarks"):
+        clustering_block(knobs)

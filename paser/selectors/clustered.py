@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 CLUSTER_MODES = (None, "s2ric")
 CLUSTERING_KNOBS = ("reducer", "n_components", "n_neighbors", "n_clusters", "diffusion_time", "k_range",
-                    "min_cluster_size", "row_normalize", "nmf_input")  # s2ric_clusters' knobs; with "allocation", the block's keys
+                    "min_cluster_size", "row_normalize", "nmf_input", "landmarks_above", "landmarks")  # s2ric_clusters'
 # with "allocation" and "method" (s2ric or an alternative of clustering_methods.py), the block's keys
 CLUSTERING_KEYS = (*CLUSTERING_KNOBS, "allocation", "method")
 
@@ -45,7 +45,7 @@ def clustering_block(clustering: dict | None) -> dict:
     S²RIC's knobs and the rule that turns cluster weights (PASER: CDS; hybrids: sizes) into budget shares."""
     from paser.selectors.clustering_methods import check_method
     from paser.selectors.paser.allocation import RULES
-    from paser.selectors.paser.clustering import NMF_INPUTS, REDUCERS, check_min_cluster_size
+    from paser.selectors.paser.clustering import NMF_INPUTS, REDUCERS, check_landmarks, check_min_cluster_size
 
     given = to_plain(clustering or {})
     extra = set(given) - set(CLUSTERING_KEYS)
@@ -67,6 +67,7 @@ def clustering_block(clustering: dict | None) -> dict:
     if len(block["k_range"]) != 2:
         raise ConfigError(f"selector.clustering.k_range={block['k_range']} must be [min, max]")
     check_min_cluster_size(block["min_cluster_size"], "selector.clustering.min_cluster_size")
+    check_landmarks(block["landmarks_above"], block["landmarks"])
     return block
 
 
@@ -160,12 +161,12 @@ def cached_clustering(ctx, pool, clustering: dict, with_input: bool = True) -> t
     back instead of redoing the kNN graph and the eigensolver, and of several processes on one cache
     (torchrun ranks, concurrent jobs) one computes it while the others wait on its claim and read it.
     A cold and a warm call return the same diagnostics (both come through JSON)."""
-    from paser.embedding import embed_pool
+    from paser.embedding import embed_pool, embedding_dependencies
     from paser.fingerprint import code_version
     from paser.selectors.paser import clustering as s2ric
 
     knobs = {k: clustering[k] for k in CLUSTERING_KNOBS}
-    key = {"name": "paser_clustering", "pool": ctx.cache_key["pool"],
+    key = {"name": "paser_clustering", **{k: ctx.cache_key[k] for k in embedding_dependencies(ctx.embedder_name)},
            "params": {"embedder": ctx.embedder_name, "with_input": with_input, "seed": ctx.seed, **knobs},
            "code": code_version(s2ric, embed_pool)}
 

@@ -24,6 +24,24 @@ counts only if it damps tenfold within ``MAX_GAP_DIFFUSION_TIME`` (20) steps, i.
 (three disconnected blobs: λ 1, 1, 0.83, a ratio of 1.21, t = 13); otherwise the spectrum has no gap and
 t = 1 (the diagnostics say which rule applied).
 
+The eigensolver's record (iterations, the residual ‖A v − λ v‖ of each eigenvector, whether all reached
+``EIGEN_TOL`` within ``EIGEN_MAXITER`` iterations) is in the diagnostics; one that did not converge is logged
+as a warning.
+
+Landmark diffusion map (pools of more than ``landmarks_above`` rows, default 200,000: the exact path's kNN
+graph and eigensolver grow faster than N, 8.8 min at 520K on 2 cores, experiments/paser_benchmark.md): the
+Nyström extension of the diffusion map (Coifman & Lafon 2006, "Geometric harmonics"; Bengio et al. 2004,
+out-of-sample extension of spectral embeddings). m = ``landmarks`` rows drawn uniformly (seeded), so that
+they sample the pool's density as the pool does; the diffusion map above on their own kNN graph (bandwidth
+ε from their kNN distances) gives the random walk's eigenpairs P_L ψ = λ ψ; every other row x takes
+ψ(x) = (1/λ) Σ_l p(x,l) ψ(l) over its k nearest landmarks, p(x,·) ∝ exp(−‖x − l‖²/ε) summing to 1 (the
+same kernel, so a landmark's own row of P_L would give back ψ(l)); landmarks keep ψ(l). The rest (unit
+columns, λ^t, t from the landmarks' spectrum) is as above. Cost: a kNN graph of m rows, an eigensolver of
+m nodes, and one IVF search of k nearest landmarks per row. What it cannot resolve: structure finer than
+the landmarks' spacing, e.g. a cluster smaller than about N/m rows may draw no landmark and is then placed
+by the landmarks of its neighbours; the share of rows farther from every landmark than the landmark graph
+reaches is reported (``extension_far_share``) and, above 1%, logged as a warning.
+
 NMF clustering: each sample's reduced coordinates are first scaled to unit length (``row_normalize``, the
 Ng-Jordan-Weiss step: a sample's place is its direction, while its length says how strongly it loads on
 the coordinates; on all of Alpaca at d = 16, without it one NMF cluster held 37% of the pool, with it the
@@ -74,6 +92,11 @@ IVF_NPROBE = 16  # lists searched per query
 RECALL_QUERIES = 1000  # query rows on which an approximate graph's recall@k is measured
 K_SEARCH_ROWS = 10000  # rows used for the NMF error curve of the auto-K rule
 MAX_GAP_DIFFUSION_TIME = 20  # a "gap" that needs more diffusion steps to damp tenfold is no gap (t = 1)
+LANDMARKS_ABOVE = 200_000  # pools larger than this get the landmark (Nyström) diffusion map
+LANDMARKS = 20_000  # its landmarks
+EIGEN_TOL = 1e-5  # LOBPCG's target residual ‖A v − λ v‖ of each (unit) eigenvector
+EIGEN_MAXITER = 500
+LANDMARK_FAR_WARN = 0.01  # share of the pool beyond the landmark graph's reach that is logged as a warning
 DENSE_OFFICIAL_MAX = 10_000  # the official code's dense N×N path: 0.75 GB per float64 matrix at this size
 
 
@@ -243,9 +266,11 @@ def gaussian_affinity(idx: np.ndarray, dist: np.ndarray) -> tuple[sp.csr_matrix,
     return w.maximum(w.T).tocsr(), eps
 
 
-def diffusion_map(w: sp.csr_matrix, n_components: int, diffusion_time: int | str = "auto",
-                  seed: int = 0) -> tuple[np.ndarray, dict]:
-    """Diffusion coordinates [N, d] of the graph ``w`` and a diagnostics dict (see the module docstring)."""
+def diffusion_eigen(w: sp.csr_matrix, n_components: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The top ``n_components`` + 1 non-trivial eigenpairs of the random walk on the graph ``w``: eigenvalues
+    λ (decreasing) and right eigenvectors ψ = D^-1/2 v (columns) from the symmetric D^-1/2 W D^-1/2, and
+    the eigensolver's record: iterations, the residual ‖A v − λ v‖ of each vector, whether all reached
+    ``EIGEN_TOL``. One that did not is logged as a warning (its coordinates are approximate)."""
     n = w.shape[0]
     if not 1 <= n_components <= n - 3:
         raise ConfigError(f"selector.clustering.n_components={n_components} must be in 1..{n - 3} for a pool of {n}")
@@ -258,13 +283,29 @@ def diffusion_map(w: sp.csr_matrix, n_components: int, diffusion_time: int | str
     if n <= DENSE_MAX:  # small pools: exact dense solver (LOBPCG needs n >> block size)
         vals, vecs = np.linalg.eigh(a.toarray() - np.outer(u0, u0))
         vals, vecs = vals[-(n_components + 1):], vecs[:, -(n_components + 1):]
+        record: dict = {"eigen_solver": "dense", "eigen_iterations": None}
     else:
         x0 = np.random.default_rng(seed).standard_normal((n, n_components + 1))
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "requested tolerance not reached": coordinates are still fine
-            vals, vecs = lobpcg(a, x0, Y=u0[:, None], largest=True, tol=1e-5, maxiter=500)
+            warnings.simplefilter("ignore")  # "tolerance not reached": judged below from the residuals
+            vals, vecs, history = lobpcg(a, x0, Y=u0[:, None], largest=True, tol=EIGEN_TOL, maxiter=EIGEN_MAXITER,
+                                         retResidualNormsHistory=True)
+        record = {"eigen_solver": "lobpcg", "eigen_iterations": min(len(history) - 1, EIGEN_MAXITER)}
+    residuals = np.linalg.norm(a @ vecs - vecs * vals[None, :], axis=0)
+    record.update(eigen_residuals=[float(f"{r:.3g}") for r in residuals], eigen_residual_max=float(residuals.max()),
+                  eigen_tolerance=EIGEN_TOL, eigen_converged=bool(residuals.max() <= EIGEN_TOL))
+    if not record["eigen_converged"]:
+        log.warning("S²RIC eigensolver did not converge on %d nodes: largest residual %.3g after %s iterations "
+                    "(tolerance %g); the diffusion coordinates are approximate", n, residuals.max(),
+                    record["eigen_iterations"], EIGEN_TOL)
     order = np.argsort(-vals)
-    vals, vecs = vals[order], vecs[:, order]
+    return vals[order], vecs[:, order] * inv_sqrt[:, None], record
+
+
+def diffusion_coordinates(vals: np.ndarray, psi: np.ndarray, n_components: int,
+                          diffusion_time: int | str = "auto") -> tuple[np.ndarray, dict]:
+    """λ_i^t ψ_i for the first ``n_components`` eigenpairs, each ψ_i scaled to a unit column first (so scale
+    comes from λ^t only), t from the spectral gap of ``vals`` (see the module docstring) or given."""
     gaps = vals[:-1] - vals[1:]
     j = int(np.argmax(gaps))  # gap between vals[j] and vals[j+1] (0-based)
     rule = "fixed"
@@ -278,12 +319,129 @@ def diffusion_map(w: sp.csr_matrix, n_components: int, diffusion_time: int | str
     else:
         raise ConfigError(f"selector.clustering.diffusion_time={diffusion_time!r} must be 'auto' or an integer >= 0")
     lam = np.clip(vals[:n_components], 0.0, None)
-    psi = vecs[:, :n_components] * inv_sqrt[:, None]
-    psi /= np.linalg.norm(psi, axis=0, keepdims=True)  # unit columns, so scale comes from λ^t only
+    psi = psi[:, :n_components] / np.linalg.norm(psi[:, :n_components], axis=0, keepdims=True)
     coords = psi * (lam ** t)[None, :]
     diag = {"eigenvalues": [round(float(v), 6) for v in vals], "spectral_gap_index": j + 1,
             "diffusion_time": t, "diffusion_time_rule": rule}
     return coords.astype(np.float32), diag
+
+
+def diffusion_map(w: sp.csr_matrix, n_components: int, diffusion_time: int | str = "auto",
+                  seed: int = 0) -> tuple[np.ndarray, dict]:
+    """Diffusion coordinates [N, d] of the graph ``w`` and a diagnostics dict (see the module docstring)."""
+    vals, psi, record = diffusion_eigen(w, n_components, seed)
+    coords, diag = diffusion_coordinates(vals, psi, n_components, diffusion_time)
+    return coords, {**diag, **record}
+
+
+def check_landmarks(landmarks_above, landmarks) -> None:
+    if landmarks_above is not None and (isinstance(landmarks_above, bool) or not isinstance(landmarks_above, int)
+                                        or landmarks_above < 0):
+        raise ConfigError(f"selector.clustering.landmarks_above={landmarks_above!r} must be null (always the exact "
+                          "diffusion map) or an integer >= 0 (pools larger than it use landmarks)")
+    if isinstance(landmarks, bool) or not isinstance(landmarks, int) or landmarks < 100:
+        raise ConfigError(f"selector.clustering.landmarks={landmarks!r} must be an integer >= 100")
+
+
+def knn_to_landmarks(x: np.ndarray, landmarks: np.ndarray, k: int, seed: int = 0, nprobe: int = IVF_NPROBE,
+                     device: torch.device | str | None = None,
+                     chunk: int = 1 << 16) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Each row's k nearest landmarks other than itself: (positions in ``landmarks`` [N,k] int64, squared
+    distances [N,k] float32, diagnostics with the recall@k measured on ``RECALL_QUERIES`` seeded rows).
+
+    FAISS IVF-Flat over the landmarks (``IVF_TRAIN_PER_LIST`` landmarks per list, all of them training
+    its k-means, ``nprobe`` lists searched), on the GPU with a GPU build of FAISS: a query costs
+    nprobe·40 + #lists distances instead of m, and IVF-Flat's distances are exact fp32 ‖a−b‖². Rows whose
+    probed lists hold fewer than k other landmarks are searched exactly."""
+    import faiss
+
+    xl = np.ascontiguousarray(x[landmarks], dtype=np.float32)
+    m = len(xl)
+    n_lists = max(1, min(int(IVF_LISTS_PER_SQRT_N * math.sqrt(m)), m // IVF_TRAIN_PER_LIST))
+    index = faiss.index_factory(xl.shape[1], f"IVF{n_lists},Flat")
+    index.cp.seed, index.cp.niter = seed, IVF_KMEANS_ITERATIONS
+    index.train(xl)
+    index.add(xl)
+    index.nprobe = nprobe
+    device = torch.device(device or "cpu")
+    index = _faiss_on(index, device) if _faiss_gpu(device) else index
+    own = np.full(len(x), -1, dtype=np.int64)
+    own[landmarks] = np.arange(m)
+    idx, d2 = np.empty((len(x), k), dtype=np.int64), np.empty((len(x), k), dtype=np.float32)
+
+    def drop_self(rows: np.ndarray, dist: np.ndarray, cand: np.ndarray) -> None:
+        keep = cand != own[rows, None]
+        keep[keep.all(1), -1] = False  # not among its own candidates (not a landmark): the farthest goes
+        idx[rows], d2[rows] = cand[keep].reshape(len(rows), k), dist[keep].reshape(len(rows), k)
+
+    for s in range(0, len(x), chunk):
+        rows = np.arange(s, min(s + chunk, len(x)))
+        dist, cand = index.search(np.ascontiguousarray(x[rows], dtype=np.float32), k + 1)
+        drop_self(rows, dist, cand)
+    short = np.flatnonzero((idx < 0).any(1))  # FAISS pads missing candidates with -1
+    if len(short):
+        drop_self(short, *faiss.knn(np.ascontiguousarray(x[short], dtype=np.float32), xl, k + 1))
+    probe = np.sort(np.random.default_rng(seed + 1).choice(len(x), min(len(x), RECALL_QUERIES), replace=False))
+    exact = np.empty((len(probe), k), dtype=np.float32)
+    dist, cand = faiss.knn(np.ascontiguousarray(x[probe], dtype=np.float32), xl, k + 1)
+    keep = cand != own[probe, None]
+    keep[keep.all(1), -1] = False
+    exact[:] = dist[keep].reshape(len(probe), k)
+    recall = float((d2[probe] <= exact[:, -1:] * (1 + 1e-5) + 1e-12).mean())
+    return idx, d2, {"extension_index": f"faiss_ivf_flat ({n_lists} lists, nprobe {nprobe})",
+                     "extension_knn_recall": round(recall, 5)}
+
+
+def nystrom_extend(psi_l: np.ndarray, vals: np.ndarray, idx: np.ndarray, d2: np.ndarray, eps: float,
+                   chunk: int = 1 << 16) -> np.ndarray:
+    """The Nyström extension of the landmark random walk's right eigenvectors ``psi_l`` [m, d] (eigenvalues
+    ``vals`` [d]) to points given by their k nearest landmarks (``idx`` [N,k] positions, ``d2`` squared
+    distances): ψ(x) = (1/λ) Σ_l p(x,l) ψ(l), with p(x,·) the Gaussian affinities exp(−d²/ε) of x to its
+    landmarks normalised to sum 1 (computed as a softmax, so a point far from all of them does not divide
+    by an underflowed 0). For a landmark whose neighbours are its row of the landmark graph this gives
+    back ψ(l) (P ψ = λ ψ). λ <= 0 (never among the leading eigenvalues of a kNN graph) is left undivided."""
+    out = np.empty((len(idx), psi_l.shape[1]), dtype=np.float64)
+    inv = 1.0 / np.where(vals > 0, vals, 1.0)
+    for s in range(0, len(idx), chunk):
+        logits = -d2[s:s + chunk].astype(np.float64) / eps
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        out[s:s + chunk] = np.einsum("nk,nkd->nd", p, psi_l[idx[s:s + chunk]]) * inv[None, :]
+    return out
+
+
+def landmark_diffusion_map(x: np.ndarray, n_components: int, n_neighbors: int, landmarks: int,
+                           diffusion_time: int | str = "auto", seed: int = 0,
+                           device: torch.device | str | None = None) -> tuple[np.ndarray, dict]:
+    """Diffusion coordinates [N, d] from ``landmarks`` rows drawn uniformly (seeded): the diffusion map of
+    their own kNN graph (``diffusion_eigen``, bandwidth ε from the landmarks' kNN distances), extended to
+    every other row by the Nyström formula over its k nearest landmarks with the same Gaussian kernel
+    (``nystrom_extend``); landmarks keep their own eigenvector entries. See the module docstring."""
+    n = len(x)
+    land = np.sort(np.random.default_rng(seed).choice(n, landmarks, replace=False))
+    t0 = time.perf_counter()
+    lidx, ldist, kdiag = knn_graph(x[land], n_neighbors, device=device, seed=seed)
+    w, eps = gaussian_affinity(lidx, ldist)
+    t1 = time.perf_counter()
+    vals, psi_l, record = diffusion_eigen(w, n_components, seed)
+    t2 = time.perf_counter()
+    idx, d2, xdiag = knn_to_landmarks(x, land, n_neighbors, seed, device=device)
+    t3 = time.perf_counter()
+    psi = nystrom_extend(psi_l[:, :n_components], vals[:n_components], idx, d2, eps)
+    psi[land] = psi_l[:, :n_components]
+    # how many points lie farther from every landmark than landmarks lie from their k-th neighbour: the
+    # graph does not reach them, and their coordinates copy those of landmarks in other regions
+    far = float(np.mean(d2[:, 0] > float(np.quantile(ldist[:, -1], 0.99)) ** 2))
+    if far > LANDMARK_FAR_WARN:
+        log.warning("S²RIC landmarks: %.1f%% of the pool lies farther from every landmark than the landmark graph "
+                    "reaches; raise selector.clustering.landmarks (now %d)", 100 * far, landmarks)
+    coords, diag = diffusion_coordinates(vals, psi, n_components, diffusion_time)
+    t4 = time.perf_counter()
+    return coords, {**diag, **record, "diffusion_map": "landmarks_nystrom", "landmarks": landmarks,
+                    "landmark_knn_index": kdiag["knn_index"], "bandwidth": eps, "graph_edges": int(w.nnz // 2),
+                    **xdiag, "extension_far_share": round(far, 6),
+                    "time_knn_s": round(t1 - t0 + t3 - t2, 3), "time_eigen_s": round(t2 - t1, 3),
+                    "time_extend_s": round(t4 - t3, 3)}
 
 
 def check_dense_size(n: int, what: str) -> None:
@@ -345,20 +503,27 @@ def gram_nmf_labels(coords: np.ndarray, k: int) -> np.ndarray:
 
 def reduce_embeddings(embeddings: np.ndarray, reducer: str = "diffusion", n_components: int = 16,
                       n_neighbors: int = 10, seed: int = 0, diffusion_time: int | str = "auto",
-                      device: torch.device | str | None = None,
-                      knn_exact_max: int = KNN_EXACT_MAX) -> tuple[np.ndarray, dict]:
+                      device: torch.device | str | None = None, knn_exact_max: int = KNN_EXACT_MAX,
+                      landmarks_above: int | None = LANDMARKS_ABOVE,
+                      landmarks: int = LANDMARKS) -> tuple[np.ndarray, dict]:
     """Reduced coordinates [N, d'] and diagnostics (with per-step timings in seconds); the diffusion
-    map's kNN graph is built on ``device``, exactly up to ``knn_exact_max`` rows (see ``knn_graph``)."""
+    map's kNN graph is built on ``device``, exactly up to ``knn_exact_max`` rows (see ``knn_graph``); a
+    pool of more than ``landmarks_above`` rows gets the landmark diffusion map (``landmark_diffusion_map``,
+    ``landmarks`` rows) instead, when there are more rows than landmarks."""
     if reducer not in REDUCERS:
         raise ConfigError(f"selector.clustering.reducer='{reducer}' is unknown; allowed: {list(REDUCERS)}")
+    check_landmarks(landmarks_above, landmarks)
     x = np.asarray(embeddings, dtype=np.float32)
     diag: dict = {"reducer": reducer, "n_components": n_components}
     t0 = time.perf_counter()
-    if reducer == "diffusion":
+    if reducer == "diffusion" and landmarks_above is not None and len(x) > max(landmarks_above, landmarks):
+        coords, ddiag = landmark_diffusion_map(x, n_components, n_neighbors, landmarks, diffusion_time, seed, device)
+        diag.update(ddiag, n_neighbors=n_neighbors)
+    elif reducer == "diffusion":
         idx, dist, kdiag = knn_graph(x, n_neighbors, device=device, exact_max=knn_exact_max, seed=seed)
         w, eps = gaussian_affinity(idx, dist)
-        diag.update(kdiag, n_neighbors=n_neighbors, bandwidth=eps, graph_edges=int(w.nnz // 2),
-                    time_knn_s=round(time.perf_counter() - t0, 3))
+        diag.update(kdiag, diffusion_map="exact", n_neighbors=n_neighbors, bandwidth=eps,
+                    graph_edges=int(w.nnz // 2), time_knn_s=round(time.perf_counter() - t0, 3))
         t1 = time.perf_counter()
         coords, ddiag = diffusion_map(w, n_components, diffusion_time, seed)
         diag.update(ddiag, time_eigen_s=round(time.perf_counter() - t1, 3))
@@ -563,14 +728,15 @@ def s2ric_clusters(embeddings: np.ndarray, reducer: str = "diffusion", n_compone
                    n_neighbors: int = 10, n_clusters: int | str = "auto", seed: int = 0,
                    diffusion_time: int | str = "auto", k_range: tuple[int, int] = DEFAULT_K_RANGE,
                    device: torch.device | str | None = None, knn_exact_max: int = KNN_EXACT_MAX,
-                   min_cluster_size: int = 1, row_normalize: bool = True,
-                   nmf_input: str = "coordinates") -> tuple[np.ndarray, np.ndarray, dict]:
+                   min_cluster_size: int = 1, row_normalize: bool = True, nmf_input: str = "coordinates",
+                   landmarks_above: int | None = LANDMARKS_ABOVE,
+                   landmarks: int = LANDMARKS) -> tuple[np.ndarray, np.ndarray, dict]:
     """S²RIC, the one implementation PASER and the hybrids share: (labels 0..K-1, cluster 0 the largest
     unless ``nmf_input=gram``; the reduced coordinates; diagnostics). See the module docstring."""
     if nmf_input == "gram":  # refuse a pool too large before the reducer runs
         check_dense_size(len(embeddings), "selector.clustering.nmf_input=gram")
     coords, diag = reduce_embeddings(embeddings, reducer, n_components, n_neighbors, seed, diffusion_time,
-                                     device, knn_exact_max)
+                                     device, knn_exact_max, landmarks_above, landmarks)
     labels, cdiag = nmf_clusters(coords, n_clusters, seed, k_range, min_cluster_size, row_normalize, nmf_input)
     diag.update(cdiag)
     return labels, coords, diag
