@@ -17,6 +17,7 @@ import logging
 import numpy as np
 import torch
 
+from paser.data import text_heads
 from paser.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,8 @@ def mean_hidden_states(model, tokenizer, texts: list[str], cutoff: int, batch_si
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(texts), batch_size):
-        ids = [tokenizer(t, truncation=True, max_length=cutoff)["input_ids"] for t in texts[start:start + batch_size]]
+        ids = [tokenizer(t, truncation=True, max_length=cutoff)["input_ids"]
+               for t in text_heads(tokenizer, texts[start:start + batch_size], cutoff)]
         width = max(len(s) for s in ids)
         input_ids = torch.full((len(ids), width), tokenizer.pad_token_id or 0, dtype=torch.long)
         mask = torch.zeros((len(ids), width), dtype=torch.long)
@@ -88,8 +90,11 @@ def embed_texts(ctx, texts: list[str], name: str, params: dict, batch_size: int 
         if which is not None:
             model = ctx.original_model if which == "original" else ctx.pruned_model
             return mean_hidden_states(model, ctx.tokenizer, texts[start:end], ctx.cutoff, ctx.batch_size)
-        return ctx.embedder.encode(texts[start:end], batch_size=batch_size, normalize_embeddings=True,
-                                   convert_to_numpy=True, show_progress_bar=False).astype(np.float32)
+        embedder = ctx.embedder  # a sentence-transformers model reads at most max_seq_length tokens of a text
+        heads = text_heads(getattr(embedder, "tokenizer", None), texts[start:end],
+                           getattr(embedder, "max_seq_length", None))
+        return embedder.encode(heads, batch_size=batch_size, normalize_embeddings=True,
+                               convert_to_numpy=True, show_progress_bar=False).astype(np.float32)
 
     if which is not None:  # what the hidden states depend on besides the embedder's name
         params = {**params, "cutoff": ctx.cutoff}

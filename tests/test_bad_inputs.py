@@ -78,3 +78,91 @@ def test_drop_duplicates_must_be_a_boolean(tmp_path):
     path = write_pool(tmp_path / "pool.jsonl", distinct_rows(2))
     with pytest.raises(ConfigError, match="data.drop_duplicates='no' is not a boolean"):
         pool_from_config(path=str(path), drop_duplicates="no")
+
+
+# ------------------------------------------------------------------------------- one huge row
+
+WORDS = "The quick brown fox jumps over the lazy dog, 0123456789 times. "
+
+
+def sample_texts() -> list[str]:
+    """Texts around and far beyond the cut (keep=16: 640 characters), with what moves a tokenizer's seams:
+    whitespace runs, long vocabulary words (one token per 12 characters: the cut text is too short and
+    is cut again longer), non-Latin scripts and emoji."""
+    import random
+
+    rng = random.Random(0)
+    pieces = ["word", " ", "  ", "\n\n", "\t", " instruction", "漢字", "😀", "naïve", "-", "0123", "Response:"]
+    texts = ["".join(rng.choice(pieces) for _ in range(n)) for n in (50, 200, 330, 400, 1000, 5000)]
+    return texts + [" instruction" * 400, " " * 3000 + "x", WORDS * 300]
+
+
+@pytest.mark.parametrize("chars_per_token", [8, 1])
+def test_a_cut_text_gives_the_ids_of_the_whole_text(monkeypatch, chars_per_token):
+    """Encodings of a text cut where tokenise_heads cuts it equal those of the whole text (CHARS_PER_TOKEN
+    made huge: nothing is cut, the code as before), for a byte-level BPE, a SentencePiece-like one and a
+    slow tokenizer, with the text in each field; and so do the baselines' joined encodings and text_heads.
+    At 1 character per token the first cut is too short for most texts, which are cut again, longer."""
+    from paser import data
+    from paser.models import tiny_tokenizer
+    from paser.selectors.lm_scores import joined_encoding
+    from tests.test_tokenisation import SlowView, sentencepiece_tokenizer
+
+    keep, texts = 16, sample_texts()
+    monkeypatch.setattr(data, "CHARS_PER_TOKEN", chars_per_token)
+    rows = [{"instruction": "Say it.", "input": "", "output": t} for t in texts] + \
+        [{"instruction": t, "input": "", "output": "ok"} for t in texts] + \
+        [{"instruction": "Say it.", "input": t, "output": "ok"} for t in texts]
+    for tok in (tiny_tokenizer(), sentencepiece_tokenizer(), SlowView(tiny_tokenizer())):
+        cut = data._encode(tok, rows, keep, add_eos=True)
+        cut_joined = joined_encoding(tok, texts, texts, keep=keep)
+        heads = data.text_heads(tok, texts, keep) if tok.is_fast else texts
+        with monkeypatch.context() as m:
+            m.setattr(data, "CHARS_PER_TOKEN", 10**12)
+            whole = data._encode(tok, rows, keep, add_eos=True)
+        assert cut == whole
+        assert [(ids[:keep], min(s, keep)) for ids, s in cut_joined] == \
+            [(ids[:keep], min(s, keep)) for ids, s in joined_encoding(tok, texts, texts)]
+        assert [tok(h)["input_ids"][:keep] for h in heads] == [tok(t)["input_ids"][:keep] for t in texts]
+    if chars_per_token == 8:
+        sp_heads = data.text_heads(sentencepiece_tokenizer(), texts, keep)
+        assert [len(h) for h in sp_heads[-3:]] == [4 * 640, 640, 640]  # " instruction" is cut again, longer
+
+
+@pytest.mark.parametrize("field", ["output", "instruction"])
+def test_a_row_of_megabytes_encodes_in_well_under_a_second(monkeypatch, field):
+    """A 4 MB row took ~25 s and 1.6 GB (5 MB: 30 s; issue #30: 50 MB, 243 s and 14.5 GB in PASER). Its ids
+    are those of the old, whole-text encoding of its first 100,000 characters (the same first tokens)."""
+    import time
+
+    from paser import data
+    from paser.models import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    row = {"instruction": "Summarise.", "input": "", "output": "Done.", field: (WORDS * 70_000)[:4_000_000]}
+    start = time.process_time()  # CPU time: other processes on the core do not count
+    [huge] = data.encode_pool(tok, [row], 256)
+    assert time.process_time() - start < 0.5
+    monkeypatch.setattr(data, "CHARS_PER_TOKEN", 10**12)
+    assert huge == data._encode(tok, [{**row, field: row[field][:100_000]}], 256, add_eos=True)[0]
+    assert huge.truncated and len(huge.input_ids) == 256
+
+
+def test_embeddings_of_a_huge_instruction_are_those_of_the_whole_text(monkeypatch):
+    """The sentence embedder (all-MiniLM-L6-v2, 256 tokens) and the LLM's own hidden states (cutoff tokens)
+    read a cut text as they read the whole one: the same vectors, bit for bit."""
+    import numpy as np
+
+    from paser import data
+    from paser.embedding import load_embedder, mean_hidden_states
+    from paser.models import tiny_llama
+
+    texts = ["Name a colour.", (WORDS * 200)[:10_000], "naïve 😀 " * 1000]
+    embedder = load_embedder()
+    heads = data.text_heads(embedder.tokenizer, texts, embedder.max_seq_length)
+    assert [len(h) < len(t) for h, t in zip(heads, texts)] == [False, True, True]
+    assert np.array_equal(embedder.encode(heads), embedder.encode(texts))
+    model, tok = tiny_llama()
+    cut = mean_hidden_states(model, tok, texts, cutoff=64)
+    monkeypatch.setattr(data, "CHARS_PER_TOKEN", 10**12)
+    assert np.array_equal(cut, mean_hidden_states(model, tok, texts, cutoff=64))

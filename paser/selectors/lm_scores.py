@@ -14,7 +14,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from paser.data import PROMPT_NO_INPUT, PROMPT_WITH_INPUT, _common_prefix, _response_start, alpaca_prompt
+from paser.data import (
+    PROMPT_NO_INPUT,
+    PROMPT_WITH_INPUT,
+    _common_prefix,
+    _response_start,
+    alpaca_prompt,
+    tokenise_heads,
+)
 from paser.errors import ConfigError
 from paser.scoring import answer_nll_sums, answer_spans, iter_batches, model_device, to_host
 
@@ -82,28 +89,34 @@ def prompt_text(row: dict, template: str) -> str:
 
 
 def joined_encoding(tokenizer, prompts: list[str], answers: list[str], add_special_tokens: bool = True,
-                    rows_per_call: int = 1024) -> list[tuple[list[int], int]]:
+                    rows_per_call: int = 1024, keep: int | None = None) -> list[tuple[list[int], int]]:
     """(ids of prompt + answer tokenised as one text, index of the answer's first token) for each pair.
 
     The seam rule is recovery's (``paser.data``): the first token whose character span starts at or after
     the prompt's end (a token merged across the seam counts as prompt); a slow tokenizer, without offsets,
     takes the common prefix with the prompt's own ids. Tokenising the answer on its own would give
     SentencePiece (Metaspace) vocabularies a word-initial "▁" the joined text does not have.
+    ``keep``: the caller uses only the first ``keep`` ids and the answer's start up to there, so a huge row is
+    tokenised only as far as they need (``paser.data.tokenise_heads``).
     """
+    def tokenise(texts: list[str], ps: list[str]) -> list[tuple[list[int], int]]:
+        if getattr(tokenizer, "is_fast", False):
+            batch = tokenizer(texts, add_special_tokens=add_special_tokens, return_offsets_mapping=True,
+                              return_special_tokens_mask=True, return_attention_mask=False)
+            return [(list(ids), max(_response_start(offsets, special, len(p)), _leading(special)))
+                    for ids, offsets, special, p in
+                    zip(batch["input_ids"], batch["offset_mapping"], batch["special_tokens_mask"], ps)]
+        out = []
+        for p, t in zip(ps, texts):
+            ids = list(tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"])
+            out.append((ids, _common_prefix(tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"], ids)))
+        return out
+
     out = []
     for b in range(0, len(prompts), rows_per_call):
         ps, texts = prompts[b:b + rows_per_call], [p + a for p, a in zip(prompts[b:b + rows_per_call],
                                                                         answers[b:b + rows_per_call])]
-        if getattr(tokenizer, "is_fast", False):
-            batch = tokenizer(texts, add_special_tokens=add_special_tokens, return_offsets_mapping=True,
-                              return_special_tokens_mask=True, return_attention_mask=False)
-            out += [(list(ids), max(_response_start(offsets, special, len(p)), _leading(special)))
-                    for ids, offsets, special, p in
-                    zip(batch["input_ids"], batch["offset_mapping"], batch["special_tokens_mask"], ps)]
-        else:
-            for p, t in zip(ps, texts):
-                ids = list(tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"])
-                out.append((ids, _common_prefix(tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"], ids)))
+        out += tokenise(texts, ps) if keep is None else tokenise_heads(tokenise, texts, ps, keep)[0]
     return out
 
 
@@ -133,7 +146,7 @@ def answer_sequences(tokenizer, rows: list[dict], cutoff: int, conditioned: bool
     check_choice(truncation, TRUNCATIONS, "selector.truncation")
     outputs = [r["output"] for r in rows]
     cond = [(ids[:cutoff], min(start, cutoff)) for ids, start in
-            joined_encoding(tokenizer, [prompt_text(r, template) for r in rows], outputs)]
+            joined_encoding(tokenizer, [prompt_text(r, template) for r in rows], outputs, keep=cutoff)]
     if conditioned:
         return [ids for ids, _ in cond], [start for _, start in cond]
     seqs, starts = [], []
@@ -143,7 +156,8 @@ def answer_sequences(tokenizer, rows: list[dict], cutoff: int, conditioned: bool
             seqs.append(list(head) + ids[start:])
             starts.append(len(head))
         return seqs, starts
-    for (ids, start), (_, prompt_len) in zip(joined_encoding(tokenizer, [prefix] * len(rows), outputs), cond):
+    unconditioned = joined_encoding(tokenizer, [prefix] * len(rows), outputs, keep=cutoff + CHERRY_MAX_LENGTH_SLACK)
+    for (ids, start), (_, prompt_len) in zip(unconditioned, cond):
         if start == 0:
             first = start_tokens(tokenizer)
             ids, start = first + ids, len(first)

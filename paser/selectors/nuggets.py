@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from paser.data import alpaca_prompt
+from paser.data import alpaca_prompt, text_heads
 from paser.embedding import embed_pool
 from paser.errors import ConfigError
 from paser.scoring import answer_nll_sums, iter_batches, model_device, pad_right, to_host
@@ -98,7 +98,7 @@ def encode_anchors(tokenizer, rows: list[dict], cutoff: int, prompt_format: str)
     """Per anchor: (prompt + answer tokenised as one text without special tokens, cut at cutoff; index where
     the answer starts)."""
     enc = joined_encoding(tokenizer, [format_prompt(r, prompt_format) for r in rows],
-                          [format_answer(r, prompt_format) for r in rows], add_special_tokens=False)
+                          [format_answer(r, prompt_format) for r in rows], add_special_tokens=False, keep=cutoff)
     return [(ids[:cutoff], min(start, cutoff)) for ids, start in enc]
 
 
@@ -111,7 +111,7 @@ def encode_demonstration(tokenizer, row: dict, cutoff: int, prompt_format: str, 
         -> list[int]:
     """Special prefix + demonstration (prompt + answer as one text, cut at cutoff) + ``separator``'s tokens."""
     text = format_prompt(row, prompt_format) + format_answer(row, prompt_format)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(text_heads(tokenizer, [text], cutoff)[0], add_special_tokens=False)["input_ids"]
     sep = tokenizer(separator, add_special_tokens=False)["input_ids"] if separator else []
     return special_prefix(tokenizer) + ids[:cutoff] + sep
 
