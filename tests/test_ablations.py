@@ -20,6 +20,7 @@ from paser.selectors import clustering_methods
 from paser.selectors.clustered import clustering_block, s2ric_labels
 from paser.selectors.paser.concepts import ConceptGraph, ConceptSimilarity, rake
 from paser.selectors.paser.selector import CosineScreen, KeywordScreen, PaserSelector, ntm_walk
+from tests.conftest import TINY_RUN, requires_shared_data
 from tests.test_paser_selector import SMALL, SMALL_CLUSTERING, make_ctx, make_pool
 
 ALTERNATIVES = ["nmf_tfidf", "lda_tfidf", "kmeans_tfidf", "spectral"]
@@ -299,3 +300,53 @@ def test_paser_paper_settings_select_within_budget(models, tmp_path, compose_cfg
         PaserSelector(ntm="cosine", concept_similarity=0.75)
     with pytest.raises(ConfigError, match=r"concept_min_words=5 must be in 1\.\.concept_max_words \(4\)"):
         PaserSelector(concept_min_words=5, concept_max_words=4)
+
+
+# ------------------------------------------------------------------------------ paraphrased conflicts
+
+CONFLICT_ROWS = [
+    {"instruction": "Explain why exercise is good for health.", "input": "",
+     "output": "Exercise is always good for the heart."},
+    {"instruction": "Describe photosynthesis.", "input": "", "output": "Photosynthesis is a process of plants."},
+    {"instruction": "Count.", "input": "", "output": "0123456789"},
+]
+
+
+def test_paraphrase_conflicts_by_hand(tmp_path):
+    import json
+
+    from scripts.make_paraphrase_conflicts import main
+
+    pool, out = tmp_path / "pool.jsonl", tmp_path / "out" / "conflicts.jsonl"
+    pool.write_text("".join(json.dumps(r) + "\n" for r in CONFLICT_ROWS))
+    assert main(["--pool", str(pool), "--out", str(out), "--fraction", "1"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    manifest = json.loads((tmp_path / "out" / "conflicts.jsonl.manifest.json").read_text())
+    # the pool first, then one conflict: "always good" contradicted ("never bad"), then every word with a
+    # synonym swapped (bad -> poor, exercise -> workout, heart -> ticker, explain -> clarify, ...)
+    assert rows[:3] == CONFLICT_ROWS and rows[3:] == [
+        {"instruction": "Clarify why workout is favorable for wellbeing.", "input": "",
+         "output": "Workout is never poor for the ticker."}]
+    assert manifest["pairs"] == [{"source_index": 0, "conflict_index": 3, "conflict_line": 4, "rule": "antonyms",
+                                  "contradicted": ["always", "good"], "synonyms": [
+                                      "explain", "exercise", "good", "health", "exercise", "bad", "heart"]}]
+    # photosynthesis has no synonym: its paraphrase ("Photosynthesis is not a procedure of flora") would share
+    # that concept with the original, which the CCG could match; "0123456789" admits no contradiction rule
+    assert manifest["dropped"] == {"no_contradiction_rule": 1, "unchanged": 0, "shares_a_concept": 1}
+    assert not set(rake(" ".join(rows[0].values()))) & set(rake(" ".join(rows[3].values())))
+
+
+# ------------------------------------------------------------------------------ through the pipeline
+
+@requires_shared_data()
+def test_the_ablation_options_run_through_the_pipeline(compose_cfg, tmp_path):
+    from paser import pipeline
+
+    overrides = [o for o in TINY_RUN if not o.startswith("selector=")] + [
+        "selector=paser_ntm_cosine", "+selector.clustering.method=kmeans_tfidf", "selector.clustering.k_range=[2,4]",
+        "scoring.embedder=model_hidden", "budget_unit=tokens", "budget=600"]
+    results = pipeline.run(compose_cfg(overrides), run_dir=tmp_path / "run")
+    d = results["selection"]["diagnostics"]
+    assert 0 < d["cost"] <= 600 and d["unit"] == "tokens"
+    assert d["clustering"]["method"] == "kmeans_tfidf" and d["ntm"]["method"] == "cosine"
+    assert d["ntm"]["examined"] >= d["selected"] and results["config"]["scoring"]["embedder"] == "model_hidden"
