@@ -1,9 +1,10 @@
 """LaMini scale (#33): PASER's clustering is computed once (resumed from the cache, shared between
-processes)."""
+processes); data=lamini reads the dataset's own fields from a local file or the hub."""
 
 from __future__ import annotations
 
 import io
+import json
 import multiprocessing
 
 import numpy as np
@@ -106,3 +107,68 @@ def test_two_processes_compute_the_clustering_once(tmp_path):
     # the second reads it after waiting on the claim ("other"), or after it was stored ("cached")
     assert sorted([ca["computed"], cb["computed"]]) == [0, 1] and sum(ca.values()) == sum(cb.values()) == 1
     assert np.bincount(a).min() > 0
+
+
+# ------------------------------------------------------------------------------ data=lamini
+
+LAMINI_ROWS = [  # the hub dataset's own fields
+    {"instruction": "List three primary colours.", "response": "Red, yellow and blue.",
+     "instruction_source": "generated_flan"},
+    {"instruction": "What is the capital of France?", "response": "Paris.", "instruction_source": "alpaca"},
+    {"instruction": "Write a haiku about rain.", "response": "Soft rain on the roof\nwhispers ...",
+     "instruction_source": "self_instruct_with_topic"},
+]
+
+
+def lamini_pool(overrides, tmp_path):
+    """The data node of ``data=lamini`` (whole pool) and its pool, built as a run builds it."""
+    from paser.pipeline import _instantiate
+    from tests.conftest import compose_config
+
+    cfg = compose_config(["data=lamini", "data.subsample=null", *overrides], tmp_path)
+    return cfg.data, _instantiate(cfg.data)
+
+
+def test_lamini_reads_its_own_fields_from_a_local_file(tmp_path):
+    path = tmp_path / "lamini.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in LAMINI_ROWS))
+    node, pool = lamini_pool([f"data.path={path}"], tmp_path)
+    assert node.hub_id == "MBZUAI/LaMini-instruction"
+    assert pool.source == str(path) and len(pool) == 3
+    assert pool.rows == [{"instruction": r["instruction"], "input": "", "output": r["response"]} for r in LAMINI_ROWS]
+    # by default the file is looked for under paths.data_dir
+    assert compose_config_data_path(tmp_path).endswith("/lamini/lamini.jsonl")
+
+
+def compose_config_data_path(tmp_path) -> str:
+    from tests.conftest import DATA_DIR, compose_config
+
+    path = compose_config(["data=lamini"], tmp_path).data.path
+    assert path.startswith(str(DATA_DIR))
+    return path
+
+
+def test_lamini_row_without_a_response_names_file_line_and_field(tmp_path):
+    from paser.errors import DataError
+
+    path = tmp_path / "lamini.jsonl"
+    path.write_text(json.dumps(LAMINI_ROWS[0]) + "\n" + json.dumps({"instruction": "Hi", "output": "Hello"}) + "\n")
+    with pytest.raises(DataError, match=r"lamini\.jsonl:2: missing field\(s\) \['response'\]"):
+        lamini_pool([f"data.path={path}"], tmp_path)
+
+
+def test_lamini_from_the_hub_when_there_is_no_file(tmp_path, monkeypatch):
+    import datasets
+
+    asked = {}
+
+    def load_dataset(hub_id, split):
+        asked.update(hub_id=hub_id, split=split)
+        return LAMINI_ROWS
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    _, pool = lamini_pool([f"data.path={tmp_path / 'absent.jsonl'}"], tmp_path)
+    assert asked == {"hub_id": "MBZUAI/LaMini-instruction", "split": "train"}
+    assert pool.source == "MBZUAI/LaMini-instruction"
+    assert [r["output"] for r in pool.rows] == [r["response"] for r in LAMINI_ROWS]
+    assert all(r["input"] == "" for r in pool.rows)
