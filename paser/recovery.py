@@ -417,18 +417,30 @@ class MasterWeights:
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.masters = [p if p.dtype == torch.float32 else p.detach().float().clone().requires_grad_()
                         for _, p in self.named]
+        # the parameters kept in a lower precision, their masters and the masters' fp32 gradient sums: the
+        # updates below are one foreach op over all of them, not a Python iteration and a kernel per tensor
+        # (LoRA has two per adapted projection: 448 for the seven projections of a 32-layer 7B)
+        self.mixed = [(p, m) for (_, p), m in zip(self.named, self.masters) if m is not p]
+        self.sums = [torch.zeros_like(m) for _, m in self.mixed]
 
     def tensors(self) -> list[torch.Tensor]:
         return self.masters
 
+    @torch.no_grad()
     def accumulate(self) -> None:
         """Move the gradients of the last backward into fp32 sums on the masters: accumulating over the
         micro-batches of a step in bf16 would lose precision (and make the sum depend on how the
         micro-batches are split across ranks)."""
-        for (_, p), m in zip(self.named, self.masters):
-            if m is not p and p.grad is not None:
-                m.grad = p.grad.float() if m.grad is None else m.grad.add_(p.grad)
-                p.grad = None
+        fresh = [(p, m, s) for (p, m), s in zip(self.mixed, self.sums) if p.grad is not None]
+        if not fresh:
+            return
+        if any(m.grad is None for _, m, _ in fresh):  # the first backward since the optimizer step
+            torch._foreach_zero_(self.sums)
+            for (_, m), s in zip(self.mixed, self.sums):
+                m.grad = s
+        torch._foreach_add_([s for _, _, s in fresh], [p.grad for p, _, _ in fresh])
+        for p, _, _ in fresh:
+            p.grad = None
 
     def collect_grads(self) -> list[torch.Tensor]:
         """The step's fp32 gradients on the masters (zeros for a parameter that got none)."""
@@ -440,10 +452,9 @@ class MasterWeights:
 
     @torch.no_grad()
     def push(self) -> None:
-        """Copy the updated masters into the model's parameters."""
-        for (_, p), m in zip(self.named, self.masters):
-            if m is not p:
-                p.copy_(m)
+        """Copy the updated masters into the model's parameters (rounded to their dtype)."""
+        if self.mixed:
+            torch._foreach_copy_([p for p, _ in self.mixed], [m for _, m in self.mixed])
 
     def state(self) -> dict[str, torch.Tensor]:
         return {n: m.detach().to("cpu", copy=True).contiguous() for (n, _), m in zip(self.named, self.masters)}
