@@ -38,6 +38,15 @@ from paser.fingerprint import code_version, file_fingerprint
 from paser.hardware import StagePeaks, host_facts, resolve_device
 from paser.models import load_model, load_saved, load_tokenizer, model_identity, save_model
 from paser.pruners.common import parameter_count, sparsity_report
+from paser.reporting import (
+    component_name,
+    log_artifacts,
+    log_results,
+    prune_record,
+    summary,
+    summary_table,
+    write_selected,
+)
 from paser.tracking import NullLogger, check_fresh, git_commit, run_stamp, set_active, write_results
 
 log = logging.getLogger(__name__)
@@ -635,8 +644,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, job_index: int | Non
     np.random.seed(cfg.seed)
     main = distributed.is_main()
     logger = _instantiate(cfg.logger) if main else NullLogger()
-    tags = [f"model:{cfg.model.name}", f"pruner:{_component_name(cfg.pruner)}",
-            f"selector:{_component_name(cfg.selector)}", f"recovery:{_component_name(cfg.recovery)}"]
+    tags = [f"model:{cfg.model.name}", f"pruner:{component_name(cfg.pruner)}",
+            f"selector:{component_name(cfg.selector)}", f"recovery:{component_name(cfg.recovery)}"]
     logger.start(to_plain(cfg), run_dir, name=run_dir.name, tags=tags)
     set_active(logger)
     try:
@@ -652,90 +661,17 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, job_index: int | Non
         "config": to_plain(cfg),
         "host": {**host, "model_dtype": cfg.model.dtype, "recovery_dtype": OmegaConf.select(cfg, "recovery.dtype")},
         "metrics": out["metrics"],
-        "prune": out["prune"],
+        "prune": prune_record(out["prune"]),
         "selection": {k: v for k, v in selection.items() if k != "indices"},
         "recovery": out["recovery"],
         "timings": {**stages.timer.stages, "total_s": round(time.time() - started, 3)},
         "versions": library_versions(), "git_commit": git_commit(),
     }
+    results["summary"] = summary(results, wiring_check=cfg.model.kind == "tiny")
     (run_dir / "selected_indices.json").write_text(json.dumps(selection["indices"]))
+    write_selected(run_dir / "selected.jsonl", parts.pool, selection["indices"])
     write_results(run_dir, results)
-    _log_artifacts(logger, results, run_dir, out["selector_files"], out["adapter_dir"])
-    _log_results(logger, results, run_dir)
-    print(summary_table(results))
+    log_artifacts(logger, results, run_dir, out["selector_files"], out["adapter_dir"])
+    log_results(logger, results, run_dir)
+    log.info("summary%s", summary_table(results))
     return results
-
-
-def _component_name(node: DictConfig) -> str:
-    target = node.get("_target_") if node is not None else None
-    return target.rsplit(".", 1)[-1] if target else "none"
-
-
-def _log_artifacts(logger, results: dict, run_dir: Path, selector_files: list[str],
-                   adapter_dir: Path | None) -> None:
-    """The selection (indices and the selector's files) and the LoRA adapter, for the logger to upload as
-    artifacts if ``logger.artifacts`` asks for them."""
-    name, selection = f"{results['name']}-{run_dir.name}", results["selection"]
-    logger.log_artifact(f"{name}-selection", "selection",
-                        [run_dir / "selected_indices.json", *(run_dir / f for f in selector_files)],
-                        {"selector": _component_name(results["config"]["selector"]),
-                         "budget": selection["budget"], "selected": selection["stats"]["selected"],
-                         "pool_fingerprint": selection["pool_fingerprint"]})
-    if adapter_dir is not None:
-        recovery = results["recovery"]
-        knobs_used = {k: v for k, v in results["config"]["recovery"].items() if k != "_target_"}
-        logger.log_artifact(f"{name}-adapter", "adapter", [adapter_dir],
-                            {**knobs_used, "steps": recovery["steps"], "final_loss": recovery["final_loss"],
-                             "kept": recovery["kept"]})
-
-
-def _log_results(logger, results: dict, run_dir: Path) -> None:
-    if results["recovery"] and results["timings"]["recover"]["reused"]:  # a fresh one was logged live
-        for point in results["recovery"]["loss_curve"]:
-            logger.log({"recovery/step": point["step"], "recovery/loss": point["loss"], "recovery/lr": point["lr"]})
-        for point in results["recovery"].get("val_curve", []):
-            logger.log({"recovery/step": point["step"], "recovery/val_loss": point["loss"]})
-    rows = [[state, *headline(m)] for state, m in results["metrics"].items()]
-    logger.log_table("metrics_table", ["state", "wikitext2_ppl", "ptb_ppl", "zeroshot_mean"], rows)
-    for png in sorted(run_dir.glob("*.png")):  # selector diagnostics, e.g. PASER's cluster map
-        logger.log_image(png.stem, png)
-    logger.finish({"metrics": results["metrics"], "prune": {k: v for k, v in results["prune"].items()
-                                                            if k != "sparsity_per_layer"},
-                   "selection": results["selection"]["stats"], "timings": results["timings"]})
-
-
-def headline(m: dict) -> list:
-    ppl = m.get("ppl") or {}
-    zs = m.get("zeroshot") or {}
-    return [ppl.get("wikitext2", {}).get("ppl"), ppl.get("ptb", {}).get("ppl"), zs.get("mean")]
-
-
-def gap_closed(metrics: dict) -> dict[str, float]:
-    """Per perplexity corpus, the share of the pruning gap that recovery closed:
-    (ppl_pruned - ppl_recovered) / (ppl_pruned - ppl_dense); empty without a recovered model."""
-    states = [(metrics.get(s) or {}).get("ppl") or {} for s in ("dense", "pruned", "recovered")]
-    out = {}
-    for name in states[2]:
-        dense, pruned, recovered = (st.get(name, {}).get("ppl") for st in states)
-        if None not in (dense, pruned, recovered) and pruned != dense:
-            out[name] = (pruned - recovered) / (pruned - dense)
-    return out
-
-
-def summary_table(results: dict) -> str:
-    def fmt(v):
-        return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
-
-    lines = [f"\n{'model state':<12} {'WikiText-2':>12} {'PTB':>12} {'0-shot mean':>12}"]
-    for state, m in results["metrics"].items():
-        lines.append(f"{state:<12} " + " ".join(f"{fmt(v):>12}" for v in headline(m)))
-    closed = gap_closed(results["metrics"])
-    if closed:
-        lines.append("recovery closed " + ", ".join(f"{share:.1%} of the {name} gap" for name, share in closed.items())
-                     + " (pruned -> dense)")
-    t = results["timings"]
-    lines.append("stages: " + ", ".join(f"{k} {v['seconds']:.1f}s{' (cached)' if v['reused'] else ''}"
-                                        for k, v in t.items() if isinstance(v, dict)))
-    lines.append(f"selected {results['selection']['stats']['selected']} of "
-                 f"{results['selection']['pool_size']} samples; results in {results['run_dir']}")
-    return "\n".join(lines)
