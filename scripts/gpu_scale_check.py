@@ -436,9 +436,8 @@ def extrapolate(sections: dict, work: dict) -> dict:
         return s[name]["tok_s"]
 
     def peak(*names):
-        gpu = [s[n]["peak_gpu_memory_gib"] for n in names if s[n].get("peak_gpu_memory_gib") is not None]
-        return {"peak_gpu_memory_gib": max(gpu) if gpu else None,
-                "peak_host_rss_gib": max(s[n]["peak_host_rss_gib"] for n in names)}
+        return {key: max((s[n][key] for n in names if s[n].get(key) is not None), default=None)
+                for key in ("peak_gpu_memory_gib", "peak_host_rss_gib")}
 
     pruned_zs = rate("zeroshot_dense") * rate("forward_pruned") / rate("forward_dense")
     eval_pruned = work["ppl_tokens"] / rate("perplexity_pruned") + work["zeroshot_tokens"] / pruned_zs
@@ -463,13 +462,42 @@ def extrapolate(sections: dict, work: dict) -> dict:
     return out
 
 
+# time / bare forwards at the pipeline's default batches, measured on one H200 (experiments/gpu_h200,
+# profile_h200.json): perplexity at batch 8, PASER's JSD at scoring batch 8
+H200_RATIOS = {"perplexity": 1.554, "jsd_b8": 1.394}
+
+
+def assumed_sections(flops: dict, work: dict, flops_per_s: float) -> dict:
+    """``--estimate``: the sections extrapolate() reads, every forward at the assumed achieved FLOP/s, the
+    perplexity and JSD overheads as measured on the H200, LoRA steps and the gradient pass at their compute
+    floor (frozen weights: forward + inputs' gradients; the gradient pass also the weights'), zero-shot at a
+    bare forward, the kNN graph free; no memory."""
+    def row(seconds, tokens, **extra):
+        return {"seconds": seconds, "tokens": tokens, "tok_s": tokens / seconds, "peak_gpu_memory_gib": None,
+                "peak_host_rss_gib": None, **extra}
+
+    seq, step_tokens = CUTOFF // 2, EFFECTIVE_BATCH * work["mean_sample_tokens"]
+    fwd = {k: row(f(128) / flops_per_s, 1) for k, f in flops.items()}
+    two = (flops["dense"](seq) + flops["pruned"](seq)) / flops_per_s
+    return {"forward_dense": fwd["dense"], "forward_pruned": fwd["pruned"],
+            **{f"perplexity_{k}": row(H200_RATIOS["perplexity"] * v["seconds"], 1) for k, v in fwd.items()},
+            "zeroshot_dense": row(flops["dense"](160) / flops_per_s, 1),
+            "jsd_b8": row(H200_RATIOS["jsd_b8"] * two, 1),
+            "llm_pruner_gradients": row(640 * 3 * flops["dense"](64) / flops_per_s, 640),
+            "lora_step_micro4": row(1, 1, per_step_s=step_tokens * 2 * flops["pruned"](seq) / flops_per_s),
+            "knn_52002": row(1e-9, 1), "perplexity_lora_merged": row(1, 1, ratio=1.0)}
+
+
 def print_table(name: str, stages: dict, work: dict) -> None:
     print(f"\nexperiment=table1 at the {name} shape on this device (ESTIMATES: extrapolated from the sections; "
           f"workload from {work['source']}, {work['lora_steps']} LoRA steps):")
     print("| stage | time | peak device GiB | peak host GiB |\n|---|---|---|---|")
+    def gib(value):
+        return "-" if value is None else f"{value:.1f}"
+
     for stage, v in stages.items():
-        gpu = "-" if v["peak_gpu_memory_gib"] is None else f"{v['peak_gpu_memory_gib']:.1f}"
-        print(f"| {stage} | {v['seconds'] / 60:.1f} min | {gpu} | {v['peak_host_rss_gib']:.1f} |")
+        print(f"| {stage} | {v['seconds'] / 60:.1f} min | {gib(v['peak_gpu_memory_gib'])} | "
+              f"{gib(v['peak_host_rss_gib'])} |")
     total = sum(v["seconds"] for k, v in stages.items() if "full data" not in k)
     print(f"| one run (PASER) | {total / 3600:.2f} h | | |")
 
@@ -491,7 +519,12 @@ def main(argv=None) -> int:
     ap.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak (MFU)")
     ap.add_argument("--knn-rows", type=int, default=None)
     ap.add_argument("--out", type=Path, default=Path("scale_check.json"))
+    ap.add_argument("--estimate", type=float, metavar="MFU", default=None,
+                    help="no GPU, nothing timed: the table1 stages with every forward at this MFU of "
+                         "--peak-tflops (assumed_sections)")
     args = ap.parse_args(argv)
+    if args.estimate is not None:
+        return estimate(args)
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -529,6 +562,30 @@ def main(argv=None) -> int:
     check.report["table1"] = extrapolate(check.report["sections"], work)
     args.out.write_text(json.dumps(check.report, indent=1, default=str))
     print_table(args.shape, check.report["table1"], work)
+    return 0
+
+
+def estimate(args) -> int:
+    if not args.peak_tflops:
+        raise SystemExit("--estimate needs --peak-tflops (e.g. 989 for an H100 SXM)")
+    lengths, _ = sample_lengths(args.data_dir, args.chars_per_token, 4096, np.random.default_rng(0))
+    work = workload(args.data_dir, args.chars_per_token, lengths)
+    config = config_of(args.shape)
+    models = {}
+    for label, shapes in (("dense", None), ("pruned", pruned_shapes(config))):
+        with torch.device("meta"):
+            from transformers import AutoModelForCausalLM
+
+            models[label] = AutoModelForCausalLM.from_config(config)
+        if shapes:
+            from paser.models import apply_layer_shapes
+
+            apply_layer_shapes(models[label], shapes)
+    flops = {k: forward_flops(m) for k, m in models.items()}
+    stages = extrapolate(assumed_sections(flops, work, args.peak_tflops * 1e12 * args.estimate), work)
+    print(f"{args.shape}: {params(models['dense']) / 1e9:.2f}B dense, {params(models['pruned']) / 1e9:.2f}B pruned; "
+          f"every forward at {args.estimate:.0%} of {args.peak_tflops:g} TFLOP/s; workload {json.dumps(work)}")
+    print_table(args.shape, stages, work)
     return 0
 
 

@@ -72,3 +72,23 @@ def test_mfu_is_the_achieved_over_the_peak_flops(tmp_path):
     check = scale.Check(scale.torch.device("cpu"), tmp_path / "x.json", {}, peak_tflops=1e-3)
     r = check.section("work", lambda: sum(range(10_000)), tokens=1_000, flops_per_token=2e6)
     assert r["mfu"] == pytest.approx(1_000 * 2e6 / r["seconds"] / 1e9)
+
+
+def stage_minutes(text: str) -> dict[str, float]:
+    return {cells[1].strip(): float(cells[2].split()[0]) for line in text.splitlines()
+            if (cells := line.split("|"))[1:] and "min" in line}
+
+
+def test_the_estimate_mode_needs_no_device_and_scales_with_the_assumed_mfu(capsys):
+    """``--estimate MFU``: the README's 7B table; LLaMA-2-7B's shape pruned by LLM-Pruner at 0.25 has the
+    5.4B parameters LLM-Pruner reports, and halving the MFU doubles every stage's time."""
+    tables = []
+    for mfu in ("0.5", "0.25"):
+        assert scale.main(["--estimate", mfu, "--peak-tflops", "989", "--shape", "llama2-7b"]) == 0
+        out = capsys.readouterr().out
+        assert "6.74B dense, 5.42B pruned" in out
+        tables.append(stage_minutes(out))
+    assert tables[0].keys() == tables[1].keys() and len(tables[0]) == 7
+    for stage, minutes in tables[0].items():
+        if minutes >= 1:  # two-digit rounding
+            assert tables[1][stage] == pytest.approx(2 * minutes, rel=0.06), stage
