@@ -403,7 +403,8 @@ def test_each_stage_records_its_own_host_and_gpu_peak(tmp_path, monkeypatch):
     from paser.pipeline import Run, Timer
 
     gpu = _FakeGpu(monkeypatch)
-    run = SimpleNamespace(timer=Timer(), peaks=StagePeaks(torch.device("cuda", 0)), cache=StageCache(tmp_path))
+    run = SimpleNamespace(timer=Timer(), peaks=StagePeaks(torch.device("cuda", 0)), cache=StageCache(tmp_path),
+                          cfg=None)  # what Run.cached reads of a Run (the stage names below need no config)
 
     def stage(name, work):
         def compute():
