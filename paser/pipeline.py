@@ -18,6 +18,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import hydra
@@ -622,6 +623,19 @@ def _np_default(o):
 # ---------------------------------------------------------------------------------------- the run
 
 
+def prune_only(cfg: DictConfig, device: torch.device | str | None = None) -> tuple[torch.nn.Module, object, dict]:
+    """The prune stage alone, for scripts: (pruned model, tokenizer, prune report) of ``cfg``'s model and
+    pruner, pruned on the calibration recipe as a run prunes and through the stage cache (a run of the same
+    model and pruner reuses the entry, and this reuses a run's). pruner=none gives the dense model."""
+    parts = build_components(cfg)
+    device = torch.device(device) if device is not None else resolve_device(cfg.model.get("device", "auto"))
+    stages = Run(cfg, parts, run_dir=None, device=device)
+    if stages.keys.pruner is None:
+        return stages.models.dense(), stages.models.tok(), stages.dense_report()
+    entry, report = stages.pruned_stage
+    return stages.models.load_pruned(entry), stages.models.tok(), report
+
+
 def run(cfg: DictConfig, run_dir: str | Path | None = None, job_index: int | None = None) -> dict | None:
     """Run the four stages for a composed config; writes ``results.json`` into ``run_dir``.
 
@@ -658,6 +672,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, job_index: int | Non
     selection = out["selection"]
     results = {
         "name": cfg.name, "seed": cfg.seed, "run_dir": str(run_dir),
+        "started_at": datetime.fromtimestamp(started).astimezone().isoformat(timespec="seconds"),
         "config": to_plain(cfg),
         "host": {**host, "model_dtype": cfg.model.dtype, "recovery_dtype": OmegaConf.select(cfg, "recovery.dtype")},
         "metrics": out["metrics"],

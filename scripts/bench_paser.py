@@ -6,7 +6,7 @@
 Stages and what is measured:
   embeddings   MiniLM embeddings of the whole pool (read from the stage cache when present)
   clustering   S²RIC on the whole pool: kNN graph, diffusion map, NMF with the auto-K elbow
-  jsd          per-sample JSD (original vs 50% magnitude-pruned SmolLM2-135M, bf16) on a fixed random
+  jsd          per-sample JSD (original vs 50% magnitude-pruned SmolLM2-135M, or --model; bf16) on a fixed random
                subset, against two bare batched forward passes over the same batches; the full-pool time
                is extrapolated as the subset's time per sample x the pool size
   ccg          the NTM walk (RAKE concepts + Concept Consistency Graph) over the whole pool's clusters with
@@ -30,10 +30,10 @@ from pathlib import Path
 import numpy as np
 import psutil
 import torch
-from omegaconf import OmegaConf
 
 from paser.cache import StageCache
 from paser.components import SelectionContext
+from paser.compose import compose
 from paser.data import encode_pool, load_pool
 from paser.embedding import embed_pool, load_embedder
 from paser.models import load_model
@@ -90,6 +90,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="../shared/data/alpaca/alpaca_data.jsonl")
     ap.add_argument("--cache", default=".cache/paser")
+    ap.add_argument("--model", default="smollm2-135m", help="conf/model name for the JSD stage (default: %(default)s)")
     ap.add_argument("--jsd-subset", type=int, default=512, help="samples for the JSD / forward timing")
     ap.add_argument("--repeats", type=int, default=2, help="timing repeats (the fastest counts: shared machine)")
     ap.add_argument("--batch-size", type=int, default=8)
@@ -110,7 +111,7 @@ def main() -> None:
     report("load pool", m, f"{len(pool)} samples")
     ctx = SelectionContext(tokenizer=None, original_model=None, pruned_model=None, embedder=load_embedder,
                            embedder_name="all-MiniLM-L6-v2", cache=cache, cache_key={"pool": pool.fingerprint},
-                           seed=args.seed, run_dir=None)
+                           seed=args.seed)
     if "cluster" in stages or args.scale:
         with PeakRSS() as m:
             emb = embed_pool(ctx, pool.rows)
@@ -173,10 +174,10 @@ def bench_scale(emb: np.ndarray, n: int, seed: int) -> None:
 def bench_jsd(pool, cache, args) -> None:
     """JSD vs two bare forward passes, on a fixed random subset; extrapolated to the pool."""
     with PeakRSS() as m:
-        model, tok = load_model(OmegaConf.load(ROOT / "conf" / "model" / "smollm2-135m.yaml"), cache)
+        model, tok = load_model(compose([f"model={args.model}"]).model, cache)
         pruned = copy.deepcopy(model)
         MagnitudePruner(0.5).prune(pruned)
-    report("load SmolLM2-135M + magnitude 50%", m)
+    report(f"load {args.model} + magnitude 50%", m)
     # only the subset is tokenised (tokenising all 52K takes minutes here); a uniform random subset makes
     # time per sample x pool size an unbiased estimate of the full-pool time
     sub = np.random.default_rng(args.seed).choice(len(pool), size=args.jsd_subset, replace=False)
@@ -204,7 +205,7 @@ def bench_jsd(pool, cache, args) -> None:
     est = mj.seconds * len(pool) / len(seqs)
     print(f"extrapolated JSD over the full pool: {est / 3600:.2f} h (~{sub_tokens * len(pool) / len(seqs):.0f} "
           f"tokens at {sub_tokens / mj.seconds:.0f} tok/s)", flush=True)
-    ROWS.append(("JSD full pool (extrapolated)", est, None, None, "time per sample x 52,002"))
+    ROWS.append(("JSD full pool (extrapolated)", est, None, None, f"time per sample x {len(pool):,}"))
 
 
 def bench_ccg(pool, labels, args) -> None:

@@ -13,8 +13,8 @@ IFD and PASER cost a fixed number of forward passes per sample: ``--score-subset
 first K samples and extrapolates linearly (for slow or shared machines); the table marks such rows.
 
 Nuggets at full scale is |pool| x 100 anchor passes, hours on a CPU: it is measured on the first
-``--nuggets-candidates`` candidates (with the real 100 k-means anchors of the whole pool) and
-extrapolated linearly to the pool, once with 100 anchors and once in the cheap mode (``--cheap-anchors``
+``--nuggets-candidates`` candidates (with the real 100 k-means anchors of the whole pool; ``--anchors``) and
+extrapolated linearly to the pool, once with those anchors and once in the cheap mode (``--cheap-anchors``
 anchors, ``--cheap-prefilter`` candidates). The table says which rows are extrapolated.
 """
 
@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -40,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 from paser.budget import Budget, resolve_budget
 from paser.cache import StageCache
 from paser.components import SelectionContext
+from paser.compose import compose
 from paser.data import Pool, load_pool
 from paser.embedding import embed_pool, load_embedder
 from paser.models import load_model
@@ -56,10 +56,12 @@ def parse_args():
     p.add_argument("--n", type=int, default=5000, help="seeded subsample of the pool")
     p.add_argument("--budget", type=float, default=0.1, help="count or fraction of the pool")
     p.add_argument("--selectors", default=ALL, help=f"comma-separated, from: {ALL}")
+    p.add_argument("--model", default="smollm2-135m", help="conf/model name (default: %(default)s)")
     p.add_argument("--sparsity", type=float, default=0.5, help="magnitude pruning of the 'pruned' copy")
     p.add_argument("--score-subset", type=int, default=5000,
                    help="time IFD and PASER on the first K samples and extrapolate to the pool (default: all)")
     p.add_argument("--nuggets-candidates", type=int, default=6, help="candidates timed for Nuggets")
+    p.add_argument("--anchors", type=int, default=100, help="Nuggets' k-means anchors (its reference: 100)")
     p.add_argument("--cheap-anchors", type=int, default=20)
     p.add_argument("--cheap-prefilter", type=int, default=1000)
     p.add_argument("--cache-dir", default=None, help="score cache (default: a fresh folder, i.e. cold)")
@@ -67,20 +69,19 @@ def parse_args():
     return p.parse_args()
 
 
-def make_ctx(cache, tok, original, pruned, embedder, seed=0, pool_key="bench"):
+def make_ctx(cache, tok, original, pruned, embedder, model: str, seed=0, pool_key="bench"):
     return SelectionContext(
         tokenizer=tok, original_model=lambda: original, pruned_model=lambda: pruned, embedder=lambda: embedder,
-        embedder_name="all-MiniLM-L6-v2", cache=cache, seed=seed, run_dir=cache.root, cutoff=256,
-        batch_size=8, cache_key={"model": "smollm2-135m", "pruner": "magnitude-bench", "pool": pool_key})
+        embedder_name="all-MiniLM-L6-v2", cache=cache, seed=seed, cutoff=256,
+        batch_size=8, cache_key={"model": model, "pruner": "magnitude-bench", "pool": pool_key})
 
 
 def selector_from_config(name: str, **overrides):
+    """conf/selector/<name>.yaml as a run composes it (its defaults list included), with ``overrides``."""
     import hydra.utils
 
-    cfg = OmegaConf.load(ROOT / "conf" / "selector" / f"{name}.yaml")
-    for k, v in overrides.items():
-        OmegaConf.update(cfg, k, v)
-    return hydra.utils.instantiate(cfg)
+    cfg = compose([f"selector={name}", *(f"selector.{k}={v}" for k, v in overrides.items())])
+    return hydra.utils.instantiate(cfg.selector, _convert_="all")
 
 
 def time_nuggets(pool, ctx, args, n_anchors: int) -> float:
@@ -109,7 +110,7 @@ def main():
     t = time.perf_counter()
     pool = load_pool(args.pool, subsample=args.n, seed=0)
     budget = resolve_budget(args.budget if args.budget <= 1 else int(args.budget), len(pool))
-    original, tok = load_model(OmegaConf.load(ROOT / "conf" / "model" / "smollm2-135m.yaml"), model_cache)
+    original, tok = load_model(compose([f"model={args.model}"]).model, model_cache)
     pruned = copy.deepcopy(original)
     MagnitudePruner(sparsity=args.sparsity).prune(pruned)
     embedder = load_embedder()
@@ -121,7 +122,7 @@ def main():
                      if cold is not None else None, "note": note})
         log.info("%-28s %8.1f s  %s", selector, seconds, note)
 
-    ctx = make_ctx(cache, tok, original, pruned, embedder, pool_key=pool.fingerprint)
+    ctx = make_ctx(cache, tok, original, pruned, embedder, args.model, pool_key=pool.fingerprint)
     t = time.perf_counter()
     embed_pool(ctx, pool.rows)
     add("(embeddings, shared)", time.perf_counter() - t, "MiniLM over the instructions; cached per pool")
@@ -130,7 +131,7 @@ def main():
     for name in names:
         base, _, hybrid = name.partition("+")
         if base == "nuggets":
-            per_full = time_nuggets(pool, ctx, args, 100)
+            per_full = time_nuggets(pool, ctx, args, args.anchors)
             per_cheap = time_nuggets(pool, ctx, args, args.cheap_anchors)
             scoring_time["nuggets"] = per_full * len(pool)
             add("nuggets", per_full * len(pool),
@@ -151,7 +152,8 @@ def main():
         run_budget = max(1, round(budget * len(run_pool) / len(pool)))
         t = time.perf_counter()
         selection = sel.select(run_pool, Budget.samples(run_budget),
-                               make_ctx(cache, tok, original, pruned, embedder, pool_key=run_pool.fingerprint))
+                               make_ctx(cache, tok, original, pruned, embedder, args.model,
+                                        pool_key=run_pool.fingerprint))
         seconds = time.perf_counter() - t
         assert len(selection.indices) <= run_budget
         if subset:
@@ -177,7 +179,7 @@ def main():
                 add(f"{base}+s2ric", scoring_time["clustering"], "DERIVED: the clustering row; scores cached",
                     scoring_time["clustering"] + scoring_time[base])
 
-    print(f"\npool: {len(pool)} samples of {Path(args.pool).name}; budget {budget}; SmolLM2-135M bf16; pruned copy: "
+    print(f"\npool: {len(pool)} samples of {Path(args.pool).name}; budget {budget}; {args.model} bf16; pruned copy: "
           f"magnitude {args.sparsity}; {torch.get_num_threads()} torch threads; {os.cpu_count()} CPUs; "
           f"{platform.processor() or platform.machine()}; cache {cache_root}")
     print("\n| selector | selection time (s) | cold, incl. baseline scoring (s) | note |\n|---|---|---|---|")

@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 sys.path.insert(0, str(ROOT))
 
+from paser.compose import compose
 from scripts.make_tables import NAMES  # the selectors' display names, as in the tables
 
 INSTANTIATE_KEYS = ("_target_", "_args_", "_partial_", "_recursive_", "_convert_")  # what instantiate acts on
@@ -64,13 +65,6 @@ def _leaves(node, at: str = "") -> dict:
     return {k: v for key, value in node.items() for k, v in _leaves(value, f"{at}.{key}" if at else str(key)).items()}
 
 
-def _compose(config_name: str, overrides=()) -> DictConfig:
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name=config_name, overrides=list(overrides))
-
-
 def _groups() -> list[str]:
     """The config groups config.yaml composes (paths, model, ...); an experiment's choices are in the values."""
     return [g for d in OmegaConf.load(CONF / "config.yaml").defaults if isinstance(d, DictConfig) for g in d
@@ -80,7 +74,7 @@ def _groups() -> list[str]:
 @functools.cache
 def _options(group: str) -> dict[str, dict]:
     """{option: its node as composed} for every registered option of a config group (conf/<group>/*.yaml)."""
-    return {f.stem: OmegaConf.to_container(_compose(f"{group}/{f.stem}")[group])
+    return {f.stem: OmegaConf.to_container(compose(config_name=f"{group}/{f.stem}")[group])
             for f in sorted((CONF / group).glob("*.yaml"))}
 
 
@@ -118,7 +112,7 @@ def run_config(results: dict, cache_dir: str | None, data_dir: str | None, where
 
     config = moved(config)
     choices = {g: _choice(g, config[g], where) for g in _groups() if g in config}
-    cfg = _compose("config", [f"{g}={option}" for g, option in choices.items()])
+    cfg = compose([f"{g}={option}" for g, option in choices.items()])
     given, registered = _instantiate_keys(config), _instantiate_keys(OmegaConf.to_container(cfg))
     odd = sorted(k for k in given if given[k] != registered.get(k, ...))
     if odd:  # outside the groups, e.g. a top-level key the run added

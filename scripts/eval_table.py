@@ -149,14 +149,14 @@ def main() -> None:
     parser.add_argument("--from-json", default=None, help="re-render the table from results saved with --json")
     args = parser.parse_args()
 
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
+
+    from paser.compose import compose
 
     overrides = list(args.overrides)
     if not any(o.startswith("evaluator=") for o in overrides):
         overrides.insert(0, "evaluator=quick")
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
+    cfg = compose(overrides)
     if cfg.evaluator.get("zeroshot") is None:
         raise SystemExit("this evaluator preset has no zero-shot part; use evaluator=quick, zeroshot or full")
     # the command that produces the results (a re-rendering names the evaluation that made them)

@@ -50,6 +50,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from paser.compose import compose
+
 PRUNERS = ("magnitude", "wanda", "sparsegpt", "llm_pruner", "llm_pruner_channel")
 SELECTORS = ("random", "full", "ifd", "nuggets_cpu", "instruction_mining", "paser", "paser_official")
 CALIBRATED = {"wanda", "sparsegpt", "llm_pruner", "llm_pruner_channel"}
@@ -77,16 +79,6 @@ UNITS = ([(f"prune:{p}", [f"pruner={p}", "selector=random", *PPL_ONLY, *(CALIBRA
          + [(f"select:{s}", ["pruner=magnitude", f"selector={s}", *PPL_ONLY, *SELECTOR_EXTRA.get(s, [])])
             for s in SELECTORS]
          + [("recover+eval", ["pruner=magnitude", "selector=random", *RECOVER_AND_EVALUATE])])
-
-
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
 
 
 # ------------------------------------------------------------------------------------ memory

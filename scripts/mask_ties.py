@@ -12,6 +12,7 @@ Also counted: the rows where this machine's ``torch.topk`` chooses other weights
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -21,17 +22,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from paser.cache import StageCache
+from paser.compose import compose
 from paser.models import load_model
 from paser.pruners.common import lowest, prunable_weights
 
 
 def main() -> int:
-    from hydra import compose, initialize_config_dir
-
-    args = dict(a.split("=", 1) for a in sys.argv[1:])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("settings", nargs="*", metavar="KEY=VALUE",
+                    help="sparsity=<fraction> (default 0.5), and Hydra overrides of conf/config.yaml (model=...)")
+    args = dict(a.split("=", 1) for a in ap.parse_args().settings)
     sparsity = float(args.pop("sparsity", 0.5))
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["logger=none", *(f"{k}={v}" for k, v in args.items())])
+    cfg = compose(["logger=none", *(f"{k}={v}" for k, v in args.items())])
     model, _ = load_model(cfg.model, StageCache(cfg.paths.cache_dir), "cpu")
     rows = tied = differ = 0
     for name, w in prunable_weights(model):

@@ -4,54 +4,58 @@ parameters, prune time and WikiText-2 / PTB perplexity (LLM-Pruner protocol) nex
     python scripts/prune_table.py                                  # the configs' own settings (slow on CPU)
     python scripts/prune_table.py --calib-windows 32 --eval-windows 64   # a quicker, stated subset
 
-Each pruner is built from conf/pruner/<name>.yaml (its ``calibration:`` block gives the windows, which
---calib-windows / --calib-seqlen override for the layer-wise pruners) and runs on a fresh copy of the
-dense model. The table is rewritten after every row.
+Each pruner is conf/pruner/<name>.yaml (its ``calibration:`` block gives the windows, which
+--calib-windows / --calib-seqlen override for the layer-wise pruners), run as a run's prune stage
+(``paser.pipeline.prune_only``: the same calibration recipe, on a fresh copy of the dense model, and through
+the stage cache, so a pruned model a run computed is reused and vice versa; the prune time is that of the
+computation). The table is rewritten after every row.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import os
 import platform
 import shlex
 import sys
-import time
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from paser.cache import StageCache
-from paser.data import calibration_windows
+from paser.compose import compose
 from paser.evaluation.perplexity import PerplexityEvaluator
-from paser.models import load_model
-from paser.pruners.common import parameter_count, sparsity_report
+from paser.pipeline import prune_only
 
 PRUNERS = ["magnitude", "wanda", "wanda_2-4", "sparsegpt", "sparsegpt_2-4", "llm_pruner", "llm_pruner_channel"]
 LAYERWISE = {"wanda", "wanda_2-4", "sparsegpt", "sparsegpt_2-4"}
+MODELS = {"smollm2-135m": "SmolLM2-135M-Instruct"}  # the title of the model the settings below describe
 
 
-def pruner_config(name: str, data_dir: str, sets: list[str] = ()):
-    """conf/pruner/<name>.yaml composed by Hydra (presets inherit from others through their defaults list),
-    with ``sets`` (KEY=VALUE) applied to it."""
-    from hydra import compose, initialize_config_dir
+def pruned(name: str, args) -> tuple:
+    """(model, tokenizer, prune report) of pruner ``name`` (``none``: the dense model) on ``args.model``,
+    with ``args.sets`` (KEY=VALUE) applied to the pruner's config."""
+    overrides = [f"model={args.model}", f"pruner={name}", "logger=none", "recovery=none",
+                 f"paths.data_dir={args.data_dir}", f"paths.cache_dir={args.cache_dir}",
+                 *(f"pruner.{kv}" for kv in args.sets)]
+    if name in LAYERWISE:
+        overrides += [f"pruner.calibration.{key}={value}" for key, value in
+                      (("nsamples", args.calib_windows), ("seqlen", args.calib_seqlen)) if value]
+    return prune_only(compose(overrides), device="cpu")
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"pruner={name}", f"paths.data_dir={data_dir}",
-                                                          *(f"pruner.{kv}" for kv in sets)])
-    return OmegaConf.to_container(cfg.pruner, resolve=True)
+
+def calibration_label(report: dict) -> str:
+    c = report.get("calibration")
+    return f"{c['nsamples']} x {c['seqlen']} C4 tokens" if c else "none"
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pruners", nargs="+", default=PRUNERS, help="conf/pruner names (default: %(default)s)")
+    p.add_argument("--model", default="smollm2-135m", help="conf/model name (default: %(default)s)")
     p.add_argument("--calib-windows", type=int, help="calibration windows for Wanda/SparseGPT (config: 128)")
     p.add_argument("--calib-seqlen", type=int, help="tokens per calibration window for Wanda/SparseGPT (config: 512)")
     p.add_argument("--eval-windows", type=int, help="cap on 128-token perplexity windows per corpus (default: all)")
@@ -67,36 +71,17 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model_cfg = OmegaConf.load(ROOT / "conf" / "model" / "smollm2-135m.yaml")
-    dense, tok = load_model(model_cfg, StageCache(args.cache_dir))
     evaluator = PerplexityEvaluator(("wikitext2", "ptb"), seq_len=128, batch_size=args.batch_size,
                                     max_windows=args.eval_windows, data_dir=args.data_dir)
     command = "python scripts/prune_table.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     rows = []
 
-    def evaluate(model):
+    for name in ["none", *args.pruners]:
+        model, tok, report = pruned(name, args)
         ppl = evaluator.evaluate(model, tok)
-        return ppl["wikitext2"]["ppl"], ppl["ptb"]["ppl"], ppl["wikitext2"]["windows"], ppl["ptb"]["windows"]
-
-    report = sparsity_report(dense, parameter_count(dense))
-    rows.append(("dense", "-", report, 0.0, *evaluate(dense)))
-    write(args, rows, command)
-    for name in args.pruners:
-        cfg = pruner_config(name, args.data_dir, args.sets)
-        calib_cfg = cfg.pop("calibration", None)
-        pruner = instantiate(cfg)
-        calib, calib_desc = None, "none"
-        if pruner.needs_calibration:
-            n, seqlen = calib_cfg["nsamples"], calib_cfg["seqlen"]
-            if name in LAYERWISE:
-                n, seqlen = args.calib_windows or n, args.calib_seqlen or seqlen
-            calib = calibration_windows(tok, calib_cfg["path"], n, seqlen, calib_cfg["seed"])
-            calib_desc = f"{n} x {seqlen} C4 tokens"
-        model = copy.deepcopy(dense)
-        start = time.perf_counter()
-        report = pruner.prune(model, calib)
-        seconds = time.perf_counter() - start
-        rows.append((name, calib_desc, report, seconds, *evaluate(model)))
+        rows.append(("dense" if name == "none" else name, "-" if name == "none" else calibration_label(report),
+                     report, report.get("prune_time_s", 0.0), ppl["wikitext2"]["ppl"], ppl["ptb"]["ppl"],
+                     ppl["wikitext2"]["windows"], ppl["ptb"]["windows"]))
         write(args, rows, command)
         del model
 
@@ -104,7 +89,7 @@ def main(argv=None) -> None:
 def write(args, rows, command) -> None:
     dense_params = rows[0][2]["params"]
     lines = [
-        "# Pruners on SmolLM2-135M-Instruct",
+        f"# Pruners on {MODELS.get(args.model, args.model)}",
         "",
         "Written by `scripts/prune_table.py`; do not edit by hand. Command:",
         "",
@@ -125,7 +110,7 @@ def write(args, rows, command) -> None:
     lines += [
         "",
         "Settings:",
-        (f"- model: SmolLM2-135M-Instruct (GGUF Q4_1 dequantised; conf/model/smollm2-135m.yaml), bfloat16, CPU "
+        (f"- model: {MODELS.get(args.model, args.model)} (conf/model/{args.model}.yaml), bfloat16, CPU "
         f"({platform.machine()}, {torch.get_num_threads()} torch threads), torch {torch.__version__}."),
         "- pruner settings: conf/pruner/<name>.yaml. Wanda/SparseGPT calibration windows are random C4 "
         "(c4-train.00000-of-01024 head) windows, seed 0, at the size in the calibration column "

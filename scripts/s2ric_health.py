@@ -34,10 +34,12 @@ from paser.selectors.paser.clustering import nmf_clusters, reduce_embeddings
 
 
 def pool_rows(which: str, data_dir: Path) -> tuple[list[dict], str]:
-    """The embedded default's pool (conf/data/alpaca.yaml: 1,000 seeded samples) or all of Alpaca."""
+    """The embedded default's pool (conf/data/alpaca.yaml: 1,000 seeded samples), all of Alpaca, or a seeded
+    slice of ``which`` samples."""
     from paser.data import load_pool
 
-    pool = load_pool(str(data_dir / "alpaca" / "alpaca_data.jsonl"), subsample=None if which == "full" else 1000)
+    size = {"full": None, "default": 1000}.get(which) if not which.isdigit() else int(which)
+    pool = load_pool(str(data_dir / "alpaca" / "alpaca_data.jsonl"), subsample=size)
     return pool.rows, pool.source.replace(str(data_dir), "<data_dir>")
 
 
@@ -99,7 +101,7 @@ def main() -> int:
     from sklearn.metrics import adjusted_rand_score, rand_score
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pool", choices=("default", "full"), default="default")
+    ap.add_argument("--pool", default="default", help="default (1,000 samples), full, or a sample count")
     ap.add_argument("--dims", type=int, nargs="+", default=[4, 8, 16, 32, 64])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")

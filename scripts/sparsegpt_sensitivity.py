@@ -15,6 +15,7 @@ use 8) — the same quantities gpu_smoke prints for CUDA vs CPU.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from paser.cache import StageCache
+from paser.compose import compose
 from paser.data import calibration_recipe, calibration_set
 from paser.evaluation.perplexity import cached_corpus_windows, check_bos, perplexity
 from paser.models import load_model
@@ -47,14 +49,15 @@ class PerturbedSparseGPT(sparsegpt.SparseGPTPruner):
 
 
 def main() -> int:
-    from hydra import compose, initialize_config_dir
-
-    args = dict(a.split("=", 1) for a in sys.argv[1:])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("settings", nargs="*", metavar="KEY=VALUE",
+                    help="rel=<relative Hessian noise> (1e-7), windows=<count> (8), seed=<int> (0), and Hydra "
+                         "overrides of conf/config.yaml (model=...)")
+    args = dict(a.split("=", 1) for a in ap.parse_args().settings)
     rel, windows, seed = float(args.pop("rel", 1e-7)), int(args.pop("windows", 8)), int(args.pop("seed", 0))
     overrides = ["logger=none", "pruner=sparsegpt", "pruner.calibration.nsamples=8", "pruner.calibration.seqlen=64",
                  *(f"{k}={v}" for k, v in args.items())]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
+    cfg = compose(overrides)
     model, tokenizer = load_model(cfg.model, StageCache(cfg.paths.cache_dir), "cpu")
     calib, _ = calibration_set(tokenizer, calibration_recipe(cfg.pruner.calibration, cfg.model.get("context_length")))
     knobs = {k: v for k, v in cfg.pruner.items() if k not in ("_target_", "calibration")}

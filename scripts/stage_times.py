@@ -5,8 +5,9 @@
 Reads every results.json under the folders. A stage served from the cache took no time worth reporting,
 so each cell is the computed time only ("cached" otherwise). The pruned model's evaluation is computed once
 and then cached for every later run with the same model, pruner, evaluator and host; each run's recovered
-evaluation is set against the computation it reused (the latest of its group started no later, by run.log's
-first timestamp: runs of several sessions each have their own): the ratio recovered / pruned, per evaluator kind and in
+evaluation is set against the computation it reused (the latest of its group started no later, by
+results.json's started_at, or run.log's first timestamp for runs from before it: runs of several sessions
+each have their own): the ratio recovered / pruned, per evaluator kind and in
 all, is the pipeline-level measure of what the merged adapter costs at inference (issue #17's target:
 ≤ 1.1×). Runs on different hosts (CPU model, thread count, GPU) are never compared.
 """
@@ -18,6 +19,7 @@ import json
 import re
 import statistics
 import sys
+from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,14 +57,17 @@ def eval_kinds(timings: dict, state: str) -> dict[str, str]:
     return kinds or ({"all": prefix} if prefix in timings else {})
 
 
-def started(run: dict) -> str | None:
-    """When the run began: the first timestamp of its run.log (the job log's '[YYYY-MM-DD HH:MM:SS,ms]')."""
+def started(run: dict) -> datetime | None:
+    """When the run began: results.json's ``started_at``, else (runs from before it) the first timestamp of
+    its run.log (the job log's '[YYYY-MM-DD HH:MM:SS,ms]', in the machine's local time)."""
+    if run.get("started_at"):
+        return datetime.fromisoformat(run["started_at"])
     log = Path(run["_path"]) / "run.log"
     if log.is_file():
         with log.open(errors="replace") as f:
             for line in f:
                 if m := LOG_TIME.match(line):
-                    return m.group(1)
+                    return datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S").astimezone()
     return None
 
 
@@ -76,7 +81,7 @@ def pruned_times(runs: list[dict]) -> list[dict[str, float]]:
     for run in runs:
         times = {kind: computed(run["timings"], stage) for kind, stage in eval_kinds(run["timings"], "pruned").items()}
         own.append(times if times and None not in times.values() else None)
-    computers: dict[str, list[tuple[str | None, dict]]] = {}
+    computers: dict[str, list[tuple[datetime | None, dict]]] = {}
     for run, start, times in zip(runs, begun, own):
         if times:
             computers.setdefault(pruned_group(run), []).append((start, times))

@@ -21,9 +21,9 @@ import argparse
 import json
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf, open_dict
+
+from paser.compose import compose
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -46,9 +46,7 @@ def resolved(group: str, option: str, conf: Path = CONF) -> dict:
     overrides = list(FIXED_PATHS)
     if group != "config":
         overrides += [f"{group}={option}", *EXTRA.get((group, option), [])]
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    cfg = compose(overrides, conf_dir=conf, return_hydra_config=True)
     hydra_node = cfg.hydra
     params = hydra_node.sweeper.params
     sweep = [[k, v] for k, v in OmegaConf.to_container(params, resolve=True).items()] if params else []

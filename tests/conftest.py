@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+
+from paser.compose import compose
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -24,12 +24,10 @@ TINY_RUN = [
 
 
 def compose_config(overrides: list[str], tmp_path: Path | None = None):
-    GlobalHydra.instance().clear()
     extra = [f"paths.data_dir={DATA_DIR}"]
     if tmp_path is not None:
         extra += [f"paths.cache_dir={tmp_path / 'cache'}", f"paths.output_dir={tmp_path / 'out'}"]
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=extra + list(overrides))
+    return compose(extra + list(overrides))
 
 
 @pytest.fixture

@@ -53,13 +53,10 @@ def test_evaluators_instantiate(tmp_path):
 
 
 def test_experiments_compose_and_their_sweeps_name_real_options(tmp_path):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from paser.compose import compose
 
     for option in options("experiment"):
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            full = compose(config_name="config", overrides=[f"experiment={option}"], return_hydra_config=True)
+        full = compose([f"experiment={option}"], return_hydra_config=True)
         params = {k: [v.strip() for v in str(vals).split(",")] for k, vals in (full.hydra.sweeper.params or {}).items()}
         for key, values in params.items():
             others = [f"{k}={vals[0]}" for k, vals in params.items() if k != key]

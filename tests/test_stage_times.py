@@ -67,3 +67,28 @@ def test_each_session_sets_its_runs_against_its_own_pruned_evaluation(tmp_path):
     assert [c.strip(" |") for c in rows["b_s1"][4:6]] == ["100.0", "200.0"]
     assert [c.strip(" |") for c in rows["c_s2"][4:6]] == ["130.0", "250.0"]
     assert [c.strip(" |") for c in rows["c_s2"][-3:]] == [f"{150 / 130:.3f}", "1.200", f"{450 / 380:.3f}"]
+
+
+def test_started_at_in_results_json_orders_runs_with_those_known_only_by_run_log(tmp_path):
+    """New runs say when they started (results.json started_at, with its UTC offset); old ones only by run.log's
+    first line (local time). Both kinds are set against the computation of their own session."""
+    import datetime as dt
+
+    def local(text: str) -> str:  # run.log's local time, as a UTC-offset timestamp two hours east
+        when = dt.datetime.strptime(text, "%Y-%m-%d %H:%M:%S").astimezone()
+        return when.astimezone(dt.timezone(dt.timedelta(hours=2))).isoformat()
+
+    runs = {"a_old": (result((100.0, 200.0), (110.0, 210.0)), "2026-12-05 06:56:40", None),   # session 1 computes
+            "b_new": (result((None, None), (120.0, 220.0)), None, local("2026-12-05 08:00:00")),  # session 1, cached
+            "c_new": (result((130.0, 250.0), (140.0, 260.0)), None, local("2026-12-06 22:02:05")),  # session 2
+            "d_old": (result((None, None), (150.0, 300.0)), "2026-12-06 22:02:25", None)}     # session 2, cached
+    for name, (r, logged, started_at) in runs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps({**r, "started_at": started_at} if started_at else r))
+        if logged:
+            (tmp_path / name / "run.log").write_text(f"[{logged},879][HYDRA] Launching 1 jobs locally\n")
+    out = subprocess.run([sys.executable, "scripts/stage_times.py", str(tmp_path)],
+                         check=True, cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in out.splitlines() if line.startswith("| ")}
+    assert [c.strip(" |") for c in rows["b_new"][4:6]] == ["100.0", "200.0"]
+    assert [c.strip(" |") for c in rows["d_old"][4:6]] == ["130.0", "250.0"]
