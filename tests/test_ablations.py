@@ -343,7 +343,7 @@ def test_the_ablation_options_run_through_the_pipeline(compose_cfg, tmp_path):
     from paser import pipeline
 
     overrides = [o for o in TINY_RUN if not o.startswith("selector=")] + [
-        "selector=paser_ntm_cosine", "+selector.clustering.method=kmeans_tfidf", "selector.clustering.k_range=[2,4]",
+        "selector=paser_ntm_cosine", "selector.clustering.method=kmeans_tfidf", "selector.clustering.k_range=[2,4]",
         "scoring.embedder=model_hidden", "budget_unit=tokens", "budget=600"]
     results = pipeline.run(compose_cfg(overrides), run_dir=tmp_path / "run")
     d = results["selection"]["diagnostics"]

@@ -31,13 +31,13 @@ CLUSTERING_KEYS = (*CLUSTERING_KNOBS, "allocation", "method")
 
 def clustering_defaults() -> dict:
     """The ``clustering:`` block's defaults where a selector is built without one: ``s2ric_clusters``' own
-    defaults (written once, there) and proportional allocation."""
+    defaults (written once, there), proportional allocation and S²RIC itself."""
     import inspect
 
     from paser.selectors.paser.clustering import s2ric_clusters
 
     params = inspect.signature(s2ric_clusters).parameters
-    return {**{k: params[k].default for k in CLUSTERING_KNOBS}, "allocation": "proportional"}
+    return {**{k: params[k].default for k in CLUSTERING_KNOBS}, "allocation": "proportional", "method": "s2ric"}
 
 
 def clustering_block(clustering: dict | None) -> dict:
@@ -51,7 +51,7 @@ def clustering_block(clustering: dict | None) -> dict:
     extra = set(given) - set(CLUSTERING_KEYS)
     if extra:
         raise ConfigError(f"selector.clustering has unknown key(s) {sorted(extra)}; allowed: {sorted(CLUSTERING_KEYS)}")
-    block = {**clustering_defaults(), "method": "s2ric", **given}
+    block = {**clustering_defaults(), **given}
     check_method(block["method"], block["min_cluster_size"])
     for key, allowed in (("reducer", REDUCERS), ("nmf_input", NMF_INPUTS), ("allocation", RULES)):
         if block[key] not in allowed:
