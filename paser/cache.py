@@ -36,6 +36,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import stat
 import sys
@@ -43,12 +44,14 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from paser.claims import HOST, Claim, holder, is_stale, pid_exists, remove_stale, wait_until_free
+from paser.errors import ConfigError, PaserError
 from paser.fingerprint import code_hash_of_modules, file_sha256
 
 log = logging.getLogger(__name__)
@@ -61,6 +64,10 @@ SAMPLED_IN_FULL = 4 << 20  # files up to this size: the sampled digest is the fu
 SAMPLE_BLOCKS = 8
 PARTIAL_MAX_AGE_DAYS = 7.0
 _CHECKED: dict[Path, dict] = {}  # entry -> its files' stat when this process last read every byte of them
+UNWRITABLE = {errno.EROFS: "is on a read-only file system", errno.ENOSPC: "has no space left on its device",
+              errno.EDQUOT: "is over its disk quota", errno.EACCES: "is not writable by this user",
+              errno.EPERM: "is not writable by this user"}
+WRITE_ONLY_ERRNOS = (errno.EROFS, errno.ENOSPC, errno.EDQUOT)  # errors no read gives
 
 
 def to_plain(obj):
@@ -286,6 +293,33 @@ class StageCache:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
+    @contextmanager
+    def _writing(self):
+        """An error of a cache that cannot be written (read-only on a miss, a full disk, no permission) as a
+        ConfigError naming paths.cache_dir. An OSError counts when it is about a path below the cache or about
+        none (a write that found the disk full); a library's own I/O error (safetensors: "... (os error 28)")
+        when its errno only comes from writes. Any other error goes on as it is."""
+        try:
+            yield
+        except PaserError:  # said already (by a stage computed inside this one)
+            raise
+        except Exception as e:
+            if isinstance(e, OSError):
+                code = e.errno
+                paths = [Path(os.path.abspath(f)) for f in (e.filename, e.filename2) if f is not None]
+                root = Path(os.path.abspath(self.root))
+                ours = not paths or any(p.is_relative_to(root) for p in paths)
+            else:
+                found = re.search(r"\(os error (\d+)\)", str(e))
+                code = int(found.group(1)) if found else None
+                ours = code in WRITE_ONLY_ERRNOS
+            if code not in UNWRITABLE or not ours:
+                raise
+            full = code in (errno.ENOSPC, errno.EDQUOT)
+            raise ConfigError(f"paths.cache_dir={self.root} {UNWRITABLE[code]} ({e}); set paths.cache_dir (or "
+                              f"PASER_CACHE_DIR) to a folder this user can write{', with room' if full else ''}"
+                              f"{' (or free space in this one)' if full else ''}") from e
+
     def claimed_elsewhere(self, stage: str, slice_) -> bool:
         """Another live process is computing this entry: its claim is held and not stale, and the entry is
         not stored yet. (This process holds no claim outside ``get_or_create`` and ``array``.)"""
@@ -321,7 +355,8 @@ class StageCache:
     def get_or_create(self, stage: str, slice_, write: Callable[[Path], None]) -> tuple[Path, str]:
         """(entry folder, how): "computed" by this process, found in the "cache", or computed by an
         "other" process while this one waited."""
-        entry, how = self._get_or_create(stage, slice_, write)
+        with self._writing():
+            entry, how = self._get_or_create(stage, slice_, write)
         self._count(stage, "cached" if how == "cache" else how)
         if how != "computed":
             log.info("stage '%s': reusing %s result %s", stage, "cached" if how == "cache" else "another process's",
@@ -336,6 +371,10 @@ class StageCache:
         ``compute(start, end)``. Finished chunks persist, so an interrupted computation resumes, and
         concurrent processes share the work: each computes the chunks it can claim, then waits for the
         ones claimed by others. ``counts[stage]`` counts chunks."""
+        with self._writing():
+            return self._array(stage, slice_, n_items, compute, chunk_size, progress)
+
+    def _array(self, stage: str, slice_, n_items: int, compute, chunk_size: int, progress) -> np.ndarray:
         spans = [(s, min(s + chunk_size, n_items)) for s in range(0, n_items, chunk_size)]
         entry = self.lookup(stage, slice_)
         if entry is not None:
@@ -614,8 +653,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     commands = {
         "ls": (_cmd_ls, "list the entries: stage, key, what the key names, size, created, last used"),
-        "gc": (_cmd_gc, "remove entries no current code computes and old unused ones (unless a live process "
-                        "looked them up), and abandoned leftovers"),
+        "gc": (_cmd_gc, ("remove entries no current code computes and old unused ones (unless a live process "
+                         "looked them up), and abandoned leftovers")),
         "verify": (_cmd_verify, "check every byte of every entry; remove the damaged ones (exit status 1 if any)"),
     }
     for name, (_, help_) in commands.items():

@@ -99,8 +99,13 @@ def numbered_jsonl(path: Path, required: tuple[str, ...] = (), optional: tuple[s
     an ``optional`` one a string or null when present; an error names file and line (and adds ``hint`` when
     a field is missing)."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:  # decoded line by line, so that a byte that is not UTF-8 is found by its line
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {e.start + 1} of the line is "
+                                f"{raw[e.start:e.start + 1]!r}); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:

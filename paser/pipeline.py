@@ -49,6 +49,7 @@ from paser.reporting import (
     write_selected,
 )
 from paser.tracking import NullLogger, check_fresh, git_commit, run_stamp, set_active, write_results
+from paser.validation import check_config
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +174,7 @@ def check_lengths(cfg: DictConfig) -> None:
 
 def build_components(cfg: DictConfig) -> Components:
     check_top_level_keys(cfg)
+    check_config(cfg)  # every value against paser.validation.RULES, before anything is built
     check_lengths(cfg)
     pool = _instantiate(cfg.data)  # paser.data.pool_from_config (conf/data/jsonl.yaml)
     recovery = _instantiate(cfg.recovery) if cfg.recovery.get("_target_") else None

@@ -15,15 +15,19 @@ folder that already holds results (tests/test_newcomer.py) and crafted results.j
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 
 from paser import pipeline
 from paser.data import pool_from_config
-from paser.errors import ConfigError
-from tests.conftest import TINY_RUN, requires_shared_data
+from paser.errors import ConfigError, DataError
+from tests.conftest import DATA_DIR, ROOT, TINY_RUN, requires_shared_data
 
 pytestmark = requires_shared_data()
 
@@ -166,3 +170,174 @@ def test_embeddings_of_a_huge_instruction_are_those_of_the_whole_text(monkeypatc
     cut = mean_hidden_states(model, tok, texts, cutoff=64)
     monkeypatch.setattr(data, "CHARS_PER_TOKEN", 10**12)
     assert np.array_equal(cut, mean_hidden_states(model, tok, texts, cutoff=64))
+
+
+# ------------------------------------------------------------- config values: one validation layer
+
+
+def no_model_loads(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the config was checked")
+
+    monkeypatch.setattr(pipeline, "load_model", refuse)
+    monkeypatch.setattr(pipeline, "load_tokenizer", refuse)
+
+
+@pytest.mark.parametrize("override,named", [
+    ("budget=nan", "budget=nan"), ("budget=inf", "budget=inf"),
+    ("seed=abc", "seed='abc'"), ("seed=1.5", "seed=1.5"), ("seed=-1", "seed=-1"),
+    ("recovery.lr=nan", "recovery.lr=nan"), ("recovery.lr=inf", "recovery.lr=inf"), ("recovery.lr=0", "recovery.lr=0"),
+    ("recovery.lr=-1e-4", "recovery.lr=-0.0001"),
+    ("scoring.batch_size=0", "scoring.batch_size=0"), ("recovery.batch_size=0", "recovery.batch_size=0"),
+    ("recovery.micro_batch_size=-2", "recovery.micro_batch_size=-2"),
+    ("evaluator.ppl.batch_size=0", "evaluator.ppl.batch_size=0"),
+    ("recovery.r=0", "recovery.r=0"), ("recovery.dropout=1.5", "recovery.dropout=1.5"),
+    ("recovery.dropout=1.0", "recovery.dropout=1.0"), ("recovery.dropout=-0.1", "recovery.dropout=-0.1"),
+    ("recovery.checkpoint_every=0", "recovery.checkpoint_every=0"),
+    ("evaluator.ppl.max_windows=-1", "evaluator.ppl.max_windows=-1"),
+    ("evaluator.ppl.max_windows=0", "evaluator.ppl.max_windows=0"),
+    ("name=../../..", "name='../../..'"), ("name=.", "name='.'"), ("name=a/b", "name='a/b'"),
+    ("data.drop_duplicates=maybe", "data.drop_duplicates='maybe'"),
+])
+def test_a_bad_value_is_named_before_any_model_loads(compose_cfg, tmp_path, monkeypatch, override, named):
+    """Each once ran into a traceback, some only after pruning and selection, or ran wrongly:
+    scoring.batch_size=0 scored in one batch, max_windows=-1 evaluated all windows but one and called it a
+    subset, name=../../.. wrote outside paths.output_dir (issue #30)."""
+    no_model_loads(monkeypatch)
+    with pytest.raises(ConfigError, match="invalid config value") as caught:
+        pipeline.run(compose_cfg(TINY_RUN + [override]), run_dir=tmp_path / "r")
+    assert f"{named}: allowed " in str(caught.value)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_every_bad_value_is_named_at_once(compose_cfg):
+    from paser.validation import problems
+
+    found = problems(compose_cfg(TINY_RUN + ["seed=-1", "recovery.r=0", "evaluator.ppl.max_windows=-1"]))
+    assert [p.split(":")[0] for p in found] == ["seed=-1", "recovery.r=0", "recovery.seed=-1",
+                                                "evaluator.ppl.max_windows=-1"]
+
+
+def test_every_preset_passes_the_rules():
+    """The rules refuse no value a shipped preset sets (model=local has no path until one is given)."""
+    from paser.validation import RULES, problems
+    from tests.conftest import CONF, compose_config
+
+    unset = [f"model.path='???': allowed {next(r.allowed for r in RULES if r.keys == 'model.path')}"]
+    for group in ("experiment", "model", "pruner", "selector", "recovery", "evaluator", "data", "logger"):
+        for option in sorted(f.stem for f in (CONF / group).glob("*.yaml")):
+            found = problems(compose_config([f"{group}={option}"]))
+            assert found == (unset if option == "local" else []), (group, option)
+
+
+def local_model(tmp_path, what: str):
+    """A model=local folder: missing, empty, or with a config.json and a damaged safetensors file."""
+    folder = tmp_path / "model"
+    if what != "missing":
+        folder.mkdir()
+    if what == "damaged":
+        (folder / "config.json").write_text("{}")
+        (folder / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header")
+    return folder
+
+
+@pytest.mark.parametrize("what", ["missing", "empty", "damaged", "blank"])
+def test_a_local_model_folder_that_holds_no_model_is_named(compose_cfg, tmp_path, monkeypatch, what):
+    """model.path= (blank) meant the current folder; a missing or empty folder, or damaged weights, raised
+    from transformers or safetensors when the model was loaded."""
+    no_model_loads(monkeypatch)
+    path = "" if what == "blank" else str(local_model(tmp_path, what))
+    overrides = [o for o in TINY_RUN if not o.startswith("model=")] + ["model=local", f"model.path={path}"]
+    with pytest.raises(ConfigError, match=rf"model\.path='{path}': allowed a folder holding a model saved"):
+        pipeline.run(compose_cfg(overrides), run_dir=tmp_path / "r")
+
+
+def test_a_saved_model_folder_passes(tmp_path):
+    from paser.models import save_model, tiny_llama
+    from paser.validation import saved_model_folder
+
+    model, tok = tiny_llama()
+    save_model(model, tok, tmp_path / "saved")
+    assert saved_model_folder(str(tmp_path / "saved"))
+
+
+# ------------------------------------------------------------------------------ files and folders
+
+
+def test_a_pool_line_that_is_not_utf8_is_named_with_file_and_line(tmp_path):
+    path = tmp_path / "pool.jsonl"
+    good = json.dumps({"instruction": "a", "input": "", "output": "b"}).encode()
+    path.write_bytes(good + b"\n" + good + b"\n" + b'{"instruction": "caf\xe9", "output": "b"}\n')
+    with pytest.raises(DataError, match=rf"{path}:3: not UTF-8 text \(byte 21 of the line is b'\\xe9'\)"):
+        pool_from_config(path=str(path))
+
+
+def test_a_read_only_cache_on_a_miss_names_paths_cache_dir(compose_cfg, tmp_path, monkeypatch):
+    """A claim file that cannot be created (EROFS, as on a read-only mount): the error names
+    paths.cache_dir instead of a raw OSError about a .claim file."""
+    from paser import cache
+
+    def read_only(path, *args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    monkeypatch.setattr(cache.Claim, "acquire", read_only)
+    with pytest.raises(ConfigError, match=rf"paths\.cache_dir={tmp_path / 'cache'} is on a read-only file system"):
+        pipeline.run(compose_cfg(TINY_RUN), run_dir=tmp_path / "r")
+
+
+def test_a_full_disk_names_paths_cache_dir(compose_cfg, tmp_path, monkeypatch):
+    """safetensors reports a full disk as its own error ("... (os error 28)"), not as an OSError."""
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(pipeline, "save_model", full)
+    with pytest.raises(ConfigError, match=rf"paths\.cache_dir={tmp_path / 'cache'} has no space left on its device"):
+        pipeline.run(compose_cfg(TINY_RUN), run_dir=tmp_path / "r")
+
+
+def test_an_unreadable_file_elsewhere_is_not_blamed_on_the_cache(tmp_path):
+    from paser.cache import StageCache
+
+    def unreadable(folder):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path / "pool.jsonl"))
+
+    with pytest.raises(PermissionError):
+        StageCache(tmp_path / "cache").get_or_create("x", {"k": 1}, unreadable)
+
+
+# ------------------------------------------------------------------------------ through run.py
+
+
+def run_py(tmp_path, *args: str, flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "run.py", *flags, *TINY_RUN, f"paths.data_dir={DATA_DIR}",
+                           f"paths.cache_dir={tmp_path / 'cache'}", f"paths.output_dir={tmp_path / 'out'}", *args],
+                          check=False, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_run_py_refuses_a_sweep_of_no_job(tmp_path):
+    """-m 'seed=range(0,0)' launched nothing and exited 0."""
+    out = run_py(tmp_path, "seed=range(0,0)", flags=("-m",))
+    assert out.returncode == 2
+    assert "the sweep seed=range(0,0) gives no value" in out.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_py_refuses_a_name_that_leaves_output_dir_before_hydra_makes_a_folder(tmp_path):
+    out = run_py(tmp_path / "a" / "b", "name=../../..")
+    assert out.returncode == 2 and "name='../../..': allowed a plain folder name" in out.stderr
+    assert list(tmp_path.rglob("*")) == []
+
+
+def test_run_py_names_a_bad_seed(tmp_path):
+    out = run_py(tmp_path, "seed=abc")
+    assert out.returncode == 2 and "seed='abc': allowed a whole number >= 0" in out.stdout + out.stderr
+    assert not (tmp_path / "cache").exists()
+
+
+def test_sweeps_that_give_values_pass():
+    from paser.validation import empty_sweeps
+
+    assert empty_sweeps(["seed=range(0,3)", "budget=0.1,0.2", "name=x"], {"selector": "random,paser"}) == []
+    assert empty_sweeps(["seed=range(0,0)"], {"budget": "range(5,5)"}) == ["seed=range(0,0)", "budget=range(5,5)"]
