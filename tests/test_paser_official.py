@@ -14,6 +14,7 @@ through NLTK as usual. The graph's lone-concept rule is tested on its own (the p
 """
 
 import io
+import os
 
 import networkx as nx
 import nltk
@@ -31,7 +32,7 @@ from paser.errors import ConfigError
 from paser.selectors.paser import clustering
 from paser.selectors.paser.concepts import ConceptGraph
 from paser.selectors.paser.selector import PaserSelector
-from tests.conftest import compose_config, make_nltk_data
+from tests.conftest import ROOT, compose_config, make_nltk_data
 from tests.test_paser_selector import StubEmbedder, make_ctx
 
 STOPWORDS = ["a", "an", "the", "of", "to", "and", "in", "for", "on", "with", "is", "are", "be", "this", "that", "it", "how", "what", "your", "its", "by", "from", "as"]
@@ -169,37 +170,39 @@ def test_pools_too_large_for_the_dense_path_are_refused_before_any_model_runs(mo
     assert calls == []
 
 
-def test_missing_nltk_data_is_a_clear_error_at_construction(tmp_path, monkeypatch):
-    monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])  # an empty folder
-    with pytest.raises(ConfigError, match=r"nltk.downloader stopwords punkt_tab"):
-        official_selector()
-
-
 def test_the_gram_path_needs_a_fixed_k():
     with pytest.raises(ConfigError, match="nmf_input=gram needs an integer"):
         official_selector(clustering={"reducer": "laplacian", "nmf_input": "gram", "n_clusters": "auto"},
                           concepts="rake")
 
 
-def test_without_nltk_data_rake_nltk_uses_the_shipped_substitute(tmp_path, monkeypatch):
+def test_without_nltk_data_rake_nltk_uses_the_shipped_substitute(tmp_path):
     """No NLTK data installed: the shipped stop words (NLTK's 179) and untrained punkt model are used, and
     its phrases are those of rake_nltk with no sentence splitting at all (RAKE cuts phrases at punctuation,
     where Punkt ends sentences): the trained punkt model, which only moves sentence ends, could not change
-    them either."""
-    from rake_nltk import Rake
+    them either. In a fresh process: NLTK caches its corpus readers, and this module's fixture installed
+    other data."""
+    import subprocess
+    import sys
 
-    from paser.selectors.paser.concepts import SHIPPED_NLTK_DATA, concept_extractor, nltk_data_files
-
-    monkeypatch.setattr(nltk.data, "path", [str(tmp_path / "empty")])
-    names = {p.name for p in nltk_data_files()}
-    assert {"english", "collocations.tab", "sent_starters.txt"} <= names
-    assert str(SHIPPED_NLTK_DATA) in nltk.data.path
-    words = (SHIPPED_NLTK_DATA / "corpora" / "stopwords" / "english").read_text().split()
-    assert len(words) == len(set(words)) == 179 and {"i", "m", "don", "shouldn't"} <= set(words)
-    text = ("Dr. Smith moved to Washington D.C. in 1990... He said: e.g. the U.S. economy grows 3.5% a year! "
-            "Why? Because Mr. Jones, the C.E.O., invested in solar panels and wind farms.")
-    unsplit = Rake(sentence_tokenizer=lambda t: [t])
-    unsplit.extract_keywords_from_text(text)
-    row = {"instruction": text, "input": "", "output": ""}
-    assert concept_extractor("rake_nltk", top_k=None, max_words=None)(row) == \
-        list(dict.fromkeys(unsplit.get_ranked_phrases()))
+    check = """
+import nltk
+from rake_nltk import Rake
+from paser.selectors.paser.concepts import SHIPPED_NLTK_DATA, concept_extractor, nltk_data_files
+names = {p.name for p in nltk_data_files()}
+assert {"english", "collocations.tab", "sent_starters.txt"} <= names, names
+assert str(SHIPPED_NLTK_DATA) in nltk.data.path
+words = (SHIPPED_NLTK_DATA / "corpora" / "stopwords" / "english").read_text().split()
+assert len(words) == len(set(words)) == 179 and {"i", "m", "don", "shouldn't"} <= set(words)
+text = ("Dr. Smith moved to Washington D.C. in 1990... He said: e.g. the U.S. economy grows 3.5% a year! "
+        "Why? Because Mr. Jones, the C.E.O., invested in solar panels and wind farms.")
+unsplit = Rake(sentence_tokenizer=lambda t: [t])
+unsplit.extract_keywords_from_text(text)
+row = {"instruction": text, "input": "", "output": ""}
+assert concept_extractor("rake_nltk", top_k=None, max_words=None)(row) == list(dict.fromkeys(unsplit.get_ranked_phrases()))
+print("ok")
+"""
+    env = {**os.environ, "NLTK_DATA": str(tmp_path / "empty"), "HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", check], check=False, env=env, capture_output=True, text=True,
+                         timeout=300, cwd=ROOT)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
