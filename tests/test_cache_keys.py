@@ -99,10 +99,10 @@ def test_adding_an_evaluator_reuses_the_others(compose_cfg, tmp_path):
 
 
 def _without_timings(results: dict) -> dict:
-    """results.json without what legitimately differs between runs: timings, the run folder, the cache
-    folder given on the command line."""
+    """results.json without what legitimately differs between runs: timings and start time, the run folder,
+    the cache folder given on the command line."""
     out = json.loads(json.dumps(results))
-    for k in ("timings", "run_dir"):
+    for k in ("timings", "started_at", "run_dir"):
         out.pop(k)
     out["config"]["paths"].pop("cache_dir")
     (out.get("recovery") or {}).pop("train_time_s", None)
