@@ -14,8 +14,10 @@ Besides its method, a component *declares* (class attributes; ``declared`` gives
     uses_budget         (selectors) whether the selection depends on the budget (``full`` does not)
     uses_scoring        (selectors) whether the shared ``scoring`` block (cutoff, embedder) changes it
 and may define ``environment() -> dict``: facts of this machine that change its result (e.g. a reward
-model that is not available offline), which become part of its cache key and of results.json, and
-``input_files() -> list[Path]``: files it reads, keyed by content (so their folder can be a neutral knob).
+model that is not available offline), which become part of its cache key and of results.json,
+``input_files() -> list[Path]``: files it reads, keyed by content (so their folder can be a neutral knob), and
+``unused_imports() -> [(module, imported module)]``: imports its configuration never runs, left out of its
+code version (e.g. ``HYBRID_CLUSTERING`` for a baseline with ``cluster: null``).
 An evaluator may define ``evaluate_with_samples(model, tokenizer) -> (metrics, {name: 1-D array})``: its
 per-window / per-document numbers, saved beside results.json for paired statistics (``evaluate_all``).
 
@@ -51,6 +53,20 @@ def environment(component) -> dict:
     """The component's environment facts that change its result (empty for most)."""
     facts = getattr(component, "environment", None)
     return dict(facts()) if callable(facts) else {}
+
+
+# The hybrids' clustering: paser.selectors.clustered imports these only to cluster the pool (cluster: s2ric).
+# Per-sample scores never depend on it (a cluster map is cached under its own code), nor does a baseline
+# that ranks the whole pool.
+HYBRID_CLUSTERING = tuple(("paser.selectors.clustered", m) for m in (
+    "paser.selectors.paser.clustering", "paser.selectors.paser.allocation", "paser.selectors.clustering_methods",
+    "paser.embedding"))
+
+
+def unused_imports(component) -> tuple:
+    """The imports the component's configuration never runs, left out of its code version (empty for most)."""
+    unused = getattr(component, "unused_imports", None)
+    return tuple(unused()) if callable(unused) else ()
 
 
 def evaluate_all(evaluator, model, tokenizer) -> tuple[dict, dict]:
@@ -142,7 +158,7 @@ class SelectionContext:
         from paser.fingerprint import code_version
 
         key = {"name": name, "params": params, **{k: self.cache_key[k] for k in depends_on},
-               "code": code_version(compute)}
+               "code": code_version(compute, cut=HYBRID_CLUSTERING)}
         if self.world_size > 1:  # enough chunks for every rank to take some
             chunk_size = max(1, min(chunk_size, -(-n_items // (4 * self.world_size))))
 

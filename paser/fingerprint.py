@@ -11,6 +11,13 @@ edit to an implementing module, even to a comment, makes its entries unreachable
 code is covered by the library versions of each manifest, not here; data files a module reads (a word
 list beside it) are not source: key them with ``file_fingerprint``.
 
+Only computing code counts. The ``INFRASTRUCTURE`` modules (the cache and its claims, tracking, reporting,
+config checks and composition, this module) decide where results are stored, logged and shown, never what
+they are: they are neither hashed nor followed, so editing the ``gc`` command or the W&B
+logger reuses every entry. Imports that one configuration of a component never runs (a baseline's S²RIC
+clustering with ``cluster: null``) are left out by naming them as ``cut`` edges (importing module,
+imported module); what is reached another way still counts.
+
 Hashes are memoized per process: a long run keeps the identity of the code it started with even if the
 files change on disk meanwhile. ``clear_memo()`` forgets them (for tests that edit modules).
 
@@ -60,6 +67,13 @@ def _module_name(obj) -> str:
     return module.__name__
 
 
+# where results are stored, logged, checked and shown: left out of every code version (see the docstring).
+# paser.errors (exception classes) is not listed although it computes nothing: the pruners and evaluators
+# import nothing else of these, so their keys, and the stored pruned models and evaluations, stay as they were.
+INFRASTRUCTURE = frozenset({"paser.cache", "paser.claims", "paser.tracking", "paser.reporting",
+                            "paser.config_keys", "paser.compose", "paser.fingerprint"})
+
+
 def _source_file(name: str) -> Path | None:
     """The .py file of module ``name`` (a package's __init__.py), found without importing anything
     below the top-level package; None if there is none."""
@@ -103,12 +117,12 @@ def _imports(name: str, path: Path) -> set[str]:
 
 
 @functools.cache
-def _closure(roots: tuple[str, ...]) -> tuple[str, ...]:
+def _closure(roots: tuple[str, ...], cut: frozenset[tuple[str, str]] = frozenset()) -> tuple[str, ...]:
     tops = {r.split(".")[0] for r in roots}
     seen, todo = set(), list(roots)
     while todo:
         name = todo.pop()
-        if name in seen or name.split(".")[0] not in tops:
+        if name in seen or name.split(".")[0] not in tops or (name in INFRASTRUCTURE and name not in roots):
             continue
         path = _source_file(name)
         if path is None:
@@ -116,7 +130,7 @@ def _closure(roots: tuple[str, ...]) -> tuple[str, ...]:
                 raise ValueError(f"code_version: no source file for module {name}")
             continue  # a name imported from a module, not a module
         seen.add(name)
-        todo.extend(_imports(name, path) - seen)
+        todo.extend(m for m in _imports(name, path) - seen if (name, m) not in cut)
     return tuple(sorted(seen))
 
 
@@ -133,10 +147,11 @@ def _hash(modules: tuple[str, ...]) -> str | None:
     return h.hexdigest()[:16]
 
 
-def code_version(*objs) -> dict:
+def code_version(*objs, cut=()) -> dict:
     """``{"hash", "modules"}`` identifying the source of the modules defining ``objs`` (classes,
-    functions, methods, instances or module names) and of everything they import from their package."""
-    modules = _closure(tuple(sorted({_module_name(o) for o in objs})))
+    functions, methods, instances or module names) and of everything they import from their package,
+    except the infrastructure and the imports ``cut`` names ((importing module, imported module) pairs)."""
+    modules = _closure(tuple(sorted({_module_name(o) for o in objs})), frozenset(map(tuple, cut)))
     return {"hash": _hash(modules), "modules": list(modules)}
 
 

@@ -30,7 +30,14 @@ from omegaconf import DictConfig, OmegaConf
 from paser import distributed
 from paser.budget import Budget, check_unit, resolve_budget
 from paser.cache import StageCache, config_hash, library_versions, to_plain
-from paser.components import Selection, SelectionContext, declared, environment, evaluate_all
+from paser.components import (
+    Selection,
+    SelectionContext,
+    declared,
+    environment,
+    evaluate_all,
+    unused_imports,
+)
 from paser.config_keys import check_top_level_keys
 from paser.data import Pool, calibration_recipe, calibration_set, encode_pool, hold_out
 from paser.embedding import load_embedder
@@ -254,7 +261,7 @@ class Keys:
             pruner = {"config": knobs(cfg.pruner, declared(p, "neutral_knobs") + ("calibration",)),
                       "calibration": calibration_key(cfg.pruner.calibration, cfg.model.get("context_length"))
                       if declared(p, "needs_calibration") else None,
-                      "code": code_version(type(p))}
+                      "code": code_version(type(p), cut=unused_imports(p))}
         pruned = {**model, "pruner": pruner} if pruner else model
         s = parts.selector
         budget = parts.budget if parts.budget_unit == "samples" else \
@@ -265,18 +272,18 @@ class Keys:
                      "budget": budget if declared(s, "uses_budget") else None,
                      "seed": cfg.seed,
                      "scoring": knobs(cfg.scoring, SCORING_NEUTRAL_KNOBS) if declared(s, "uses_scoring") else None,
-                     "code": code_version(type(s))}
+                     "code": code_version(type(s), cut=unused_imports(s))}
         adapter = None
         if parts.recovery is not None:
             adapter = {"selection": selection,
                        "recovery": knobs(cfg.recovery, declared(parts.recovery, "neutral_knobs")),
-                       "code": code_version(type(parts.recovery))}
+                       "code": code_version(type(parts.recovery), cut=unused_imports(parts.recovery))}
         return cls(model=model, pruner=pruner, pruned=pruned, selection=selection, adapter=adapter)
 
     def metrics(self, state: dict, kind: str, node: DictConfig, evaluator) -> dict:
         """One entry per evaluator kind and model state: adding an evaluator reuses the others."""
         return {"state": state, "evaluator": kind, "config": knobs(node, declared(evaluator, "neutral_knobs")),
-                "files": input_files(evaluator), "code": code_version(type(evaluator))}
+                "files": input_files(evaluator), "code": code_version(type(evaluator), cut=unused_imports(evaluator))}
 
 
 # ---------------------------------------------------------------------------------------- stages

@@ -61,8 +61,8 @@ def test_new_code_of_a_component_recomputes_its_stage(first, compose_cfg, tmp_pa
                                                        recomputed):
     real = pipeline.code_version
 
-    def bumped(*objs):  # as if the component's module had been edited
-        version = real(*objs)
+    def bumped(*objs, **kwargs):  # as if the component's module had been edited
+        version = real(*objs, **kwargs)
         edited = any(f"{o.__module__}.{o.__qualname__}" == component for o in objs if isinstance(o, type))
         return {**version, "hash": "edited" + version["hash"][6:]} if edited else version
 

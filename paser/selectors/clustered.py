@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from paser.cache import to_plain
-from paser.components import Selection
+from paser.components import HYBRID_CLUSTERING, Selection
 from paser.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -201,6 +201,10 @@ class ScoredSelector:
                               "or s2ric (rank inside S²RIC clusters)")
         self.cluster = cluster
         self.clustering = clustering_block(clustering)
+
+    def unused_imports(self) -> tuple:
+        """Ranking the whole pool runs none of the clustering: it stays out of the selection's cache key."""
+        return HYBRID_CLUSTERING if self.cluster is None else ()
 
     def score(self, pool, ctx) -> Scored:
         raise NotImplementedError
