@@ -53,7 +53,7 @@ def pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for row, s in enumerate(seqs):
-        ids[row, :len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+        ids[row, :len(s)] = torch.from_numpy(np.asarray(s, dtype=np.int64))  # a list or TokenIds
         mask[row, :len(s)] = 1
     return ids, mask
 

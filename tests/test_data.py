@@ -159,3 +159,52 @@ def test_ppl_corpora_follow_llm_pruner():
     assert ptb.startswith("consumers may want to move") and "\n\n" in ptb
     with pytest.raises(ConfigError, match="allowed: wikitext2, ptb"):
         ppl_corpus_text("c4", str(DATA_DIR))
+
+
+# ------------------------------------------------------------------ compact token ids (#33)
+
+def test_encoded_ids_are_compact_shared_and_read_only():
+    """encode_pool keeps a batch's ids in one 2-byte array (tiny vocabulary) that its samples view: about
+    2 bytes a token instead of a Python int's 28 and a list slot's 8; the ids still read as a list."""
+    import numpy as np
+
+    from paser.data import TokenIds, encode_pool
+
+    tok = tiny_tokenizer()
+    rows = [{"instruction": f"Say {i} twice.", "input": "" if i % 2 else "loud", "output": f"{i} {i}"}
+            for i in range(40)]
+    enc = encode_pool(tok, rows, 512)
+    arrays = {id(e.input_ids.array.base) for e in enc}
+    assert len(arrays) == 1  # one batch, one array
+    flat = enc[0].input_ids.array.base
+    assert flat.dtype == np.uint16 and flat.nbytes == 2 * sum(len(e.input_ids) for e in enc)
+    for e, r in zip(enc, rows):
+        full = tok(alpaca_prompt(r) + r["output"])["input_ids"] + [tok.eos_token_id]
+        assert isinstance(e.input_ids, TokenIds) and e.input_ids == full and full == e.input_ids
+        assert e.input_ids[: e.prompt_len] == full[: e.prompt_len] and list(e.input_ids) == full
+        assert np.asarray(e.input_ids).dtype == np.int64 and np.asarray(e.input_ids).tolist() == full
+    with pytest.raises(ValueError, match="read-only"):
+        enc[0].input_ids.array[0] = 1
+    assert encode_sample(tok, rows[3], 512) == enc[3] and enc[3] != enc[4]
+
+
+class WideVocabulary:
+    """A slow tokenizer whose ids pass 65,536 (LLaMA-3 has 128K): whitespace words, each id 70,000 + a
+    word's length."""
+
+    eos_token_id = 70_000
+    is_fast = False
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [70_000 + len(w) for w in text.split()]}
+
+
+def test_ids_past_65536_are_stored_in_four_bytes():
+    import numpy as np
+
+    from paser.data import encode_pool
+
+    row = {"instruction": "a bb ccc", "input": "", "output": "dddd"}
+    enc = encode_pool(WideVocabulary(), [row], 512)
+    assert enc[0].input_ids.array.dtype == np.int32
+    assert enc[0].input_ids == [70_000 + len(w) for w in (alpaca_prompt(row) + row["output"]).split()] + [70_000]
