@@ -512,16 +512,18 @@ class Run:
             self._drop_models()
 
         def recovered():
-            """The recovered model for evaluation, with the adapter merged into the weights: it runs at
-            the pruned model's speed. The stored adapter is untouched (it was saved before)."""
-            if not isinstance(box.get("model"), torch.nn.Module):  # cached, or gathered from FSDP shards (rank 0
-                # evaluates alone: the stored adapter on the pruned model reloaded from its entry)
+            """The recovered model for evaluation: the stored adapter on the pruned model reloaded as it is
+            stored (in model.dtype, as the pruned model is evaluated), merged into its weights, so it runs at
+            the pruned model's speed. A fresh run evaluates what a rerun that finds the adapter cached does:
+            training cast its copy of the pruned model to recovery.dtype, and merging there gave other
+            numbers (issue #30.6)."""
+            if "merged" not in box:
                 from peft import PeftModel
 
-                box["model"] = PeftModel.from_pretrained(pruned_fn(), self.adapter_dir())
-            if not box.get("merged"):
-                box["model"], box["merged"] = merged(box["model"]), True
-            return box["model"]
+                box.pop("model", None)
+                self._drop_models()
+                box["merged"] = merged(PeftModel.from_pretrained(pruned_fn(), self.adapter_dir()))
+            return box["merged"]
 
         return recovered, report
 
@@ -567,7 +569,9 @@ class Run:
         selection, selector_files = self.select(pruned)
         recovered, recovery_report = self.recover(selection, pruned)
         if recovered is not None:
-            metrics.update(self.evaluate([("recovered", keys.adapter, recovered)]))
+            # the key says the dtype the adapter is merged into: entries of the old cold path hold recovery.dtype's
+            merged_state = {**keys.adapter, "merged_into": self.cfg.model.dtype}
+            metrics.update(self.evaluate([("recovered", merged_state, recovered)]))
         return {"metrics": metrics, "prune": prune_report, "selection": selection, "recovery": recovery_report,
                 "selector_files": selector_files, "adapter_dir": self.adapter_dir()}
 
