@@ -96,7 +96,8 @@ class Rule:
 RULES = (
     Rule("name", folder_name, "a plain folder name: no '/' or '\\', not '.' or '..'"),
     Rule("*seed", whole(0), "a whole number >= 0"),
-    Rule("budget", number(0, low_open=True), "a finite number > 0: a fraction of the pool in (0, 1] or a count"),
+    # its range depends on the pool's size: paser.budget.resolve_budget checks it
+    Rule("budget", number(-math.inf), "a finite number: a fraction of the pool in (0, 1] or a count"),
     Rule("budget_unit", one_of("samples", "tokens"), "samples or tokens"),
     Rule("*batch_size", whole(1), "a whole number >= 1"),
     Rule("*.cutoff", whole(1), "a whole number of tokens >= 1"),
