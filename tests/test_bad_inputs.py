@@ -8,9 +8,10 @@ stderr). Not repeated here: unknown options and keys and an out-of-range sparsit
 (tests/test_cli.py), impossible budgets and malformed pool lines (tests/test_pipeline.py), cutoffs beyond
 the context, fp16 recovery and a missing pool (tests/test_reliability.py, which also kills runs with
 SIGKILL and reruns them), non-boolean trust_remote_code (tests/test_trust.py), claims and
-PASER_CLAIM_STALE_S (tests/test_claims.py), damaged cache entries and gc (tests/test_cache.py), a run
-folder that already holds results (tests/test_newcomer.py) and crafted results.json configs
-(tests/test_capability_recovery.py).
+PASER_CLAIM_STALE_S (tests/test_claims.py), damaged cache entries and gc (tests/test_cache.py), damaged
+LoRA checkpoints (tests/test_recovery.py), a run folder that already holds results
+(tests/test_newcomer.py), crafted results.json configs (tests/test_capability_recovery.py) and unequal
+model and recovery dtypes (tests/test_cold_warm.py).
 """
 
 from __future__ import annotations
