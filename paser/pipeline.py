@@ -185,6 +185,9 @@ def build_components(cfg: DictConfig) -> Components:
     check_lengths(cfg)
     pool = _instantiate(cfg.data)  # paser.data.pool_from_config (conf/data/jsonl.yaml)
     recovery = _instantiate(cfg.recovery) if cfg.recovery.get("_target_") else None
+    # every component before the pool is split: an impossible knob is named before a pool-size error
+    pruner, selector = _instantiate(cfg.pruner, drop=("calibration",)), _instantiate(cfg.selector)
+    evaluators = {kind: _instantiate(node) for kind, node in cfg.evaluator.items() if node is not None}
     candidates, validation = hold_out(pool, getattr(recovery, "val_size", 0), getattr(recovery, "val_seed", 0))
     unit = check_unit(cfg.get("budget_unit", "samples"))
     if unit == "samples":
@@ -197,10 +200,7 @@ def build_components(cfg: DictConfig) -> Components:
         budget = None
         resolve_budget(cfg.budget, 2**62, unit)  # its form: the token total needs the tokenizer (Run.budget)
     return Components(
-        pruner=_instantiate(cfg.pruner, drop=("calibration",)),
-        selector=_instantiate(cfg.selector),
-        recovery=recovery,
-        evaluators={kind: _instantiate(node) for kind, node in cfg.evaluator.items() if node is not None},
+        pruner=pruner, selector=selector, recovery=recovery, evaluators=evaluators,
         pool=pool, candidates=candidates, validation=validation, budget=budget, budget_unit=unit)
 
 
