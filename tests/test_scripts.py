@@ -55,6 +55,8 @@ def finished_run(tmp_path_factory) -> Path:
 # scripts whose smoke run lives elsewhere, or cannot run here
 ELSEWHERE = {
     "capability_recovery.py": "tests/test_capability_recovery.py runs it on a PASER and a Random run",
+    "gpu_scale_check.py": "tests/test_gpu_scale_check.py runs it with --device cpu --shape tiny",
+    "make_paraphrase_conflicts.py": "tests/test_ablations.py runs it on a small pool",
 }
 
 SMOKE = {  # script -> arguments (``{pool}``, ``{tmp}``, ``{data}`` filled in); slow ones take over ~20 s of CPU
