@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from paser.errors import ConfigError
+from paser.hardware import auto_dtype
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,8 @@ def model_identity(cfg: DictConfig) -> dict:
     and a checkpoint replaced in place misses). Weight files count by size and their first and last MiB,
     small files by their full hash: cheap for a 140 GB folder, and any re-save changes them."""
     plain = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in NEUTRAL_KNOBS}
+    if "dtype" in plain:  # the dtype the weights get, not "auto"
+        plain["dtype"] = resolve_dtype(plain["dtype"], "cpu" if cfg.get("device") == "cpu" else None)
     if cfg.kind == "local":
         folder = Path(_source(cfg, None))
         plain["path"] = {str(f.relative_to(folder)): _file_digest(f) for f in sorted(folder.rglob("*"))
@@ -50,9 +53,21 @@ def _file_digest(path: Path, edge: int = 1 << 20) -> str:
     return h.hexdigest()[:16]
 
 
+def resolve_dtype(name: str, device: torch.device | str | None = None) -> str:
+    """A configured dtype's name, ``auto`` resolved for ``device`` (None: this process's default device, a
+    GPU when one is visible) by paser.hardware.auto_dtype: bf16 on GPUs and on CPUs with bf16 instructions,
+    fp32 on other CPUs."""
+    if name == "auto":
+        return auto_dtype(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    torch_dtype(name)
+    return name
+
+
 def torch_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        name = resolve_dtype(name)
     if name not in DTYPES:
-        raise ConfigError(f"model.dtype='{name}' is not supported; allowed: {sorted(DTYPES)}")
+        raise ConfigError(f"model.dtype='{name}' is not supported; allowed: auto, {', '.join(sorted(DTYPES))}")
     return DTYPES[name]
 
 
@@ -61,23 +76,24 @@ def load_model(cfg: DictConfig, cache=None, device: torch.device | str = "cpu"):
     (or wherever ``cfg.device_map`` spreads it)."""
     from transformers import AutoModelForCausalLM
 
+    dtype = resolve_dtype(cfg.dtype, device)
     if cfg.kind == "tiny":
         model, tok = tiny_llama(**OmegaConf.to_container(cfg.get("tiny", {}), resolve=True))
     elif cfg.kind == "local":
-        model, tok = load_saved(_source(cfg, cache), dtype=cfg.dtype, trust_remote_code=_remote_code(cfg),
+        model, tok = load_saved(_source(cfg, cache), dtype=dtype, trust_remote_code=_remote_code(cfg),
                                 device_map=cfg.get("device_map"), device=device)
     else:
         source = _source(cfg, cache)
         tok = load_tokenizer(cfg, cache)
         try:
             # device_map (e.g. "auto") lets accelerate spread a model too big for one GPU over all of them
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype(cfg.dtype),
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype(dtype),
                                                          trust_remote_code=_remote_code(cfg),
                                                          device_map=cfg.get("device_map"))
         except OSError as e:
             raise ConfigError(_unreachable(source, e)) from None
     if cfg.get("device_map") is None:
-        model.to(device=device, dtype=torch_dtype(cfg.dtype))
+        model.to(device=device, dtype=torch_dtype(dtype))
     model.eval()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

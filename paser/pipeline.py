@@ -9,6 +9,7 @@ split their work across ranks as paser.distributed describes.
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import logging
@@ -25,7 +26,7 @@ import hydra
 import numpy as np
 import torch
 from hydra.errors import InstantiationException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from paser import distributed
 from paser.budget import Budget, check_unit, resolve_budget
@@ -44,7 +45,7 @@ from paser.embedding import load_embedder
 from paser.errors import ConfigError, DataError, PaserError
 from paser.fingerprint import code_version, file_fingerprint
 from paser.hardware import StagePeaks, host_facts, resolve_device
-from paser.models import load_model, load_saved, load_tokenizer, model_identity, save_model
+from paser.models import load_model, load_saved, load_tokenizer, model_identity, resolve_dtype, save_model
 from paser.pruners.common import parameter_count, sparsity_report
 from paser.reporting import (
     component_name,
@@ -649,6 +650,18 @@ def prune_only(cfg: DictConfig, device: torch.device | str | None = None) -> tup
     return stages.models.load_pruned(entry), stages.models.tok(), report
 
 
+def with_dtypes_resolved(cfg: DictConfig, device: torch.device) -> DictConfig:
+    """A copy of ``cfg`` with ``auto`` in model.dtype and recovery.dtype replaced by the dtype that runs on
+    ``device`` (paser.models.resolve_dtype), so that results.json's config and host and every cache key hold
+    the dtype that ran."""
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        cfg.model.dtype = resolve_dtype(cfg.model.dtype, device)
+        if OmegaConf.select(cfg, "recovery.dtype") is not None:
+            cfg.recovery.dtype = resolve_dtype(cfg.recovery.dtype, device)
+    return cfg
+
+
 def run(cfg: DictConfig, run_dir: str | Path | None = None, job_index: int | None = None) -> dict | None:
     """Run the four stages for a composed config; writes ``results.json`` into ``run_dir``.
 
@@ -656,8 +669,9 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, job_index: int | Non
     Under torchrun every rank calls this; rank 0 returns the results, the other ranks None.
     """
     started = time.time()
-    parts = build_components(cfg)
     device = resolve_device(cfg.model.get("device", "auto"), job_index)
+    cfg = with_dtypes_resolved(cfg, device)
+    parts = build_components(cfg)
     distributed.init(device)
     host = host_facts(device)
     log.info("device %s (%s); model dtype %s, recovery dtype %s; %d process(es); GPUs visible: %d%s",

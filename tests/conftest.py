@@ -19,7 +19,7 @@ TINY_RUN = [
     "model=tiny-llama", "logger=none", "pruner=magnitude", "selector=random", "data.subsample=24", "budget=6",
     "recovery.batch_size=2", "recovery.micro_batch_size=2", "recovery.epochs=1", "recovery.cutoff=128",
     "recovery.warmup_steps=0", "recovery.val_size=0", "recovery.keep=last", "evaluator.ppl.max_windows=2",
-    "scoring.cutoff=128",
+    "scoring.cutoff=128", "recovery.dtype=bfloat16",  # the dtype of the tests' numbers (lora's default is auto)
 ]
 
 

@@ -123,11 +123,17 @@ def intended_changes(preset: str, want: dict) -> dict:
     ``recovery=lora_cpu`` (the same values; the CPU editions choose it too), and the paper presets choose
     ``recovery=lora`` whole, so they validate on 2,000 held-out samples every 100 steps as the recipe says
     (the record has the embedded default's 100 samples at the end of each epoch, which the root leaked
-    into them)."""
+    into them).
+
+    #34: the embedded SmolLM2-135M runs at ``dtype: auto`` (bf16 on GPUs and on CPUs with bf16 instructions,
+    fp32 on other CPUs, where bf16 is emulated and slower), and so does the embedded default's LoRA
+    (``recovery=lora_cpu``; the paper recipe keeps bf16)."""
     from paser.selectors.clustered import CLUSTERING_KEYS
 
     want = copy.deepcopy(want)
     want["config"].setdefault("budget_unit", "samples")
+    if want["config"]["model"].get("name") == "smollm2-135m":
+        want["config"]["model"]["dtype"] = "auto"
     selector = want["config"]["selector"]
     if selector.get("_target_") == "paser.selectors.paser.selector.PaserSelector":
         selector["clustering"] = {k: selector.pop(k) for k in CLUSTERING_KEYS if k in selector}
@@ -174,6 +180,8 @@ def intended_changes(preset: str, want: dict) -> dict:
     if want["choices"].get("recovery") == "lora":
         paper = recovery.get("batch_size") == 64
         want["choices"]["recovery"] = "lora" if paper else "lora_cpu"
+        if not paper:
+            recovery["dtype"] = "auto"
         if paper:
             recovery.update(val_size=2000, eval_every=100)
     lora_targets = {"experiment=baichuan2_7b": ["W_pack", "o_proj", "gate_proj", "up_proj", "down_proj"],

@@ -8,12 +8,14 @@ import re
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from paser import pipeline, tracking
+from paser import hardware, models, pipeline, tracking
 from paser.errors import ConfigError
 from tests.conftest import CONF, DATA_DIR, ROOT, TINY_RUN, requires_shared_data
 
@@ -118,3 +120,42 @@ def test_own_data_runs_with_the_readme_override(compose_cfg, tmp_path, name):
     assert [r["output"] for r in pool.rows] == [f"Answer {k}." for k in pool.lines]
     assert [r["input"] for r in pool.rows] == [f"context {k}" if name == "pool.jsonl" and k % 3 else ""
                                                for k in pool.lines]
+
+
+# ------------------------------------------------------------------------------------ dtype auto
+
+@pytest.mark.parametrize("flags, expected", [(set(), "float32"), ({"avx2", "avx512f"}, "float32"),
+                                             ({"avx512_bf16"}, "bfloat16"), ({"amx_bf16", "avx512_bf16"}, "bfloat16")])
+def test_auto_dtype_is_bf16_only_where_the_cpu_computes_in_bf16(monkeypatch, flags, expected):
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: flags)
+    assert hardware.auto_dtype(torch.device("cpu")) == models.resolve_dtype("auto", "cpu") == expected
+    assert hardware.auto_dtype(torch.device("cuda", 0)) == "bfloat16"  # GPUs keep bf16
+    assert models.resolve_dtype("float32", "cpu") == "float32"
+    with pytest.raises(ConfigError, match="model.dtype='fp8' is not supported; allowed: auto, bfloat16"):
+        models.resolve_dtype("fp8", "cpu")
+
+
+def test_cpu_flags_are_those_of_proc_cpuinfo():
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    first = re.search(r"^(?:flags|Features)\s*:(.*)$", text, re.MULTILINE)
+    assert hardware.cpu_flags() == (set(first.group(1).split()) if first else set())
+
+
+@requires_shared_data()
+def test_a_run_at_dtype_auto_records_and_keys_the_dtype_that_ran(compose_cfg, tmp_path, monkeypatch):
+    """On a CPU without bf16 instructions, auto runs the model and LoRA in fp32: results.json says so, and
+    the run shares every cache entry with one that asked for fp32; with bf16 instructions it runs in bf16,
+    under other keys."""
+    base = [o for o in TINY_RUN if not o.startswith("recovery.dtype")] + ["model.device=cpu"]
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2", "avx512f"})
+    auto = pipeline.run(compose_cfg(base + ["model.dtype=auto", "recovery.dtype=auto"]), run_dir=tmp_path / "a")
+    assert auto["host"]["model_dtype"] == auto["config"]["model"]["dtype"] == "float32"
+    assert auto["host"]["recovery_dtype"] == auto["config"]["recovery"]["dtype"] == "float32"
+    explicit = pipeline.run(compose_cfg(base + ["model.dtype=float32", "recovery.dtype=float32"]), run_dir=tmp_path / "b")
+    assert all(t["reused"] for t in explicit["timings"].values() if isinstance(t, dict))
+    assert explicit["metrics"] == auto["metrics"]
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    bf16 = pipeline.run(compose_cfg(base + ["model.dtype=auto", "recovery.dtype=auto"]), run_dir=tmp_path / "c")
+    assert bf16["host"]["model_dtype"] == bf16["host"]["recovery_dtype"] == "bfloat16"
+    assert not any(t["reused"] for t in bf16["timings"].values() if isinstance(t, dict))
+    assert bf16["metrics"]["dense"] != auto["metrics"]["dense"]
