@@ -3,7 +3,8 @@ evaluation/, and are built from the Hydra config through ``_target_``.
 
     Pruner.prune(model, calib) -> report                     (modifies the model in place)
     Selector.select(pool, budget, ctx) -> Selection         (budget: paser.budget.Budget, samples or tokens)
-    Recovery.recover(model, tokenizer, samples, workdir) -> (model, report)
+    Recovery.recover(model, tokenizer, samples, workdir, val_samples) -> (trained, report)
+            .save(trained, folder)  .load(pruned_model, folder) -> model     (the artifact: stored, rebuilt)
     Evaluator.evaluate(model, tokenizer) -> metrics
 
 Besides its method, a component *declares* (class attributes; ``declared`` gives the defaults):
@@ -13,6 +14,8 @@ Besides its method, a component *declares* (class attributes; ``declared`` gives
     changes_model       (pruners) False for pruner=none: the pruned model *is* the dense one
     uses_budget         (selectors) whether the selection depends on the budget (``full`` does not)
     uses_scoring        (selectors) whether the shared ``scoring`` block (cutoff, embedder) changes it
+    val_size, val_seed  (recoveries) how many pool rows to hold out for its validation (0: none), drawn by
+                        val_seed alone before selection (paser.data.hold_out)
 and may define ``environment() -> dict``: facts of this machine that change its result (e.g. a reward
 model that is not available offline), which become part of its cache key and of results.json,
 ``input_files() -> list[Path]``: files it reads, keyed by content (so their folder can be a neutral knob), and
@@ -31,6 +34,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -41,7 +45,7 @@ from paser.budget import Budget
 from paser.data import Pool
 
 DEFAULTS = {"neutral_knobs": (), "needs_calibration": False, "changes_model": True, "uses_budget": True,
-            "uses_scoring": True}
+            "uses_scoring": True, "val_size": 0, "val_seed": 0}
 
 
 def declared(component, name: str):
@@ -198,11 +202,26 @@ class Selector(Protocol):
 
 
 class Recovery(Protocol):
-    neutral_knobs: tuple[str, ...]
+    """A recovery owns its artifact: the pipeline stores what ``save`` writes in the stage cache and evaluates
+    what ``load`` rebuilds from it (also right after training, so that a fresh run and a cached one evaluate
+    the same model), knowing nothing of how it was trained (paser.recovery: LoRA, full fine-tuning)."""
 
-    def recover(self, model: torch.nn.Module, tokenizer, samples: list[dict], workdir) -> tuple[torch.nn.Module, dict]:
-        """Fine-tune ``model`` on ``samples`` (checkpointing into ``workdir``); returns (model, JSON-able
-        report). Under torchrun every rank calls it with the same samples (data parallel)."""
+    neutral_knobs: tuple[str, ...]
+    val_size: int
+    val_seed: int
+
+    def recover(self, model: torch.nn.Module, tokenizer, samples: list[dict], workdir,
+                val_samples: list[dict] = ()) -> tuple[object, dict]:
+        """Fine-tune ``model`` (the pruned model; it may be changed in place) on ``samples``, validating on
+        ``val_samples`` (``val_size`` rows held out of the pool), checkpointing into ``workdir`` and resuming
+        from it; returns (what ``save`` stores, JSON-able report with ``steps``, ``loss_curve`` and
+        ``final_loss``). Under torchrun every rank calls it with the same samples (data parallel)."""
+
+    def save(self, trained, folder: Path) -> None:
+        """Write the artifact into ``folder`` (it is then stored in the cache)."""
+
+    def load(self, base_model: torch.nn.Module, folder: Path) -> torch.nn.Module:
+        """The recovered model ready for evaluation, from a fresh pruned model and a folder ``save`` wrote."""
 
 
 class Evaluator(Protocol):

@@ -189,7 +189,7 @@ def build_components(cfg: DictConfig) -> Components:
     # every component before the pool is split: an impossible knob is named before a pool-size error
     pruner, selector = _instantiate(cfg.pruner, drop=("calibration",)), _instantiate(cfg.selector)
     evaluators = {kind: _instantiate(node) for kind, node in cfg.evaluator.items() if node is not None}
-    candidates, validation = hold_out(pool, getattr(recovery, "val_size", 0), getattr(recovery, "val_seed", 0))
+    candidates, validation = hold_out(pool, declared(recovery, "val_size"), declared(recovery, "val_seed"))
     unit = check_unit(cfg.get("budget_unit", "samples"))
     if unit == "samples":
         budget = resolve_budget(cfg.budget, len(pool))
@@ -478,13 +478,15 @@ class Run:
         return json.loads(json.dumps(record, default=_np_default)), sorted(artifacts)
 
     def adapter_dir(self) -> Path | None:
-        """The stored LoRA adapter (peft's ``save_pretrained`` folder); None with recovery=none."""
+        """The stored recovery artifact (the folder the recovery's ``save`` wrote, e.g. LoRA's adapter); None with
+        recovery=none."""
         key = self.keys.adapter
         return None if key is None else self.cache.entry_dir("adapter", key) / "adapter"
 
     def recover(self, selection: dict, pruned_fn):
         """(factory of the recovered model, recovery report), or (None, None) with recovery=none."""
-        if self.parts.recovery is None:
+        recovery = self.parts.recovery
+        if recovery is None:
             return None, None
         key = self.keys.adapter
         samples = self.parts.pool.subset(selection["indices"])
@@ -494,13 +496,12 @@ class Run:
         box = {}
 
         def compute():
-            model, report = self.parts.recovery.recover(self._recovery_base(pruned_fn), self.models.tok(), samples,
-                                                        workdir, val_samples=val_samples)
-            box["model"] = model
+            box["trained"], report = recovery.recover(self._recovery_base(pruned_fn), self.models.tok(), samples,
+                                                      workdir, val_samples=val_samples)
             return report
 
         def save(report, d: Path):
-            box["model"].save_pretrained(d / "adapter")
+            recovery.save(box["trained"], d / "adapter")
             (d / "report.json").write_text(json.dumps(report, indent=1))
 
         def load(d: Path):
@@ -513,18 +514,16 @@ class Run:
             self._drop_models()
 
         def recovered():
-            """The recovered model for evaluation: the stored adapter on the pruned model reloaded as it is
-            stored (in model.dtype, as the pruned model is evaluated), merged into its weights, so it runs at
-            the pruned model's speed. A fresh run evaluates what a rerun that finds the adapter cached does:
-            training cast its copy of the pruned model to recovery.dtype, and merging there gave other
-            numbers (issue #30.6)."""
-            if "merged" not in box:
-                from peft import PeftModel
-
-                box.pop("model", None)
+            """The recovered model for evaluation, as the recovery rebuilds it from its stored artifact on the
+            pruned model reloaded as it is stored (in model.dtype, as the pruned model is evaluated; LoRA
+            merges its adapter into the weights, so it runs at the pruned model's speed). A fresh run evaluates
+            what a rerun that finds the artifact cached does: training cast its copy of the pruned model to
+            recovery.dtype, and merging there gave other numbers (issue #30.6)."""
+            if "recovered" not in box:
+                box.pop("trained", None)
                 self._drop_models()
-                box["merged"] = merged(PeftModel.from_pretrained(pruned_fn(), self.adapter_dir()))
-            return box["merged"]
+                box["recovered"] = recovery.load(pruned_fn(), self.adapter_dir())
+            return box["recovered"]
 
         return recovered, report
 
@@ -590,12 +589,6 @@ def write_files(folder: Path, files: dict[str, bytes]) -> None:
         if Path(name).name != name or name in ("", ".", ".."):
             raise ValueError(f"selector artifact name {name!r} must be a plain file name")
         (folder / name).write_bytes(data)
-
-
-def merged(peft_model):
-    """The base model with the LoRA weights folded in (W + BA·α/r), in eval mode. Consumes ``peft_model``:
-    its base modules are modified in place, so this is only for the last use of the recovered model."""
-    return peft_model.merge_and_unload().eval()
 
 
 def _count_diff(before: dict, after: dict) -> dict:

@@ -1,8 +1,11 @@
-"""LoRA recovery of a pruned model (peft), with LLM-Pruner's recipe as the default.
+"""Recovery of a pruned model by fine-tuning: LoRA adapters (peft; LLM-Pruner's recipe is the default) or
+every weight (``FullFineTuning``, LLM-Pruner's other baseline), through one training loop (``FineTuning``).
+Each owns its artifact: ``save`` writes what ``recover`` trained, ``load`` rebuilds the model for evaluation
+from the pruned model and that folder (LoRA: the adapter merged into the weights).
 
 The loop is deliberately plain: Alpaca-templated samples, loss on the response tokens only, gradient
 accumulation up to the effective batch, AdamW with linear warm-up and decay (the HF Trainer default
-schedule the reference recipe uses). Every ``checkpoint_every`` optimizer steps the adapter, optimizer,
+schedule the reference recipe uses). Every ``checkpoint_every`` optimizer steps the trained weights, optimizer,
 scheduler and RNG state are saved atomically (written aside with each file's sha256, fsync'ed, renamed into
 place; the checkpoint before it is kept), so a killed run resumes from the newest intact checkpoint and ends
 with the same weights as an uninterrupted one.
@@ -19,6 +22,7 @@ weights and optimizer state are sharded over the ranks instead (paser.sharding; 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -46,26 +50,37 @@ CHECKPOINT_FILES = {"adapter.safetensors", "trainer_state.pt", "state.json"}  # 
 KEEP = ("last", "best")
 
 
-class LoraRecovery:
-    # checkpoints only decide where a killed run resumes, FSDP only where the weights live: the trained
-    # adapter is the same
-    neutral_knobs = ("checkpoint_every", "fsdp")
+def linear_warmup_decay(optimizer, total_steps: int, warmup_steps: int = 100) -> torch.optim.lr_scheduler.LambdaLR:
+    """HF Trainer's default schedule: the learning rate rises linearly over ``warmup_steps`` (from
+    1 / (warmup_steps + 1) of it), then falls linearly to 0 at ``total_steps``."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
-    # the defaults are LLM-Pruner's recipe, as conf/recovery/lora.yaml states them (a test holds the two equal)
-    def __init__(self, r: int = 8, alpha: int = 16, dropout: float = 0.05,
-                 target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-                 lr: float = 1e-4, epochs: int = 2, batch_size: int = 64, micro_batch_size: int = 4,
-                 cutoff: int = 256, warmup_steps: int = 100, weight_decay: float = 0.0,
-                 dtype: str = "bfloat16", checkpoint_every: int = 10, seed: int = 0, val_size: int = 2000,
-                 val_seed: int = 0, eval_every: int = 100, keep: str = "best", fsdp: bool = False):
+
+class FineTuning:
+    """The training loop the recoveries share, and the Recovery contract (paser.components): ``recover``
+    trains, ``save`` / ``load`` store and rebuild the artifact, and ``val_size`` / ``val_seed`` declare the validation rows the pipeline holds out for it. A subclass says which
+    weights train (``prepare``), with what optimizer and schedule, and what it stores."""
+
+    # checkpoints only decide where a killed run resumes, FSDP only where the weights live: the trained
+    # weights are the same
+    neutral_knobs = ("checkpoint_every", "fsdp")
+    label = "recovery"  # the progress bar's
+
+    def __init__(self, epochs: int, batch_size: int, micro_batch_size: int, cutoff: int, dtype: str,
+                 checkpoint_every: int, seed: int, val_size: int, val_seed: int, eval_every: int, keep: str,
+                 fsdp: bool = False):
         if dtype == "float16":
             raise ConfigError("recovery.dtype=float16 is refused: LLaMA-family models overflow to NaN in "
                               "fp16 training; use bfloat16 (or float32)")
         if batch_size % micro_batch_size:
             raise ConfigError(f"recovery.batch_size={batch_size} must be a multiple of "
                               f"recovery.micro_batch_size={micro_batch_size}")
-        if epochs <= 0 or lr <= 0:
-            raise ConfigError(f"recovery.epochs ({epochs}) and recovery.lr ({lr}) must be > 0")
+        if epochs <= 0:
+            raise ConfigError(f"recovery.epochs ({epochs}) must be > 0")
         if keep not in KEEP:
             raise ConfigError(f"recovery.keep='{keep}' is unknown; allowed: {list(KEEP)}")
         if keep == "best" and val_size <= 0:
@@ -74,53 +89,34 @@ class LoraRecovery:
             raise ConfigError(f"recovery.val_size ({val_size}) and recovery.eval_every ({eval_every}) must be >= 0")
         # the validation rows are drawn from the pool by val_seed alone, before selection (paser.data.hold_out)
         self.val_size, self.val_seed, self.eval_every, self.keep = int(val_size), int(val_seed), int(eval_every), keep
-        self.r, self.alpha, self.dropout = r, alpha, dropout
-        self.target_modules = list(target_modules)
-        self.lr, self.epochs, self.weight_decay = lr, epochs, weight_decay
-        self.batch_size, self.micro_batch_size = batch_size, micro_batch_size
-        self.cutoff, self.warmup_steps = cutoff, warmup_steps
+        self.epochs, self.batch_size, self.micro_batch_size, self.cutoff = epochs, batch_size, micro_batch_size, cutoff
         self.dtype = torch_dtype(dtype)
         self.checkpoint_every = checkpoint_every
         self.seed = seed
         self.fsdp = bool(fsdp)
 
-    # -------------------------------------------------------------------------------- setup
+    # ------------------------------------------------------------------ what a subclass says
 
-    def wrap(self, model):
-        from peft import LoraConfig, get_peft_model
+    def prepare(self, model) -> torch.nn.Module:
+        """The model to train, in the training dtype, with exactly the trained weights requiring grad."""
+        raise NotImplementedError
 
-        model.to(self.dtype)
-        self._check_targets(model)
-        config = LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                            target_modules=self.target_modules, bias="none", task_type="CAUSAL_LM")
-        # adapters in the model's dtype: bf16 LoRA matmuls (fp32 ones cost a cast of every LoRA input and
-        # the slow fp32 path); the optimizer keeps fp32 master weights (MasterWeights)
-        peft_model = get_peft_model(model, config, autocast_adapter_dtype=False)
-        for module in peft_model.modules():
-            for name, layer in getattr(module, "lora_dropout", {}).items():
-                if isinstance(layer, torch.nn.Dropout):
-                    module.lora_dropout[name] = HostDropout(layer.p)
-        return peft_model
+    def make_optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        raise NotImplementedError
 
-    def _check_targets(self, model) -> None:
-        """Every ``target_modules`` name must name a layer of this model: peft only refuses when none does,
-        so a fused projection (Baichuan's W_pack instead of q/k/v) or expert banks stored as 3-D parameters
-        (Mixtral) would silently train fewer adapters than the recipe says."""
-        names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-        missing = [t for t in self.target_modules if t not in names]
-        if missing:
-            raise ConfigError(
-                f"recovery.target_modules names {missing}, which {type(model).__name__} has no Linear layer "
-                f"of; its Linear layers are {sorted(names)}. Set recovery.target_modules to the ones to adapt "
-                "(e.g. [W_pack, o_proj, gate_proj, up_proj, down_proj] for Baichuan2, the attention "
-                "projections for Mixtral, whose experts are not Linear layers)")
+    def make_scheduler(self, optimizer, total_steps: int):
+        raise NotImplementedError
 
-    def _schedule(self, total_steps: int):
-        def factor(step: int) -> float:
-            if step < self.warmup_steps:
-                return (step + 1) / (self.warmup_steps + 1)
-            return max(0.0, (total_steps - step) / max(1, total_steps - self.warmup_steps))
-        return factor
+    def trained(self, model, masters, sharded: bool):
+        """What ``recover`` returns and ``save`` stores, once the loop has ended (``masters`` finished)."""
+        raise NotImplementedError
+
+    def save(self, trained, folder: Path) -> None:
+        raise NotImplementedError
+
+    def load(self, base_model, folder: Path) -> torch.nn.Module:
+        """The recovered model for evaluation, from the pruned model and a folder ``save`` wrote."""
+        raise NotImplementedError
 
     def _epoch_order(self, n: int, epoch: int) -> list[int]:
         """The epoch's sample order: a function of (seed, epoch) only, so a resumed run walks the same."""
@@ -130,50 +126,51 @@ class LoraRecovery:
 
     # -------------------------------------------------------------------------------- training
 
-    def recover(self, model, tokenizer, samples: list[dict], workdir, val_samples=()) -> tuple[torch.nn.Module, dict]:
-        """Train LoRA adapters on ``samples``; returns (peft model, report with the loss curve).
+    def recover(self, model, tokenizer, samples: list[dict], workdir, val_samples=()) -> tuple[object, dict]:
+        """Fine-tune ``model`` on ``samples`` (checkpointing into ``workdir``, resuming from it); returns (what
+        ``save`` stores, report with the loss curve). Under torchrun every rank calls it (data parallel).
 
         With ``val_samples`` (the pipeline holds out ``val_size`` of them, see paser.pipeline), their mean
         response loss is evaluated every ``eval_every`` steps (0: at the end of every epoch), as the
-        reference recipe does, and ``keep=best`` ends with the adapter of the lowest validation loss."""
+        reference recipe does, and ``keep=best`` ends with the weights of the lowest validation loss."""
         workdir = Path(workdir)
         if not samples:
             raise ConfigError("recovery got an empty selection: nothing to train on")
         torch.manual_seed(self.seed)
-        peft_model = self.wrap(model)
+        model = self.prepare(model)
         sharded = self.fsdp and distributed.active()
         if self.fsdp and not sharded:
             log.info("recovery.fsdp=true in one process: nothing to shard, training as usual")
         if sharded:
-            sharding.shard(peft_model, self.dtype)
+            sharding.shard(model, self.dtype)
         torch.manual_seed(self.seed + distributed.rank())  # dropout masks: each rank draws its own
         encoded = encode_pool(tokenizer, samples, self.cutoff)
         val = encode_pool(tokenizer, list(val_samples), self.cutoff) if val_samples else []
         steps_per_epoch = math.ceil(len(encoded) / self.batch_size)
         total_steps = steps_per_epoch * self.epochs
-        masters = sharding.ShardedWeights(peft_model) if sharded else MasterWeights(peft_model)
-        optimizer = torch.optim.AdamW(masters.tensors(), lr=self.lr, weight_decay=self.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._schedule(total_steps))
+        masters = sharding.ShardedWeights(model) if sharded else MasterWeights(model)
+        optimizer = self.make_optimizer(masters.tensors())
+        scheduler = self.make_scheduler(optimizer, total_steps)
         state = {"step": 0, "losses": [], "val": [], "best": None}
         best = {}
         ckpt = workdir / CHECKPOINT
         saved = _latest_checkpoint(ckpt)
         if saved is not None:
-            state, best = self._load_checkpoint(saved, peft_model, masters, optimizer, scheduler)
+            state, best = self._load_checkpoint(saved, model, masters, optimizer, scheduler)
             log.info("recovery: resuming from checkpoint %s at step %d/%d", saved, state["step"], total_steps)
 
-        peft_model.train()
+        model.train()
         pad = tokenizer.pad_token_id
         start = time.time()
-        with training_attention(peft_model) as attention:
-            state = self._train(peft_model, masters, optimizer, scheduler, encoded, val, state, best, ckpt,
+        with training_attention(model) as attention:
+            state = self._train(model, masters, optimizer, scheduler, encoded, val, state, best, ckpt,
                                 steps_per_epoch, total_steps, pad)
         best = state.pop("best_weights")
         if self.keep == "best" and best:
             masters.load(best)
         masters.finish()
-        peft_model.eval()
-        trained = sharding.AdapterWeights(peft_model, masters.state()) if sharded else peft_model
+        model.eval()
+        trained = self.trained(model, masters, sharded)
         report = {"steps": total_steps, "samples": len(encoded), "epochs": self.epochs,
                   "effective_batch": self.batch_size, "truncated": sum(e.truncated for e in encoded),
                   "processes": distributed.world_size(), "fsdp": sharded, "attention": attention,
@@ -185,7 +182,7 @@ class LoraRecovery:
     def _train(self, peft_model, masters, optimizer, scheduler, encoded, val, state, best, ckpt,
                steps_per_epoch: int, total_steps: int, pad: int) -> dict:
         """The optimizer steps from ``state["step"]`` on; returns the state with ``best_weights``."""
-        bar = tqdm(total=total_steps, initial=state["step"], desc="LoRA recovery", unit="step",
+        bar = tqdm(total=total_steps, initial=state["step"], desc=self.label, unit="step",
                    disable=not distributed.is_main())
         orders: dict[int, list[int]] = {}
         for step in range(state["step"], total_steps):
@@ -320,6 +317,137 @@ class LoraRecovery:
         return json.loads((path / "state.json").read_text()), best
 
 
+class LoraRecovery(FineTuning):
+    """LoRA adapters on ``target_modules``; the stored artifact is peft's adapter folder."""
+
+    label = "LoRA recovery"
+
+    # the defaults are LLM-Pruner's recipe, as conf/recovery/lora.yaml states them (a test holds the two equal)
+    def __init__(self, r: int = 8, alpha: int = 16, dropout: float = 0.05,
+                 target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                 lr: float = 1e-4, epochs: int = 2, batch_size: int = 64, micro_batch_size: int = 4,
+                 cutoff: int = 256, warmup_steps: int = 100, weight_decay: float = 0.0,
+                 dtype: str = "bfloat16", checkpoint_every: int = 10, seed: int = 0, val_size: int = 2000,
+                 val_seed: int = 0, eval_every: int = 100, keep: str = "best", fsdp: bool = False):
+        super().__init__(epochs=epochs, batch_size=batch_size, micro_batch_size=micro_batch_size, cutoff=cutoff,
+                         dtype=dtype, checkpoint_every=checkpoint_every, seed=seed, val_size=val_size,
+                         val_seed=val_seed, eval_every=eval_every, keep=keep, fsdp=fsdp)
+        if lr <= 0:
+            raise ConfigError(f"recovery.lr ({lr}) must be > 0")
+        self.r, self.alpha, self.dropout = r, alpha, dropout
+        self.target_modules = list(target_modules)
+        self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
+
+    # -------------------------------------------------------------------------------- setup
+
+    def prepare(self, model):
+        return self.wrap(model)
+
+    def wrap(self, model):
+        from peft import LoraConfig, get_peft_model
+
+        model.to(self.dtype)
+        self._check_targets(model)
+        config = LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                            target_modules=self.target_modules, bias="none", task_type="CAUSAL_LM")
+        # adapters in the model's dtype: bf16 LoRA matmuls (fp32 ones cost a cast of every LoRA input and
+        # the slow fp32 path); the optimizer keeps fp32 master weights (MasterWeights)
+        peft_model = get_peft_model(model, config, autocast_adapter_dtype=False)
+        for module in peft_model.modules():
+            for name, layer in getattr(module, "lora_dropout", {}).items():
+                if isinstance(layer, torch.nn.Dropout):
+                    module.lora_dropout[name] = HostDropout(layer.p)
+        return peft_model
+
+    def _check_targets(self, model) -> None:
+        """Every ``target_modules`` name must name a layer of this model: peft only refuses when none does,
+        so a fused projection (Baichuan's W_pack instead of q/k/v) or expert banks stored as 3-D parameters
+        (Mixtral) would silently train fewer adapters than the recipe says."""
+        names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        missing = [t for t in self.target_modules if t not in names]
+        if missing:
+            raise ConfigError(
+                f"recovery.target_modules names {missing}, which {type(model).__name__} has no Linear layer "
+                f"of; its Linear layers are {sorted(names)}. Set recovery.target_modules to the ones to adapt "
+                "(e.g. [W_pack, o_proj, gate_proj, up_proj, down_proj] for Baichuan2, the attention "
+                "projections for Mixtral, whose experts are not Linear layers)")
+
+    def make_optimizer(self, params):
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+
+    def make_scheduler(self, optimizer, total_steps: int):
+        return linear_warmup_decay(optimizer, total_steps, self.warmup_steps)
+
+    # -------------------------------------------------------------------------------- the artifact
+
+    def trained(self, model, masters, sharded: bool):
+        return sharding.AdapterWeights(model, masters.state()) if sharded else model
+
+    def save(self, trained, folder: Path) -> None:
+        trained.save_pretrained(folder)  # a PeftModel, or the adapter gathered from FSDP shards
+
+    def load(self, base_model, folder: Path) -> torch.nn.Module:
+        from peft import PeftModel
+
+        return merged(PeftModel.from_pretrained(base_model, folder))
+
+
+def merged(peft_model):
+    """The base model with the LoRA weights folded in (W + BA·α/r), in eval mode: it runs at the pruned model's
+    speed. Consumes ``peft_model``: its base modules are modified in place."""
+    return peft_model.merge_and_unload().eval()
+
+
+class FullFineTuning(FineTuning):
+    """Every weight of the pruned model trained (LLM-Pruner's other recovery baseline); the stored artifact is
+    the whole model's weights. The optimizer and the schedule are built from the config (``_partial_``
+    ``_target_`` nodes, as torchtune builds them), by default AdamW and linear warm-up and decay. The loop
+    keeps fp32 master weights and optimizer state for every weight: memory for a small model, not a 7B one
+    on one GPU."""
+
+    label = "full fine-tuning"
+    neutral_knobs = ("checkpoint_every",)
+
+    def __init__(self, optimizer=None, scheduler=None, epochs: int = 2, batch_size: int = 64,
+                 micro_batch_size: int = 4, cutoff: int = 256, dtype: str = "bfloat16", checkpoint_every: int = 10,
+                 seed: int = 0, val_size: int = 2000, val_seed: int = 0, eval_every: int = 100, keep: str = "best"):
+        super().__init__(epochs=epochs, batch_size=batch_size, micro_batch_size=micro_batch_size, cutoff=cutoff,
+                         dtype=dtype, checkpoint_every=checkpoint_every, seed=seed, val_size=val_size,
+                         val_seed=val_seed, eval_every=eval_every, keep=keep)
+        self.optimizer = optimizer or functools.partial(torch.optim.AdamW, lr=2e-5, weight_decay=0.0)
+        self.scheduler = scheduler or functools.partial(linear_warmup_decay, warmup_steps=100)
+        for key, built in (("optimizer", self.optimizer), ("scheduler", self.scheduler)):
+            if not callable(built):
+                raise ConfigError(f"recovery.{key} must be a _target_ node with _partial_: true (got {built!r})")
+
+    def prepare(self, model):
+        model.to(self.dtype)
+        model.requires_grad_(True)
+        return model
+
+    def make_optimizer(self, params):
+        return self.optimizer(params)
+
+    def make_scheduler(self, optimizer, total_steps: int):
+        return self.scheduler(optimizer, total_steps=total_steps)
+
+    def trained(self, model, masters, sharded: bool):
+        return model.to(self.dtype)  # the fp32 masters rounded to the training dtype, as the pruned model is stored
+
+    def save(self, trained, folder: Path) -> None:
+        from safetensors.torch import save_model
+
+        folder.mkdir(parents=True, exist_ok=True)
+        save_model(trained, str(folder / "model.safetensors"))  # tied weights stored once
+
+    def load(self, base_model, folder: Path) -> torch.nn.Module:
+        from safetensors.torch import load_model
+
+        base_model.to(self.dtype)
+        load_model(base_model, str(folder / "model.safetensors"))
+        return base_model.eval()
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -374,7 +502,7 @@ def training_attention(peft_model):
     after. On the CPU the backward of SDPA's flash attention cost 4x its forward (a fifth of a SmolLM2 LoRA
     step, torch profiler); eager attention's backward is a few batched matmuls, and its steps were 15%
     faster with the same losses (bf16 rounding). Other devices keep the model's implementation."""
-    base = peft_model.get_base_model()
+    base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
     own = getattr(base.config, "_attn_implementation", None)
     device = next(base.parameters()).device
     if device.type != "cpu" or own in (None, "eager"):

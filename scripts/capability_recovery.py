@@ -8,11 +8,12 @@ model; their models come from the stage cache the runs wrote (``--cache-dir``, d
 
 Per cluster, up to ``--per-cluster`` held-out samples (seeded; never trained on by any of the runs) are
 scored with the divergence PASER's CDAIS uses, the mean token JSD to the dense model over the templated
-sample, for the pruned model and each run's recovered model (the adapter merged). The table gives per
-cluster its size, top concepts, how many samples each run trained on, the mean JSD (± standard error) of
-every model and each run's *recovered share* 1 − JSD_recovered / JSD_pruned. The summary relates, across
-clusters, the difference in budget between two runs to the difference in recovered share (Spearman ρ), the
-paper's premise stated as a test: more budget to a capability should mean more of it recovered.
+sample, for the pruned model and each run's recovered model (as its recovery rebuilds it: LoRA's adapter
+merged). The table gives per cluster its size, top concepts, how many samples each run trained on, the
+mean JSD (± standard error) of every model and each run's *recovered share* 1 − JSD_recovered / JSD_pruned.
+The summary relates, across clusters, the difference in budget between two runs to the difference in
+recovered share (Spearman ρ), the paper's premise stated as a test: more budget to a capability should mean
+more of it recovered.
 Writes capability.md, capability.json and capability.png to --out (default: the first run's folder).
 
 Nothing in a results.json is instantiated: each run's config is composed again from the registered config
@@ -185,12 +186,10 @@ def main() -> int:
     args = ap.parse_args()
 
     import torch
-    from peft import PeftModel
 
     from paser.cache import StageCache
     from paser.data import encode_pool
     from paser.models import load_model, load_saved
-    from paser.pipeline import merged
     from paser.selectors.paser.divergence import divergences_to, make_divergence, span_bounds
 
     runs = load_runs(args.runs, args.cache_dir, args.data_dir, args.trust_remote_code)
@@ -235,7 +234,7 @@ def main() -> int:
         if entry is None:
             raise SystemExit(f"the adapter of {r['dir']} is not in the cache {cfg.paths.cache_dir} (or the code "
                              "changed since the run, which changes its key): rerun it, or pass --cache-dir")
-        compared[r["label"]] = merged(PeftModel.from_pretrained(pruned(), entry / "adapter"))
+        compared[r["label"]] = r["parts"].recovery.load(pruned(), entry / "adapter")  # its own artifact
     models = scores(compared)
 
     ends = np.cumsum([len(held[c]) for c in sorted(held)])  # ``order`` lists the clusters' samples in turn

@@ -402,7 +402,7 @@ def hf_trainer(check: Check, base, lengths, g, sizes) -> None:
 
 
 def merged_forwards(check: Check, peft_model, flops, g, sizes) -> torch.nn.Module:
-    from paser.pipeline import merged
+    from paser.recovery import merged
 
     windows = random_ids(g, peft_model.config.vocab_size, sizes["windows"], 128)
     check.section("perplexity_lora_unmerged", lambda: window_nll(peft_model, windows, 8), windows.numel(),

@@ -155,8 +155,8 @@ def lora_rows(model, device: str, g: torch.Generator, steps: int) -> tuple[list[
 
 def recovered_eval_rows(model, peft_model, device: str, g: torch.Generator, windows: int) -> list[dict]:
     """Perplexity of the trained LoRA model, unmerged and merged as the pipeline evaluates it
-    (``paser.pipeline.merged``), against the same windows on the model without adapters (the floor here)."""
-    from paser.pipeline import merged
+    (``paser.recovery.merged``), against the same windows on the model without adapters (the floor here)."""
+    from paser.recovery import merged
 
     w = torch.randint(10, 49000, (windows, 128), generator=g)
     base = timed(lambda: window_nll(model, w, 32), device)

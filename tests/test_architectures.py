@@ -557,8 +557,7 @@ def response_loss(model, samples) -> float:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_one_lora_step(family, tmp_path):
-    from paser.pipeline import merged
-    from paser.recovery import LoraRecovery
+    from paser.recovery import LoraRecovery, merged
 
     model = copy.deepcopy(pruned_twin(family))
     expected = response_loss(model, SAMPLES)

@@ -134,7 +134,7 @@ def test_merged_adapter_evaluates_like_the_unmerged_model():
     from peft import LoraConfig, get_peft_model
 
     from paser.evaluation.perplexity import perplexity
-    from paser.pipeline import merged
+    from paser.recovery import merged
 
     model, tok = tiny_llama()
     model.to(torch.bfloat16)
@@ -353,8 +353,131 @@ def test_checkpoint_files_reach_the_disk_before_it_is_renamed_into_place(tmp_pat
     model, tok = tiny_llama()
     recovery(epochs=1, batch_size=4).recover(model, tok, SAMPLES, tmp_path)  # one checkpoint, after step 1
     tmp = str(tmp_path / "checkpoint.tmp")
-    (src, dst, synced_before), = [r for r in renamed if r[0] == tmp]
+    (_src, dst, synced_before), = [r for r in renamed if r[0] == tmp]
     assert dst == str(tmp_path / "checkpoint")
     names = {"adapter.safetensors", "trainer_state.pt", "state.json", "digests.json"}
     assert {os.path.basename(p) for p in synced[:synced_before] if os.path.dirname(p) == tmp} == names
     assert tmp in synced[:synced_before] and str(tmp_path) in synced[synced_before:]
+
+
+# ------------------------------------------------------------------ the contract, and full fine-tuning
+
+
+def full_ft(**kw):
+    import functools
+
+    from paser.recovery import FullFineTuning, linear_warmup_decay
+
+    args = {"optimizer": functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.0),
+            "scheduler": functools.partial(linear_warmup_decay, warmup_steps=0), "epochs": 1, "batch_size": 4,
+            "micro_batch_size": 2, "cutoff": 512, "dtype": "float32", "checkpoint_every": 1, "seed": 0,
+            "val_size": 0, "eval_every": 0, "keep": "last"}
+    args.update(kw)
+    return FullFineTuning(**args)
+
+
+def weights(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.state_dict().items()}
+
+
+def test_full_fine_tuning_trains_every_weight_and_resumes_after_a_crash(tmp_path, monkeypatch):
+    from paser.recovery import FullFineTuning
+
+    model, tok = tiny_llama()
+    before = weights(model)
+    clean, report = full_ft(epochs=3).recover(model, tok, SAMPLES, tmp_path / "clean")
+    expected = weights(clean)
+    assert report["steps"] == 6
+    assert all(not torch.equal(expected[n], before[n]) for n, p in clean.named_parameters())  # every weight moved
+
+    calls = {"n": 0}
+    original = FullFineTuning._optimizer_step
+
+    def crash(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt("killed")
+        return original(self, *args)
+
+    monkeypatch.setattr(FullFineTuning, "_optimizer_step", crash)
+    with pytest.raises(KeyboardInterrupt):
+        full_ft(epochs=3).recover(tiny_llama()[0], tok, SAMPLES, tmp_path / "crash")
+    monkeypatch.setattr(FullFineTuning, "_optimizer_step", original)
+    resumed, report = full_ft(epochs=3).recover(tiny_llama()[0], tok, SAMPLES, tmp_path / "crash")
+    got = weights(resumed)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    assert [p["step"] for p in report["loss_curve"]] == list(range(1, 7))
+
+
+def test_full_fine_tuning_stores_the_model_it_trained(tmp_path):
+    model, tok = tiny_llama()
+    rec = full_ft(dtype="bfloat16")
+    trained, _ = rec.recover(model, tok, SAMPLES, tmp_path / "work")
+    rec.save(trained, tmp_path / "artifact")
+    loaded = rec.load(tiny_llama()[0], tmp_path / "artifact")
+    assert not loaded.training and next(loaded.parameters()).dtype == torch.bfloat16
+    got, want = weights(loaded), weights(trained)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_lora_stores_its_adapter_and_loads_it_merged(tmp_path):
+    from paser.recovery import merged
+
+    model, tok = tiny_llama()
+    rec = recovery(epochs=2, lr=5e-3)
+    trained, _ = rec.recover(model, tok, SAMPLES, tmp_path / "work")
+    rec.save(trained, tmp_path / "artifact")
+    loaded = rec.load(tiny_llama()[0], tmp_path / "artifact")
+    fresh = merged(trained)
+    assert not any("lora" in n for n in weights(loaded))  # merged into the weights
+    ids = torch.tensor([[1, 5, 9, 13, 17]])
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, fresh(ids).logits, atol=1e-5)
+
+
+def test_full_ft_yaml_states_the_recoverys_own_defaults():
+    """conf/recovery/full_ft.yaml and FullFineTuning built without arguments agree (each default stated once);
+    its optimizer and schedule nodes build what the class builds."""
+    import inspect
+
+    import hydra
+    from omegaconf import OmegaConf
+
+    from paser.recovery import FullFineTuning
+    from tests.conftest import CONF
+
+    stated = OmegaConf.to_container(OmegaConf.load(CONF / "recovery" / "full_ft.yaml"))
+    assert stated.pop("_target_") == "paser.recovery.FullFineTuning" and stated.pop("seed") == "${seed}"
+    params = inspect.signature(FullFineTuning).parameters
+    assert set(stated) == set(params) - {"seed"}
+    built, default = hydra.utils.instantiate(stated, _convert_="all"), FullFineTuning()
+    for key in ("optimizer", "scheduler"):
+        assert (built[key].func, built[key].keywords) == (getattr(default, key).func, getattr(default, key).keywords)
+    assert {k: v for k, v in stated.items() if k not in ("optimizer", "scheduler")} == \
+        {k: p.default for k, p in params.items() if k not in ("optimizer", "scheduler", "seed")}
+
+
+def test_the_pipeline_knows_no_peft():
+    from pathlib import Path
+
+    from paser import pipeline
+
+    assert "peft" not in Path(pipeline.__file__).read_text().lower()
+
+
+FULL_FT_RUN = ["recovery=full_ft", "recovery.batch_size=2", "recovery.micro_batch_size=2", "recovery.epochs=1",
+               "recovery.cutoff=128", "recovery.scheduler.warmup_steps=0", "recovery.val_size=4", "recovery.keep=best",
+               "recovery.eval_every=1", "recovery.optimizer.lr=1e-3"]
+
+
+def test_full_ft_runs_end_to_end_and_a_rerun_reuses_it(compose_cfg, tmp_path):
+    from paser import pipeline
+    from tests.conftest import TINY_RUN
+
+    overrides = [o for o in TINY_RUN if not o.startswith("recovery.")] + FULL_FT_RUN
+    first = pipeline.run(compose_cfg(overrides), run_dir=tmp_path / "first")
+    assert first["recovery"]["steps"] == 3 and first["recovery"]["val_size"] == 4
+    assert first["metrics"]["recovered"]["ppl"] != first["metrics"]["pruned"]["ppl"]
+    again = pipeline.run(compose_cfg(overrides), run_dir=tmp_path / "again")
+    assert again["timings"]["recover"]["reused"] and again["timings"]["eval_recovered"]["reused"]
+    assert again["metrics"] == first["metrics"] and again["recovery"] == first["recovery"]
