@@ -250,7 +250,8 @@ def test_the_embedded_model_preset_loads_without_hydra():
 
 # ------------------------------------------------------------------------ data presets: own keys only
 
-DATA_KEYS = {"_target_", "name", "path", "hub_id", "split", "subsample", "subsample_seed", "field_map"}
+DATA_KEYS = {"_target_", "name", "path", "hub_id", "split", "subsample", "subsample_seed", "field_map",
+             "drop_duplicates"}
 
 
 def own_values(option: str) -> dict:

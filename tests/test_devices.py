@@ -22,6 +22,7 @@ report (it counts zeros).
 from __future__ import annotations
 
 import copy
+import mmap
 
 import numpy as np
 import pytest
@@ -412,17 +413,22 @@ def test_each_stage_records_its_own_host_and_gpu_peak(tmp_path, monkeypatch):
             return name
         return Run.cached(run, name, "peaks", {"stage": name}, compute, save=lambda v, d: None, load=lambda d: None)
 
+    def resident(mib):  # fresh pages: numpy's allocator could reuse freed, still resident heap memory (CI did)
+        block = mmap.mmap(-1, mib * 2**20)
+        block.write(b"\1" * len(block))
+        return block
+
     def hungry():  # 400 MB on the host and 30 GiB on the GPU, freed before the inner stage
-        block = np.ones(400 * 2**20 // 8)
+        block = resident(400)
         gpu.hold(30.0)
-        del block
+        block.close()
         gpu.hold(2.0)
         stage("inner", modest)
 
     def modest():  # 100 MB and 5 GiB
-        block = np.ones(100 * 2**20 // 8)
+        block = resident(100)
         gpu.hold(5.0)
-        del block
+        block.close()
         gpu.hold(2.0)
 
     stage("outer", hungry)
