@@ -16,6 +16,7 @@ Besides its method, a component *declares* (class attributes; ``declared`` gives
     uses_scoring        (selectors) whether the shared ``scoring`` block (cutoff, embedder) changes it
     val_size, val_seed  (recoveries) how many pool rows to hold out for its validation (0: none), drawn by
                         val_seed alone before selection (paser.data.hold_out)
+    display_name        its name in tables (scripts/make_tables.py); without one, the class name
 and may define ``environment() -> dict``: facts of this machine that change its result (e.g. a reward
 model that is not available offline), which become part of its cache key and of results.json,
 ``input_files() -> list[Path]``: files it reads, keyed by content (so their folder can be a neutral knob), and
@@ -71,6 +72,22 @@ def unused_imports(component) -> tuple:
     """The imports the component's configuration never runs, left out of its code version (empty for most)."""
     unused = getattr(component, "unused_imports", None)
     return tuple(unused()) if callable(unused) else ()
+
+
+def display_name(target: str | None) -> str | None:
+    """The ``display_name`` a component class declares, found from its ``_target_`` (as results.json records it);
+    None where it declares none. Only paser's own modules are imported, and nothing is called."""
+    import importlib
+
+    module, _, name = str(target).rpartition(".")
+    if not module.startswith("paser."):
+        return None
+    try:
+        cls = getattr(importlib.import_module(module), name, None)
+    except ImportError:
+        return None
+    value = getattr(cls, "display_name", None) if isinstance(cls, type) else None
+    return value if isinstance(value, str) else None
 
 
 def evaluate_all(evaluator, model, tokenizer) -> tuple[dict, dict]:

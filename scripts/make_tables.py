@@ -93,8 +93,10 @@ def method_name(run: dict, config: dict) -> str:
     method = ((run.get("selection") or {}).get("diagnostics") or {}).get("method")
     if method:
         return METHOD_NAMES.get(method, method)
+    from paser.components import display_name  # the class's own, where it declares one
+
     target = short(config.get("selector._target_"))
-    return NAMES.get(target, target)
+    return display_name(config.get("selector._target_")) or NAMES.get(target, target)
 
 
 def labels(runs: list[dict]) -> list[tuple[str, str]]:

@@ -60,6 +60,7 @@ ELSEWHERE = {
 }
 
 SMOKE = {  # script -> arguments (``{pool}``, ``{tmp}``, ``{data}`` filled in); slow ones take over ~20 s of CPU
+    "bench_dtype.py": ["--repeats", "1", "--batch", "1", "--tokens", "16"],
     "bench_paser.py": ["--stages", "jsd", "--model", TINY, "--data", "{pool}", "--jsd-subset", "8", "--repeats", "1",
                        "--cache", "{tmp}/cache"],
     "bench_recovery.py": ["--steps", "1", "--model", TINY, "--data-dir", "{data}"],
@@ -85,6 +86,7 @@ SMOKE = {  # script -> arguments (``{pool}``, ``{tmp}``, ``{data}`` filled in); 
 }
 SLOW = {"profile_device.py"}
 EXPECT = {  # what each smoke run must print (or write) to count as having run
+    "bench_dtype.py": "bf16/fp32 throughput ratio:",
     "bench_paser.py": "JSD stage (8 samples)",
     "bench_recovery.py": "train/forward throughput ratio:",
     "bench_selectors.py": "| paser |",
@@ -140,3 +142,19 @@ def test_prune_only_reuses_the_runs_pruned_model(finished_run):
     assert report["prune_time_s"] == run["prune"]["prune_time_s"] and report["sparsity"] == run["prune"]["sparsity"]
     assert sparsity_report(model)["sparsity"] == pytest.approx(run["prune"]["sparsity"])  # the pruned model
     assert run["prune"]["sparsity"] > 0.4
+
+
+def test_tables_name_a_selector_by_its_declared_display_name(monkeypatch):
+    """A selector class may declare ``display_name``; make_tables labels its rows with it (the built-in table of
+    names is the fallback), importing only paser's own modules to find it."""
+    from paser.components import display_name
+    from paser.selectors.basic import RandomSelector
+    from scripts.make_tables import method_name
+
+    config = {"selector._target_": "paser.selectors.basic.RandomSelector"}
+    assert method_name({}, config) == "Random"
+    monkeypatch.setattr(RandomSelector, "display_name", "Uniform draw", raising=False)
+    assert method_name({}, config) == "Uniform draw"
+    assert display_name("paser.selectors.nonexistent.Selector") is None
+    assert display_name("json.JSONDecoder") is None and display_name(None) is None
+    assert method_name({}, {"selector._target_": "my_lab.selectors.Mine"}) == "my_lab.selectors.Mine"
