@@ -46,12 +46,15 @@ from paser.errors import ConfigError, DataError, PaserError
 from paser.fingerprint import code_version, file_fingerprint
 from paser.hardware import StagePeaks, host_facts, resolve_device
 from paser.models import load_model, load_saved, load_tokenizer, model_identity, resolve_dtype, save_model
+from paser.progress import quiet_library_bars
 from paser.pruners.common import parameter_count, sparsity_report
 from paser.reporting import (
+    WIRING_CHECK,
     component_name,
     log_artifacts,
     log_results,
     prune_record,
+    stage_doing,
     summary,
     summary_table,
     write_selected,
@@ -310,6 +313,7 @@ class Run:
         the others then take rank 0's stored entry; "only_main", only rank 0 calls this at all."""
         box = {}
         collective = ranks != "only_main"
+        log.info("stage %s: %s", name, stage_doing(self.cfg, name))
         with self.timer.stage(name) as t, self.peaks.measure(t):  # peak memory from the stage's start
             before = {k: dict(v) for k, v in self.cache.counts.items()}
             if not distributed.is_main():
@@ -670,6 +674,11 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, job_index: int | Non
     log.info("device %s (%s); model dtype %s, recovery dtype %s; %d process(es); GPUs visible: %d%s",
              device, host.get("gpu") or host["cpu"], cfg.model.dtype, OmegaConf.select(cfg, "recovery.dtype"),
              host["world_size"], host["gpu_count"], f" ({', '.join(host['gpus'])})" if host.get("gpus") else "")
+    quiet_library_bars()
+    if cfg.model.kind == "tiny":
+        full = OmegaConf.select(cfg, "evaluator.ppl") is not None and not cfg.evaluator.ppl.get("max_windows")
+        log.warning("this run is %s%s", WIRING_CHECK, "; it evaluates every perplexity window of the byte-level "
+                    "vocabulary (slow): experiment=smoke is the two-minute check" if full else "")
     run_dir = Path(run_dir or Path(cfg.paths.output_dir) / "runs" / cfg.name / run_stamp())
     run_dir = distributed.broadcast(run_dir)  # every rank's Hydra made its own folder: use rank 0's
     check_fresh(run_dir)

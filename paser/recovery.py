@@ -34,13 +34,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from paser import distributed, sharding, tracking
 from paser.data import encode_pool
 from paser.errors import ConfigError, TrainingError
 from paser.fingerprint import file_sha256
 from paser.models import torch_dtype
+from paser.progress import tqdm
 from paser.scoring import answer_spans, logits_at, pad_right, span_index, to_host
 
 log = logging.getLogger(__name__)

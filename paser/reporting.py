@@ -26,6 +26,35 @@ def component_name(node) -> str:
     return target.rsplit(".", 1)[-1] if target else "none"
 
 
+def stage_doing(cfg, name: str) -> str:
+    """What a stage of the run (paser.pipeline.Run) is about, for the line that starts it."""
+    if name.startswith("eval_"):
+        state, _, kind = name.removeprefix("eval_").partition("_")
+        return f"the {state} model's " + "; ".join(_evaluation(k, node) for k, node in cfg.evaluator.items()
+                                                   if node is not None and kind in ("", k))
+    if name == "prune":
+        pruner = component_name(cfg.pruner)
+        return "the dense model's weight report (pruner=none)" if pruner == "none" else f"pruning with {pruner}"
+    if name == "select":
+        unit = cfg.get("budget_unit", "samples")
+        return f"{component_name(cfg.selector)} selects budget={cfg.budget} ({unit}) from the pool"
+    if name == "recover":
+        r = cfg.recovery
+        return (f"{component_name(r)} on the selection (r={r.get('r')}, {r.get('epochs')} epochs, effective batch "
+                f"{r.get('batch_size')})")
+    return name
+
+
+def _evaluation(kind: str, node) -> str:
+    if kind == "ppl":
+        windows = f"first {node.max_windows} windows" if node.get("max_windows") else "every window"
+        return f"perplexity on {', '.join(node.corpora)} ({windows} of {node.seq_len} tokens)"
+    if kind == "zeroshot":
+        limit = f", {node.limit} documents each" if node.get("limit") else ""
+        return f"zero-shot accuracy on {', '.join(node.tasks)}{limit}"
+    return kind
+
+
 def share_closed(dense, pruned, recovered) -> float | None:
     """The share of the pruning gap that recovery closed, (pruned - recovered) / (pruned - dense): the same
     formula for perplexity (lower is better) and accuracy (higher is better). None without all three."""

@@ -3,11 +3,14 @@ override, a run leaves a summary and the rows it chose."""
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +18,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from paser import hardware, models, pipeline, tracking
+from paser import hardware, models, pipeline, progress, tracking
 from paser.errors import ConfigError
 from tests.conftest import CONF, DATA_DIR, ROOT, TINY_RUN, requires_shared_data
 
@@ -159,3 +162,82 @@ def test_a_run_at_dtype_auto_records_and_keys_the_dtype_that_ran(compose_cfg, tm
     assert bf16["host"]["model_dtype"] == bf16["host"]["recovery_dtype"] == "bfloat16"
     assert not any(t["reused"] for t in bf16["timings"].values() if isinstance(t, dict))
     assert bf16["metrics"]["dense"] != auto["metrics"]["dense"]
+
+
+# ------------------------------------------------------------------------------------ quiet, useful logs
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_off_a_terminal_is_log_lines_with_the_time_left(caplog, monkeypatch):
+    monkeypatch.setenv("PASER_PROGRESS_S", "0.05")
+    stream = io.StringIO()  # a file, as a batch job's output is
+    with caplog.at_level(logging.INFO, logger="paser.progress"):
+        for _ in progress.tqdm(range(6), desc="scores", unit="sample", file=stream):
+            time.sleep(0.03)
+    lines = [r.getMessage() for r in caplog.records if r.name == "paser.progress"]
+    assert stream.getvalue() == "" and 2 <= len(lines) <= 6, lines  # every 0.05 s, not every item
+    assert re.fullmatch(r"scores: \d/6 sample \(\d+%\), 00:00 elapsed, 00:00 left, .*sample/s", lines[0])
+    assert lines[-1].startswith("scores: 6/6 sample (100%)")
+
+
+def test_a_short_loop_off_a_terminal_logs_nothing_and_a_terminal_gets_a_bar(caplog):
+    with caplog.at_level(logging.INFO, logger="paser.progress"):
+        for _ in progress.tqdm(range(3), desc="quick", file=io.StringIO()):
+            pass
+        terminal = Terminal()
+        for _ in progress.tqdm(range(3), desc="bar", file=terminal):
+            pass
+    assert not [r for r in caplog.records if r.name == "paser.progress"]
+    assert "bar: 100%" in terminal.getvalue() and "\r" in terminal.getvalue()
+
+
+def test_a_loop_that_redraws_every_step_logs_at_most_every_interval(caplog):
+    """LoRA sets its loss as the bar's postfix every step, which redraws the bar: off a terminal that is
+    held back to the interval (60 s here), so a short loop logs only its last state."""
+    with caplog.at_level(logging.INFO, logger="paser.progress"):
+        bar = progress.tqdm(total=4, desc="LoRA", unit="step", file=io.StringIO())
+        for step in range(4):
+            bar.update(1)
+            bar.set_postfix(loss=f"{step:.3f}")
+        bar.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "paser.progress"]
+    assert len(lines) == 1 and lines[0].startswith("LoRA: 4/4 step (100%)") and lines[0].endswith("loss=3.000")
+
+
+def test_faiss_loads_without_alarming_lines():
+    code = ("import logging; logging.basicConfig(level=logging.INFO); "
+            "import paser.selectors.paser.clustering; import faiss; logging.getLogger('paser').info('loaded')")
+    out = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and "INFO:paser:loaded" in out.stderr, out.stderr
+    assert "faiss" not in out.stderr and "ModuleNotFoundError" not in out.stderr, out.stderr
+
+
+# ------------------------------------------------------------------------------------ the smoke command
+
+def test_the_smoke_preset_is_the_default_run_at_a_wiring_checks_size(compose_cfg):
+    smoke, default = compose_cfg(["experiment=smoke"]), compose_cfg([])
+    assert smoke.model.kind == "tiny" and smoke.model.dtype == "auto" and smoke.logger._target_.endswith("NullLogger")
+    assert smoke.evaluator.ppl.max_windows == 8 and smoke.evaluator.get("zeroshot") is None
+    for group in ("pruner", "selector"):  # every stage of the default run
+        assert smoke[group] == default[group], group
+    assert smoke.recovery._target_ == default.recovery._target_
+    quick_start = (ROOT / "README.md").read_text().split("## Quick start")[1].split("\n## ")[0]
+    assert "python run.py experiment=smoke" in quick_start
+
+
+@pytest.mark.slow  # ~20 s of CPU
+@requires_shared_data()
+def test_the_smoke_command_runs_and_says_its_numbers_mean_nothing(tmp_path):
+    out = subprocess.run([sys.executable, "run.py", "experiment=smoke", f"paths.data_dir={DATA_DIR}",
+                          f"paths.cache_dir={tmp_path / 'cache'}", f"paths.output_dir={tmp_path / 'out'}"],
+                         check=False, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (folder,) = (tmp_path / "out" / "runs" / "smoke").iterdir()
+    results = json.loads((folder / "results.json").read_text())
+    assert results["summary"]["note"] == pipeline.WIRING_CHECK
+    assert set(results["metrics"]) == {"dense", "pruned", "recovered"}
+    assert "NOTE: a wiring check" in (folder / "run.log").read_text()

@@ -86,6 +86,13 @@ def test_second_selector_reuses_pruned_model(compose_cfg, tmp_path, caplog):
     assert t["prune"]["reused"] and t["eval_dense"]["reused"] and t["eval_pruned"]["reused"]
     assert not t["select"]["reused"] and not t["recover"]["reused"]
     assert "stage prune" in caplog.text and "(reused from cache)" in caplog.text
+    # each stage's first line says what it is about
+    assert "stage prune: pruning with MagnitudePruner" in caplog.text
+    assert "stage eval_dense: the dense model's perplexity on wikitext2, ptb (first 2 windows of 128 tokens)" \
+        in caplog.text
+    assert "stage select: FullSelector selects budget=6 (samples) from the pool" in caplog.text
+    assert "stage recover: LoraRecovery on the selection (r=8, 1 epochs, effective batch 2)" in caplog.text
+    assert "this run is a wiring check: model=tiny-llama is a random model" in caplog.text
     assert second["selection"]["stats"]["selected"] == 24
 
 

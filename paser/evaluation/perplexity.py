@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from paser.data import ppl_corpus_path, ppl_corpus_text
 from paser.errors import ConfigError
+from paser.progress import tqdm
 from paser.scoring import model_device, to_host, window_token_nll
 
 log = logging.getLogger(__name__)

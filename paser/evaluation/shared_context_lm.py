@@ -21,8 +21,8 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 from lm_eval.models.huggingface import HFLM
-from tqdm.auto import tqdm
 
+from paser.progress import tqdm
 from paser.scoring import model_device, to_host
 
 # logits rows put through log_softmax at once: bounds the fp32 [rows, vocab] buffer (~200 MB at 49k vocab)

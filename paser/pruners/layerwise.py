@@ -25,9 +25,9 @@ from functools import partial
 from typing import Protocol
 
 import torch
-from tqdm.auto import tqdm
 
 from paser.models import decoder_layers
+from paser.progress import tqdm
 from paser.pruners.common import fused_experts, layer_linears
 
 log = logging.getLogger(__name__)

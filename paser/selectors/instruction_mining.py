@@ -45,10 +45,10 @@ from urllib.parse import urlparse
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from paser.embedding import embed_pool, instruction_text
 from paser.errors import ConfigError
+from paser.progress import tqdm
 from paser.scoring import to_host
 from paser.selectors.clustered import Scored, ScoredSelector, describe
 from paser.selectors.lm_scores import answer_losses, check_model_choice

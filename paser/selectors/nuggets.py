@@ -36,11 +36,11 @@ import time
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from paser.data import alpaca_prompt, text_heads
 from paser.embedding import embed_pool
 from paser.errors import ConfigError
+from paser.progress import tqdm
 from paser.scoring import answer_nll_sums, iter_batches, model_device, pad_right, to_host
 from paser.selectors.clustered import Scored, ScoredSelector, describe
 from paser.selectors.lm_scores import (

@@ -74,9 +74,9 @@ import scipy.linalg
 import scipy.sparse as sp
 import torch
 from scipy.sparse.linalg import lobpcg
-from tqdm.auto import tqdm
 
 from paser.errors import ConfigError
+from paser.progress import tqdm
 from paser.scoring import to_host
 
 log = logging.getLogger(__name__)
