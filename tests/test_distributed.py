@@ -59,10 +59,12 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
     assert [v["step"] for v in results["recovery"]["val_curve"]] == [v["step"] for v in single["val_curve"]]
     for got, want in zip(results["recovery"]["val_curve"], single["val_curve"]):  # split across ranks
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-3)
-    # the scoring was split: rank 0 computed only part of the chunks and took the rest from rank 1
+    # the scoring is shared: every chunk computed once, by rank 0 or taken from rank 1. How many rank 1 takes
+    # depends on timing since PASER's clustering is computed by rank 0 alone while rank 1 waits for it
+    # (a loaded host can let rank 0 score all 7 small chunks first); the split itself: test_fsdp / chunk claims
     chunks = results["timings"]["select"]["chunks"]
     jsd = next(v for k, v in chunks.items() if k.startswith("scores/jsd"))
-    assert jsd["computed"] < sum(jsd.values()), chunks
+    assert jsd["computed"] + jsd["other"] == sum(jsd.values()) > 0, chunks
     assert not (two / "run" / "results.json.rank1").exists()
 
 
