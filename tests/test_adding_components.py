@@ -1,5 +1,5 @@
-"""README's "Adding a pruner / a selector / an evaluator": each needs exactly one Python module with a class
-and one YAML file in its config group. This test writes those two files per kind in a temporary folder
+"""docs/extending.md, "Adding a pruner / a selector / an evaluator": each needs exactly one Python module with
+a class and one YAML file in its config group. This test writes those two files per kind in a temporary folder
 (outside the package), composes them through Hydra's search path and runs the whole pipeline."""
 
 from __future__ import annotations

@@ -365,8 +365,8 @@ def test_nuggets_prefilter_holds_every_budget_its_presets_sweep(preset):
 
 # ------------------------------------------------------------------ the recipes the presets promise
 
-# README ("Config groups", the recovery row): LLM-Pruner's LoRA recipe for every full-edition preset, the
-# embedded default's for the default and the CPU editions
+# docs/configuration.md ("Config groups", the recovery row): LLM-Pruner's LoRA recipe for every full-edition
+# preset, the embedded default's for the default and the CPU editions
 PAPER_RECIPE = {"lr": 1e-4, "batch_size": 64, "micro_batch_size": 4, "warmup_steps": 100, "epochs": 2,
                 "val_size": 2000, "eval_every": 100}
 CPU_RECIPE = {"lr": 1e-3, "batch_size": 16, "micro_batch_size": 4, "warmup_steps": 2, "epochs": 2,
@@ -402,8 +402,9 @@ def test_the_default_and_the_cpu_editions_keep_the_embedded_recipe(option):
     assert {k: recovery[k] for k in CPU_RECIPE} == CPU_RECIPE, option
 
 
-def test_the_readme_states_both_recipes():
-    row = next(line for line in (CONF.parent / "README.md").read_text().splitlines() if line.startswith("| `recovery`"))
+def test_the_configuration_doc_states_both_recipes():
+    doc = (CONF.parent / "docs" / "configuration.md").read_text()
+    row = next(line for line in doc.splitlines() if line.startswith("| `recovery`"))
     paper = "lr 1e-4, effective batch 64, 100 warm-up steps, 2 epochs, 2,000 held-out samples validated every 100 steps"
     cpu = "lr 1e-3, effective batch 16, 2 warm-up steps, 2 epochs, 100 held-out samples validated at the end of each epoch"
     assert paper in row and cpu in row

@@ -80,8 +80,8 @@ def stage_minutes(text: str) -> dict[str, float]:
 
 
 def test_the_estimate_mode_needs_no_device_and_scales_with_the_assumed_mfu(capsys):
-    """``--estimate MFU``: the README's 7B table; LLaMA-2-7B's shape pruned by LLM-Pruner at 0.25 has the
-    5.4B parameters LLM-Pruner reports, and halving the MFU doubles every stage's time."""
+    """``--estimate MFU``: the 7B table of docs/gpus-and-clusters.md; LLaMA-2-7B's shape pruned by LLM-Pruner
+    at 0.25 has the 5.4B parameters LLM-Pruner reports, and halving the MFU doubles every stage's time."""
     tables = []
     for mfu in ("0.5", "0.25"):
         assert scale.main(["--estimate", mfu, "--peak-tflops", "989", "--shape", "llama2-7b"]) == 0
