@@ -46,7 +46,7 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     finish(launch([sys.executable], one, "run"))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    finish(launch(torchrun, two, "run"))
+    out = finish(launch(torchrun, two, "run"))
     assert json.loads((two / "run" / "selected_indices.json").read_text()) == \
         json.loads((one / "run" / "selected_indices.json").read_text())
     a, b = adapter(one), adapter(two)
@@ -63,6 +63,11 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
     # depends on timing since PASER's clustering is computed by rank 0 alone while rank 1 waits for it
     # (a loaded host can let rank 0 score all 7 small chunks first); the split itself: test_fsdp / chunk claims
     chunks = results["timings"]["select"]["chunks"]
+    # PASER's clustering (a cache entry of its own) is computed once: rank 0 asked for it once (its counts, in
+    # results.json), and of the two ranks exactly one logged reusing it (stored, or taken after waiting on the
+    # other's claim), so 2 asks - 1 reuse = 1 computation; rank 1's own counts are not in results.json
+    assert sum(chunks["results/paser_clustering"].values()) == 1, chunks
+    assert out.count("stage 'results/paser_clustering': reusing") == 1, out[-4000:]
     jsd = next(v for k, v in chunks.items() if k.startswith("scores/jsd"))
     assert jsd["computed"] + jsd["other"] == sum(jsd.values()) > 0, chunks
     assert not (two / "run" / "results.json.rank1").exists()
