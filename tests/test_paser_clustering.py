@@ -247,6 +247,21 @@ def test_eigensolver_records_iterations_and_residuals_and_warns_when_short(monke
     assert "did not converge" in caplog.text and "after 3 iterations" in caplog.text
 
 
+def test_a_small_pools_dense_solve_is_converged_when_it_keeps_the_trivial_direction(caplog):
+    """A dense solve of a pool of 19 with more components than positive non-trivial eigenvalues keeps the
+    deflated trivial eigenvector (eigenvalue 0 of the operator solved): its residual is 0 there, and no
+    warning is logged (the residual on the undeflated matrix was 1: 'did not converge ... after None')."""
+    from paser.selectors.paser import clustering
+
+    x, _ = planted(3, n=19, dim=8)
+    w = _graph(x)
+    with caplog.at_level("WARNING", logger=clustering.__name__):
+        vals, _, rec = clustering.diffusion_eigen(w, 16, seed=0)
+    assert rec["eigen_solver"] == "dense" and (vals <= 1e-12).sum() >= 2  # the 0 and a negative one kept
+    assert rec["eigen_converged"] and rec["eigen_residual_max"] < 1e-10
+    assert "did not converge" not in caplog.text
+
+
 def test_nystrom_extension_gives_back_the_landmark_eigenvectors():
     """With every other landmark as a landmark's neighbours, the extension is the random walk's row, so
     (1/λ) P ψ = ψ; the eigenpairs themselves agree with a dense general eigensolver of P = D⁻¹W."""
