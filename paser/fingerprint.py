@@ -11,10 +11,10 @@ edit to an implementing module, even to a comment, makes its entries unreachable
 code is covered by the library versions of each manifest, not here; data files a module reads (a word
 list beside it) are not source: key them with ``file_fingerprint``.
 
-Only computing code counts. The ``INFRASTRUCTURE`` modules (the cache and its claims, tracking, reporting,
-config checks and composition, this module) decide where results are stored, logged and shown, never what
-they are: they are neither hashed nor followed, so editing the ``gc`` command or the W&B
-logger reuses every entry. Imports that one configuration of a component never runs (a baseline's S²RIC
+Only computing code counts. The ``INFRASTRUCTURE`` modules (the cache and its claims, the stage runner,
+tracking, reporting, config checks and composition, this module) decide where results are stored, logged
+and shown, never what they are: they are neither hashed nor followed, so editing the ``gc`` command or the
+W&B logger reuses every entry. Imports that one configuration of a component never runs (a baseline's S²RIC
 clustering with ``cluster: null``) are left out by naming them as ``cut`` edges (importing module,
 imported module); what is reached another way still counts.
 
@@ -71,7 +71,7 @@ def _module_name(obj) -> str:
 # paser.errors (exception classes) is not listed although it computes nothing: the pruners and evaluators
 # import nothing else of these, so their keys, and the stored pruned models and evaluations, stay as they were.
 INFRASTRUCTURE = frozenset({"paser.cache", "paser.claims", "paser.tracking", "paser.reporting",
-                            "paser.config_keys", "paser.compose", "paser.fingerprint"})
+                            "paser.config_keys", "paser.compose", "paser.fingerprint", "paser.stages.runner"})
 
 
 def _source_file(name: str) -> Path | None:

@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import json
 import logging
+import time
+from datetime import datetime
 from pathlib import Path
 
-from paser.cache import atomic_write_text
+from omegaconf import DictConfig, OmegaConf
+
+from paser.cache import atomic_write_text, library_versions, to_plain
 from paser.data import Pool
+from paser.tracking import git_commit, write_results
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +29,12 @@ STATES = ("dense", "pruned", "recovered")
 def component_name(node) -> str:
     target = node.get("_target_") if node is not None else None
     return target.rsplit(".", 1)[-1] if target else "none"
+
+
+def run_tags(cfg: DictConfig) -> list[str]:
+    """The run's tags for the experiment logger: the model and the components."""
+    return [f"model:{cfg.model.name}", f"pruner:{component_name(cfg.pruner)}",
+            f"selector:{component_name(cfg.selector)}", f"recovery:{component_name(cfg.recovery)}"]
 
 
 def stage_doing(cfg, name: str) -> str:
@@ -194,3 +205,30 @@ def log_results(logger, results: dict, run_dir: Path) -> None:
     logger.finish({"metrics": results["metrics"], "summary": results["summary"],
                    "prune": {k: v for k, v in results["prune"].items() if not k.endswith("_per_layer")},
                    "selection": results["selection"]["stats"], "timings": results["timings"]})
+
+
+def report_run(cfg: DictConfig, out: dict, timings: dict, run_dir: Path, started: float, host: dict, pool: Pool,
+               logger) -> dict:
+    """The record of a finished run (paser.pipeline.run; ``out`` is what its stages returned, ``timings`` the
+    stages' times): results.json with its summary, selected_indices.json and selected.jsonl written into
+    ``run_dir``, and the same given to the experiment logger. Returns the results."""
+    selection = out["selection"]
+    results = {
+        "name": cfg.name, "seed": cfg.seed, "run_dir": str(run_dir),
+        "started_at": datetime.fromtimestamp(started).astimezone().isoformat(timespec="seconds"),
+        "config": to_plain(cfg),
+        "host": {**host, "model_dtype": cfg.model.dtype, "recovery_dtype": OmegaConf.select(cfg, "recovery.dtype")},
+        "metrics": out["metrics"],
+        "prune": prune_record(out["prune"]),
+        "selection": {k: v for k, v in selection.items() if k != "indices"},
+        "recovery": out["recovery"],
+        "timings": {**timings, "total_s": round(time.time() - started, 3)},
+        "versions": library_versions(), "git_commit": git_commit(),
+    }
+    results["summary"] = summary(results, wiring_check=cfg.model.kind == "tiny")
+    (run_dir / "selected_indices.json").write_text(json.dumps(selection["indices"]))
+    write_selected(run_dir / "selected.jsonl", pool, selection["indices"])
+    write_results(run_dir, results)
+    log_artifacts(logger, results, run_dir, out["selector_files"], out["adapter_dir"])
+    log_results(logger, results, run_dir)
+    return results

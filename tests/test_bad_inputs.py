@@ -290,10 +290,12 @@ def test_a_full_disk_names_paths_cache_dir(compose_cfg, tmp_path, monkeypatch):
     """safetensors reports a full disk as its own error ("... (os error 28)"), not as an OSError."""
     from safetensors import SafetensorError
 
+    from paser.stages import prune
+
     def full(*args, **kwargs):
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(pipeline, "save_model", full)
+    monkeypatch.setattr(prune, "save_model", full)
     with pytest.raises(ConfigError, match=rf"paths\.cache_dir={tmp_path / 'cache'} has no space left on its device"):
         pipeline.run(compose_cfg(TINY_RUN), run_dir=tmp_path / "r")
 

@@ -401,7 +401,8 @@ def test_each_stage_records_its_own_host_and_gpu_peak(tmp_path, monkeypatch):
 
     from paser.cache import StageCache
     from paser.hardware import StagePeaks
-    from paser.pipeline import Run, Timer
+    from paser.pipeline import Run
+    from paser.stages.runner import Timer
 
     gpu = _FakeGpu(monkeypatch)
     run = SimpleNamespace(timer=Timer(), peaks=StagePeaks(torch.device("cuda", 0)), cache=StageCache(tmp_path),

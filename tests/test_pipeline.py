@@ -104,8 +104,9 @@ def test_an_evaluation_another_job_is_computing_is_put_off(compose_cfg, tmp_path
     cfg = compose_cfg(TINY_RUN)
     run = pipeline.Run(cfg, pipeline.build_components(cfg), tmp_path / "run", torch.device("cpu"))
     (kind, ev), = run.parts.evaluators.items()
-    dense_claim = run.cache.entry_dir("metrics", run._metrics_key(run.keys.model, kind, ev)).with_suffix(".claim")
-    pruned_key = run._metrics_key(run.keys.pruned, kind, ev)
+    dense_key = run.keys.metrics(run.keys.model, kind, cfg.evaluator[kind], ev)
+    dense_claim = run.cache.entry_dir("metrics", dense_key).with_suffix(".claim")
+    pruned_key = run.keys.metrics(run.keys.pruned, kind, cfg.evaluator[kind], ev)
     claim = Claim.acquire(dense_claim, what="the other job")
 
     def other_job():
@@ -192,7 +193,7 @@ def test_pool_row_missing_a_field(compose_cfg, tmp_path):
 
 
 def test_selector_artifacts_must_be_plain_file_names(tmp_path):
-    from paser.pipeline import write_files
+    from paser.stages.select import write_files
 
     write_files(tmp_path / "run", {"map.png": b"png"})
     assert (tmp_path / "run" / "map.png").read_bytes() == b"png"
