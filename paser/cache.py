@@ -482,7 +482,7 @@ def _scan(root: Path) -> tuple[list[Path], list[Path], list[Path], list[Path]]:
 
 def _claims_of(path: Path) -> list[Path]:
     """The claims an unfinished folder is written under: a .tmp folder (".<key>.tmp...") and a .work one
-    (the LoRA checkpoints of "<key>", paser.pipeline) under their entry's, a .partial one under its chunks'."""
+    (the recovery checkpoints of "<key>", paser.stages.recover) under their entry's, a .partial one under its chunks'."""
     if path.name.endswith(".partial"):
         return list(path.glob("*.claim"))
     if path.name.endswith(".work"):
