@@ -218,13 +218,9 @@ def test_two_srun_tasks_form_one_process_group_without_torchrun(tmp_path):
 
 
 def test_the_multi_gpu_slurm_preset_starts_one_task_per_gpu():
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from paser.compose import compose
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["hydra/launcher=cluster_multigpu", "hydra.launcher.nodes=2"],
-                      return_hydra_config=True)
+    cfg = compose(["hydra/launcher=cluster_multigpu", "hydra.launcher.nodes=2"], return_hydra_config=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")  # its batch script runs srun
     assert launcher.tasks_per_node == launcher.gpus_per_node == 8 and launcher.nodes == 2

@@ -15,12 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
 from paser import hardware, models, pipeline, progress, tracking
+from paser.compose import compose
 from paser.errors import ConfigError
-from tests.conftest import CONF, DATA_DIR, ROOT, TINY_RUN, requires_shared_data
+from tests.conftest import DATA_DIR, ROOT, TINY_RUN, requires_shared_data
 
 STAMP = r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d\.\d{3}_pid\d+"
 
@@ -28,9 +27,7 @@ STAMP = r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d\.\d{3}_pid\d+"
 # ------------------------------------------------------------------------------------ run folders
 
 def test_hydra_folders_are_named_to_the_millisecond_and_process():
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["paths.output_dir=out"], return_hydra_config=True)
+    cfg = compose(["paths.output_dir=out"], return_hydra_config=True)
     assert re.fullmatch(rf"out/runs/default/{STAMP}", cfg.hydra.run.dir)
     assert re.fullmatch(rf"out/multirun/default/{STAMP}", cfg.hydra.sweep.dir)
     assert cfg.hydra.run.dir.endswith(f"_pid{__import__('os').getpid()}")
