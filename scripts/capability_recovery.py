@@ -39,7 +39,7 @@ CONF = ROOT / "conf"
 sys.path.insert(0, str(ROOT))
 
 from paser.compose import compose
-from scripts.make_tables import NAMES  # the selectors' display names, as in the tables
+from scripts.make_tables import selector_name  # the selectors' names, as in the tables
 
 INSTANTIATE_KEYS = ("_target_", "_args_", "_partial_", "_recursive_", "_convert_")  # what instantiate acts on
 
@@ -141,7 +141,7 @@ def load_runs(run_dirs: list[Path], cache_dir: str | None, data_dir: str | None,
         cfg = run_config(results, cache_dir, data_dir, d / "results.json", trust_remote_code)
         parts = build_components(cfg)
         runs.append({"dir": d, "cfg": cfg, "parts": parts, "keys": Keys.build(cfg, parts), "results": results,
-                     "label": f"{selector_name(parts.selector)} "
+                     "label": f"{selector_name(cfg.selector._target_)} "
                               f"seed {cfg.seed}",
                      "selected": np.array(json.loads((d / "selected_indices.json").read_text()), dtype=int)})
     first = runs[0]
@@ -151,12 +151,6 @@ def load_runs(run_dirs: list[Path], cache_dir: str | None, data_dir: str | None,
         if r["keys"].pruned != first["keys"].pruned:
             raise SystemExit(f"{r['dir']} recovers another pruned model than {first['dir']}")
     return runs
-
-
-def selector_name(selector) -> str:
-    """The selector's name in the tables (its class's ``display_name``, else make_tables' name for it)."""
-    name = type(selector).__name__
-    return getattr(selector, "display_name", None) or NAMES.get(name, name)
 
 
 def heldout(labels: np.ndarray, trained: set[int], per_cluster: int, seed: int) -> dict[int, np.ndarray]:

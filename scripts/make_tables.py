@@ -93,10 +93,16 @@ def method_name(run: dict, config: dict) -> str:
     method = ((run.get("selection") or {}).get("diagnostics") or {}).get("method")
     if method:
         return METHOD_NAMES.get(method, method)
-    from paser.components import display_name  # the class's own, where it declares one
+    return selector_name(config.get("selector._target_"))
 
-    target = short(config.get("selector._target_"))
-    return display_name(config.get("selector._target_")) or NAMES.get(target, target)
+
+def selector_name(target: str | None) -> str:
+    """A selector's name in tables, from its ``_target_``: the display_name its class declares, else the
+    built-in name, else the class name."""
+    from paser.components import display_name
+
+    name = short(target)
+    return display_name(target) or NAMES.get(name, name)
 
 
 def labels(runs: list[dict]) -> list[tuple[str, str]]:
